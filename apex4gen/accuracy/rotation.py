@@ -1,0 +1,174 @@
+"""QuaRot-style rotation of a LLaMA-family model: exact in full precision, friendlier to 4-bit.
+
+An orthogonal ``Q`` applied to the residual stream moves outlier channels' energy across all channels, so
+per-token / per-group absmax scales waste fewer levels. The model computes the same function because:
+
+1. every RMSNorm's weight is folded into the linears that read it (RMSNorm without weight commutes with an
+   orthogonal ``Q``: ``||x Q|| = ||x||``);
+2. the embeddings become ``E Q``; linears reading the residual (q, k, v, gate, up, lm_head) become ``W Q``;
+   linears writing it (o_proj, down_proj) become ``Q^T W``; the tied lm_head is untied for this;
+3. each value head is rotated by a head-size Hadamard folded into v_proj's rows and o_proj's columns, so
+   o_proj's input is rotated too at no run-time cost;
+4. down_proj's input (the FFN activation, not in the residual stream) gets an *online* Hadamard ``T``:
+   ``down_proj.input_transform = T`` and its weight becomes ``W T``; :class:`apex4gen.nn.W4A4Linear` applies
+   ``T`` before quantizing.
+
+Matrices are randomized Hadamards ``diag(±1) H / sqrt(n)``. Sizes that are not powers of two (SmolLM2:
+576 = 12·12·4, 1536 = 12·128) use Kronecker products of Sylvester (2^k) and Paley-I (q+1 for a prime
+q ≡ 3 mod 4, e.g. 12, 20, 24, 44, 48) Hadamard matrices, which cover most model sizes. A size with no such
+factorization falls back to a seeded random orthogonal matrix (QR of a Gaussian): the model stays exact,
+outliers are still spread (with less uniform coefficients), but no fast Hadamard kernel can apply it.
+"""
+from __future__ import annotations
+
+import functools
+import warnings
+
+import torch
+from torch import nn
+
+
+def _is_prime(q: int) -> bool:
+    return q >= 2 and all(q % d for d in range(2, int(q ** 0.5) + 1))
+
+
+def _sylvester(n: int) -> torch.Tensor:
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h
+
+
+def _paley(order: int) -> torch.Tensor:
+    """Paley construction I: Hadamard matrix of order q+1 for a prime q ≡ 3 (mod 4)."""
+    q = order - 1
+    residues = {(i * i) % q for i in range(1, q)}
+    chi = torch.tensor([0.0] + [1.0 if i in residues else -1.0 for i in range(1, q)], dtype=torch.float64)
+    idx = torch.arange(q)
+    jac = chi[(idx.unsqueeze(0) - idx.unsqueeze(1)) % q]  # Jacobsthal matrix, skew-symmetric for q ≡ 3 mod 4
+    s = torch.zeros(order, order, dtype=torch.float64)
+    s[0, 1:] = 1.0
+    s[1:, 0] = -1.0
+    s[1:, 1:] = jac
+    return s + torch.eye(order, dtype=torch.float64)
+
+
+def _paley_order(n: int) -> bool:
+    return n % 4 == 0 and _is_prime(n - 1) and (n - 1) % 4 == 3
+
+
+@functools.lru_cache(maxsize=None)
+def hadamard(n: int) -> torch.Tensor | None:
+    """An unnormalized ±1 Hadamard matrix of order ``n`` (float64), or None if none is constructed."""
+    if n & (n - 1) == 0:
+        return _sylvester(n)
+    if _paley_order(n):
+        return _paley(n)
+    for p in range(4, n // 2 + 1, 4):  # n = p * (n/p) with both factors constructible
+        if n % p == 0 and (p & (p - 1) == 0 or _paley_order(p)):
+            rest = hadamard(n // p)
+            if rest is not None:
+                return torch.kron(hadamard(p), rest)
+    return None
+
+
+def random_orthogonal(n: int, seed: int) -> torch.Tensor:
+    """``diag(±1) H / sqrt(n)`` with random signs, or a random orthogonal matrix when no Hadamard of order
+    ``n`` is constructed (float64, [n, n])."""
+    gen = torch.Generator().manual_seed(seed)
+    h = hadamard(n)
+    if h is None:
+        warnings.warn(f"no Hadamard matrix of order {n} known here: using a random orthogonal matrix", stacklevel=2)
+        q, r = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+        return q * torch.sign(torch.diagonal(r)).unsqueeze(0)
+    signs = torch.randint(0, 2, (n,), generator=gen, dtype=torch.float64) * 2 - 1
+    return signs.unsqueeze(1) * h / n ** 0.5
+
+
+class RotatedInputLinear(nn.Linear):
+    """``nn.Linear`` whose input is first multiplied by the orthogonal ``input_transform`` (online rotation)."""
+
+    def __init__(self, linear: nn.Linear, transform: torch.Tensor) -> None:
+        super().__init__(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                         device=linear.weight.device, dtype=linear.weight.dtype)
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.register_buffer("input_transform", transform.to(torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward((x.float() @ self.input_transform).to(x.dtype))
+
+
+def linear_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What the matrix of ``module`` actually multiplies: ``x`` after its online rotation, if any."""
+    t = getattr(module, "input_transform", None)
+    return x if t is None else (x.float() @ t).to(x.dtype)
+
+
+def _set(linear: nn.Linear, w: torch.Tensor) -> None:
+    linear.weight.data = w.to(linear.weight.dtype).contiguous()
+
+
+def _fold_norm(norm: nn.Module, readers: list[nn.Linear]) -> None:
+    gamma = norm.weight.detach().double()
+    for lin in readers:
+        _set(lin, lin.weight.detach().double() * gamma.unsqueeze(0))
+    norm.weight.data = torch.ones_like(norm.weight)
+
+
+def _read_rotated(linears: list[nn.Linear], q: torch.Tensor) -> None:
+    for lin in linears:
+        _set(lin, lin.weight.detach().double() @ q)
+
+
+def _write_rotated(linears: list[nn.Linear], q: torch.Tensor) -> None:
+    for lin in linears:
+        _set(lin, q.t() @ lin.weight.detach().double())
+        if lin.bias is not None:
+            lin.bias.data = (lin.bias.detach().double() @ q).to(lin.bias.dtype)
+
+
+def _rotate_heads(v_proj: nn.Linear, o_proj: nn.Linear, head_dim: int, hq: torch.Tensor) -> None:
+    """Rotate each value head by ``hq``: v rows ``Hq^T W_h``, o columns ``W_h Hq``."""
+    wv = v_proj.weight.detach().double()
+    wv = torch.cat([hq.t() @ blk for blk in wv.split(head_dim, dim=0)], 0)
+    _set(v_proj, wv)
+    wo = o_proj.weight.detach().double()
+    _set(o_proj, torch.cat([blk @ hq for blk in wo.split(head_dim, dim=1)], 1))
+
+
+@torch.no_grad()
+def rotate_model(model: nn.Module, seed: int = 0) -> None:
+    """Apply the rotation in place to a transformers LLaMA-family ``*ForCausalLM`` (see the module doc)."""
+    cfg = model.config
+    d, ffn = cfg.hidden_size, cfg.intermediate_size
+    head_dim = getattr(cfg, "head_dim", None) or d // cfg.num_attention_heads
+    q = random_orthogonal(d, seed)
+    t = random_orthogonal(ffn, seed + 1)
+    hq = random_orthogonal(head_dim, seed + 2)
+
+    inner = model.model
+    _untie(model)
+    emb = inner.embed_tokens
+    emb.weight.data = (emb.weight.detach().double() @ q).to(emb.weight.dtype)
+    for layer in inner.layers:
+        att, mlp = layer.self_attn, layer.mlp
+        _fold_norm(layer.input_layernorm, [att.q_proj, att.k_proj, att.v_proj])
+        _fold_norm(layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj])
+        _read_rotated([att.q_proj, att.k_proj, att.v_proj, mlp.gate_proj, mlp.up_proj], q)
+        _write_rotated([att.o_proj, mlp.down_proj], q)
+        _rotate_heads(att.v_proj, att.o_proj, head_dim, hq)
+        _set(mlp.down_proj, mlp.down_proj.weight.detach().double() @ t)
+        mlp.down_proj = RotatedInputLinear(mlp.down_proj, t)
+    _fold_norm(inner.norm, [model.lm_head])
+    _read_rotated([model.lm_head], q)
+
+
+def _untie(model: nn.Module) -> None:
+    """Give lm_head its own weight: it gets the final norm folded in, the embeddings do not."""
+    head, emb = model.lm_head, model.model.embed_tokens
+    if head.weight is emb.weight or head.weight.data_ptr() == emb.weight.data_ptr():
+        head.weight = nn.Parameter(emb.weight.detach().clone())
+    model.config.tie_word_embeddings = False
+    if hasattr(model, "_tied_weights_keys"):
+        model._tied_weights_keys = {}

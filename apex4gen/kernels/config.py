@@ -1,0 +1,65 @@
+"""Kernel configurations: the frozen, serialisable record of one generated kernel, and its procedural name.
+
+A configuration is shape-generic (M, N, K are run-time arguments); the plan maps each (GEMM, M bucket) to one.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90a")
+PATHS = ("int4", "int8", "fp8")
+OUT_DTYPES = ("f16", "bf16")
+
+
+@dataclass(frozen=True, order=True)
+class KernelConfig:
+    """One kernel instance. ``group == 0`` means per-channel (one group of length K)."""
+
+    family: str
+    arch: str
+    path: str
+    group: int
+    tile_m: int
+    tile_n: int
+    tile_k: int
+    warps_m: int
+    warps_n: int
+    stages: int
+    split_k: int
+    out_dtype: str
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise ValueError(f"kernel arch {self.arch!r} is not one of {', '.join(ARCHS)}")
+        if self.path not in PATHS:
+            raise ValueError(f"kernel path {self.path!r} is not one of {', '.join(PATHS)}")
+        if self.out_dtype not in OUT_DTYPES:
+            raise ValueError(f"kernel out_dtype {self.out_dtype!r} is not one of {', '.join(OUT_DTYPES)}")
+
+    @property
+    def granularity(self) -> str:
+        return "channel" if self.group == 0 else f"g{self.group}"
+
+    @property
+    def threads(self) -> int:
+        return 32 * self.warps_m * self.warps_n
+
+    def procedural_name(self) -> str:
+        """Every field, in a fixed order, so two configs share a name only if they are equal."""
+        return (
+            f"apex4gen_{self.family}_{self.arch.replace('_', '')}_{self.path}_{self.granularity}"
+            f"_{self.tile_m}x{self.tile_n}x{self.tile_k}_w{self.warps_m}x{self.warps_n}"
+            f"_s{self.stages}_k{self.split_k}_{self.out_dtype}"
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "KernelConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        missing = names - set(d)
+        if unknown or missing:
+            raise ValueError(f"kernel config: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}")
+        return cls(**d)

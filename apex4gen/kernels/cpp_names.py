@@ -1,0 +1,19 @@
+"""The C++ spellings of apex4gen's names (CUTLASS ``library.py`` style): templates never spell a type.
+
+Family ``render`` functions look names up here and hand templates plain strings.
+"""
+from __future__ import annotations
+
+ELEMENT_OUT = {"f16": "cutlass::half_t", "bf16": "cutlass::bfloat16_t"}
+CUDA_OUT = {"f16": "__half", "bf16": "__nv_bfloat16"}
+DTYPE_ENUM = {"f16": "APEX4GEN_F16", "bf16": "APEX4GEN_BF16"}
+ACT_FORMAT_ENUM = {"s4": "APEX4GEN_ACT_S4", "s8": "APEX4GEN_ACT_S8", "e4m3": "APEX4GEN_ACT_E4M3",
+                   "raw": "APEX4GEN_ACT_RAW"}
+ELEMENT_OPERAND = {"int4": "cutlass::int4b_t", "int8": "int8_t", "fp8": "cutlass::float_e4m3_t"}
+ELEMENT_ACCUMULATOR = {"int4": "int32_t", "int8": "int32_t", "fp8": "float"}
+ARCH_TAG = {"sm_80": "cutlass::arch::Sm80", "sm_86": "cutlass::arch::Sm86",
+            "sm_89": "cutlass::arch::Sm89", "sm_90a": "cutlass::arch::Sm90"}
+# nvcc -gencode values: (virtual arch, real arch)
+GENCODE = {"sm_80": ("compute_80", "sm_80"), "sm_86": ("compute_86", "sm_86"),
+           "sm_89": ("compute_89", "sm_89"), "sm_90a": ("compute_90a", "sm_90a")}
+SM_NUMBER = {"sm_80": 80, "sm_86": 86, "sm_89": 89, "sm_90a": 90}

@@ -1,0 +1,68 @@
+"""Kernel families: what a template can instantiate, and the facts legality and the planner need about it.
+
+A family module (``sm80.py``, ``sm90.py``) registers one :class:`Family` per template. Decisions (which tiles,
+how much shared memory) are made here in Python; templates get plain values from ``render``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from .config import KernelConfig
+
+ACT_FORMATS = ("s4", "s8", "e4m3", "raw")  # packed int4 / int8 a value / e4m3 a value / fused quantization
+
+
+@dataclass(frozen=True)
+class TileShape:
+    tile_m: int
+    tile_n: int
+    tile_k: int
+    warps_m: int
+    warps_n: int
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    archs: tuple[str, ...]
+    path: str                       # int4 | int8 | fp8 (tensor-core type the kernel computes on)
+    granularity: str                # "group" | "channel"
+    template: str                   # file name under templates/
+    act_format: str                 # activation storage the kernel reads (see ACT_FORMATS)
+    weight_layout: str              # "canonical" or the name of a pack function in apex4gen.kernels.layouts
+    align_k: int                    # K must be a multiple of this (elements)
+    align_n: int                    # N must be a multiple of this (elements)
+    tiles: tuple[TileShape, ...]
+    stages: tuple[int, ...]
+    split_k: tuple[int, ...]
+    smem_bytes: Callable[[KernelConfig], int]
+    render: Callable[[KernelConfig], dict]
+    max_m: int | None = None        # a decode-only family serves M <= max_m
+
+    def configs(self, arch: str, group: int, out_dtype: str) -> list[KernelConfig]:
+        """Every instance of this family for one arch/group/dtype (legality filters them later)."""
+        return [
+            KernelConfig(self.name, arch, self.path, group, t.tile_m, t.tile_n, t.tile_k, t.warps_m, t.warps_n,
+                         s, k, out_dtype)
+            for t in self.tiles for s in self.stages for k in self.split_k
+        ]
+
+
+FAMILIES: dict[str, Family] = {}
+
+
+def register(family: Family) -> Family:
+    if family.name in FAMILIES:
+        raise ValueError(f"kernel family {family.name!r} registered twice")
+    if family.act_format not in ACT_FORMATS:
+        raise ValueError(f"family {family.name}: act_format {family.act_format!r} not in {ACT_FORMATS}")
+    FAMILIES[family.name] = family
+    return family
+
+
+def family_of(cfg: KernelConfig) -> Family:
+    try:
+        return FAMILIES[cfg.family]
+    except KeyError:
+        raise ValueError(f"unknown kernel family {cfg.family!r}; known: {', '.join(sorted(FAMILIES))}") from None

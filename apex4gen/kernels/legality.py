@@ -1,0 +1,62 @@
+"""The one place where a kernel configuration is checked against a GPU and a GEMM problem.
+
+Shared memory per block comes from the GPU spec; alignment and divisibility from the family and the problem.
+"""
+from __future__ import annotations
+
+from ..errors import ShapeError
+from .config import KernelConfig
+from .families import FAMILIES, family_of
+
+
+def violations(cfg: KernelConfig, gpu, n: int | None = None, k: int | None = None) -> list[str]:
+    """Reasons ``cfg`` cannot run on ``gpu`` (and, if given, on an N x K weight); empty when legal."""
+    fam = family_of(cfg)
+    out: list[str] = []
+    if cfg.arch not in fam.archs:
+        out.append(f"{fam.name} is not built for {cfg.arch}")
+    if cfg.arch != gpu.kernel_arch:
+        out.append(f"{cfg.arch} code does not target {gpu.name} ({gpu.kernel_arch})")
+    smem = fam.smem_bytes(cfg)
+    if smem > gpu.smem_per_block_bytes:
+        out.append(f"needs {smem} B shared memory per block, {gpu.name} allows {gpu.smem_per_block_bytes} B")
+    if cfg.group and cfg.group % cfg.tile_k and cfg.tile_k % cfg.group:
+        out.append(f"tile_k={cfg.tile_k} and group={cfg.group} must divide one another")
+    if k is not None:
+        out += _k_violations(cfg, fam.align_k, k)
+    if n is not None and n % fam.align_n:
+        out.append(f"N={n} is not a multiple of {fam.align_n}")
+    return out
+
+
+def _k_violations(cfg: KernelConfig, align_k: int, k: int) -> list[str]:
+    out = []
+    if k % align_k:
+        out.append(f"K={k} is not a multiple of {align_k}")
+    if cfg.group and k % cfg.group:
+        out.append(f"K={k} is not a multiple of the group size {cfg.group}")
+    if k % (cfg.tile_k * cfg.split_k):
+        out.append(f"K={k} is not a multiple of tile_k*split_k={cfg.tile_k * cfg.split_k}")
+    return out
+
+
+def check(cfg: KernelConfig, gpu, n: int, k: int) -> None:
+    reasons = violations(cfg, gpu, n, k)
+    if reasons:
+        raise ShapeError(f"kernel {cfg.procedural_name()} cannot run N={n} K={k} on {gpu.name}: "
+                         + "; ".join(reasons))
+
+
+def legal_configs(gpu, path: str, group: int, n: int, k: int, out_dtype: str,
+                  m: int | None = None) -> list[KernelConfig]:
+    """All legal instances for one GEMM on one GPU, sorted (deterministic)."""
+    found = []
+    for fam in FAMILIES.values():
+        if fam.path != path or gpu.kernel_arch not in fam.archs:
+            continue
+        if (group == 0) != (fam.granularity == "channel"):
+            continue
+        if m is not None and fam.max_m is not None and m > fam.max_m:
+            continue
+        found += [c for c in fam.configs(gpu.kernel_arch, group, out_dtype) if not violations(c, gpu, n, k)]
+    return sorted(found)

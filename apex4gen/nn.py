@@ -1,0 +1,172 @@
+"""``W4A4Linear``: a drop-in ``nn.Linear`` holding packed int4 weights and their scales.
+
+Two paths compute the same function (``apex4gen.reference`` is the contract for both):
+
+* fake-quant (default, any device, plain PyTorch): activations are quantized per (token, group) with
+  :func:`reference.quantize_activation`, dequantized, and multiplied with the dequantized weights in fp32.
+  The quantized values and scales are bit-identical to the kernels'; only the fp32 summation order differs
+  (one fp32 sum over K instead of exact int32 group partials), which is far below the int4 error.
+* kernel: a backend (``apex4gen.loader.load(build_dir)``) is attached with :meth:`W4A4Linear.attach`;
+  :meth:`W4A4Linear._kernel_linear` is the single call into it.
+
+Both paths first apply the optional ``input_transform`` (the online Hadamard before ``down_proj`` of the
+rotation method) and the optional activation clipping (``act_clip`` < 1 clamps each (token, group) to that
+fraction of its absmax, so the scale computed next -- by PyTorch or by the kernel -- is the clipped one).
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from . import reference
+from .errors import SpecError
+
+_GRANULARITY = re.compile(r"^g(\d+)$")
+
+
+def parse_granularity(granularity: str | int | None) -> int | None:
+    """``"g128"`` -> 128, ``"channel"`` / ``0`` / ``None`` -> None (one group spanning K)."""
+    if granularity is None or granularity == "channel" or granularity == 0:
+        return None
+    if isinstance(granularity, int):
+        return granularity
+    match = _GRANULARITY.match(str(granularity))
+    if not match:
+        raise SpecError(f"unknown granularity {granularity!r}: use 'channel' or 'g<size>' such as 'g128'")
+    return int(match.group(1))
+
+
+def granularity_name(group: int | None, k: int) -> str:
+    return "channel" if group is None or group == k else f"g{group}"
+
+
+def effective_group(group: int | None, k: int) -> int | None:
+    """The group actually used for a layer with ``k`` inputs.
+
+    Kernels (and compressed-tensors) need K to be a multiple of the group. When it is not (SmolLM2's
+    K=576 with g128), the largest power-of-two divisor of K below the request is used instead (g64 there),
+    so every layer stays servable by a kernel instead of failing the whole model.
+    """
+    if group is None or k % group == 0:
+        return group
+    g = 1 << (group.bit_length() - 1)
+    while g > 1 and k % g:
+        g //= 2
+    if g < 8:
+        raise SpecError(f"K={k} has no usable group size at or below {group}; use 'channel'")
+    return g
+
+
+def clip_activation(x: torch.Tensor, group: int, ratio: float) -> torch.Tensor:
+    """Clamp each (token, group) of ``x`` [M, K] to ``ratio`` times its absmax."""
+    m, k = x.shape
+    xg = x.reshape(m, k // group, group)
+    bound = xg.abs().amax(dim=-1, keepdim=True) * ratio
+    return torch.maximum(torch.minimum(xg, bound), -bound).reshape(m, k)
+
+
+class W4A4Linear(nn.Module):
+    """y = x W^T + b with W int4 (symmetric, per group or per channel) and x quantized to int4 on the fly."""
+
+    def __init__(self, in_features: int, out_features: int, group: int | None, *, bias: bool = False,
+                 scale_dtype: torch.dtype = torch.float16, act_clip: float = 1.0,
+                 input_transform: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.group = reference.resolve_group(group, in_features)
+        self.act_clip = float(act_clip)
+        self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
+        self.register_buffer("weight_scale", torch.zeros(out_features, in_features // self.group,
+                                                         dtype=scale_dtype))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=scale_dtype) if bias else None)
+        self.register_buffer("input_transform", input_transform)
+        self.backend = None
+        self._dequant_cache: torch.Tensor | None = None
+
+    @classmethod
+    def from_quantized(cls, w: reference.QuantizedTensor, bias: torch.Tensor | None = None, *,
+                       act_clip: float = 1.0, input_transform: torch.Tensor | None = None) -> "W4A4Linear":
+        n, k = w.shape
+        layer = cls(k, n, w.group, bias=bias is not None, scale_dtype=w.scales.dtype, act_clip=act_clip,
+                    input_transform=input_transform)
+        layer.qweight.copy_(reference.pack_int4(w.q))
+        layer.weight_scale.copy_(w.scales)
+        if bias is not None:
+            layer.bias.copy_(bias.detach())
+        return layer
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, granularity: str | int | None, *,
+                    scale_dtype: torch.dtype | None = None, act_clip: float = 1.0,
+                    input_transform: torch.Tensor | None = None) -> "W4A4Linear":
+        """Round-to-nearest quantization of ``linear`` (what a plan entry's granularity asks for)."""
+        k = linear.in_features
+        group = effective_group(parse_granularity(granularity), k)
+        w = reference.quantize_weight(linear.weight.detach(), group, scale_dtype or _scale_dtype(linear.weight))
+        return cls.from_quantized(w, linear.bias, act_clip=act_clip, input_transform=input_transform)
+
+    @property
+    def granularity(self) -> str:
+        return granularity_name(self.group, self.in_features)
+
+    def quantized_weight(self) -> reference.QuantizedTensor:
+        return reference.QuantizedTensor(q=reference.unpack_int4(self.qweight), scales=self.weight_scale,
+                                         group=self.group)
+
+    def attach(self, backend) -> None:
+        """Route forward through ``backend.linear`` (the loaded kernel module); ``None`` returns to fake-quant."""
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = self.prepare_input(x.reshape(-1, self.in_features))
+        y = self._kernel_linear(x2) if self.backend is not None else self._fake_quant_linear(x2)
+        return y.reshape(*lead, self.out_features)
+
+    def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The float-side steps both paths share: online rotation, then activation clipping."""
+        if self.input_transform is not None:
+            x = (x.float() @ self.input_transform).to(x.dtype)
+        if self.act_clip < 1.0:
+            x = clip_activation(x, self.group, self.act_clip)
+        return x
+
+    def _kernel_linear(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backend.linear(x, self.qweight, self.weight_scale, self.bias, self.group)
+
+    def _fake_quant_linear(self, x: torch.Tensor) -> torch.Tensor:
+        xq = reference.dequantize(reference.quantize_activation(x, self.group))
+        y = xq @ self._dequantized_weight(x.device).t()
+        if self.bias is not None:
+            y = y + self.bias.float()
+        # the kernels round once to their 16-bit output dtype; an fp32 model keeps the fp32 result
+        return y.to(x.dtype)
+
+    def _dequantized_weight(self, device: torch.device) -> torch.Tensor:
+        cache = self._dequant_cache
+        if cache is None or cache.device != device:
+            cache = reference.dequantize(self.quantized_weight()).to(device)
+            self._dequant_cache = cache
+        return cache
+
+    def _apply(self, fn, recurse=True):
+        self._dequant_cache = None  # .to() / .half() move the buffers: rebuild the cache from them
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._dequant_cache = None  # new weights: the cache must follow them
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        extra = f", act_clip={self.act_clip}" if self.act_clip < 1.0 else ""
+        online = ", online_rotation" if self.input_transform is not None else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"granularity={self.granularity}{extra}{online}")
+
+
+def _scale_dtype(weight: torch.Tensor) -> torch.dtype:
+    """Scales are stored in the kernels' output dtype: the model's if 16-bit, else fp16."""
+    return weight.dtype if weight.dtype in (torch.float16, torch.bfloat16) else torch.float16

@@ -1,0 +1,27 @@
+"""Where the shipped data lives: specs/, templates/ and runtime/ at the repository top level, installed as
+the package-data packages ``apex4gen._specs``, ``apex4gen._templates`` and ``apex4gen._runtime``."""
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+_REPO = Path(__file__).resolve().parent.parent
+
+
+def _data_dir(package: str, repo_name: str) -> Path:
+    local = _REPO / repo_name
+    if local.is_dir() and (_REPO / "pyproject.toml").is_file():
+        return local
+    return Path(str(resources.files(package)))
+
+
+def specs_dir() -> Path:
+    return _data_dir("apex4gen._specs", "specs")
+
+
+def templates_dir() -> Path:
+    return _data_dir("apex4gen._templates", "templates")
+
+
+def runtime_dir() -> Path:
+    return _data_dir("apex4gen._runtime", "runtime")
