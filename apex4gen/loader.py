@@ -106,10 +106,26 @@ class Build:
             packed[name] = (qw.contiguous(), sw.contiguous())
         return PackedWeight(n, k, w.group, dtype, packed)
 
-    def linear(self, x: torch.Tensor, w: "PackedWeight", bias: torch.Tensor | None = None) -> torch.Tensor:
+    def linear(self, x: torch.Tensor, w: "PackedWeight", bias: torch.Tensor | None = None,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+        """y = W4A4(x, w) + bias; ``out`` (a [M, N] tensor of x's dtype) receives it when given."""
         info = self.select(x.shape[0], w.n, w.k, w.group, x.dtype)
         qw, sw = w.layouts[info.weight_layout]
-        return torch.ops.apex4gen.linear(x, qw, sw, bias, w.n, w.group, self.handle, info.index)
+        if out is None:
+            return torch.ops.apex4gen.linear(x, qw, sw, bias, w.n, w.group, self.handle, info.index)
+        torch.ops.apex4gen.linear_out(x, qw, sw, bias, out, w.group, self.handle, info.index)
+        return out
+
+    def gemm(self, qx: torch.Tensor, sx: torch.Tensor, w: "PackedWeight", kernel: KernelInfo,
+             bias: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The GEMM alone on activations quantized beforehand (in ``kernel.act_format``): GEMMs that read
+        one activation (q, k and v; gate and up) quantize it once."""
+        if kernel.act_format == "raw":
+            raise ShapeError(f"kernel {kernel.name} quantizes its own input; call linear() instead")
+        y = out if out is not None else torch.empty((qx.shape[0], w.n), dtype=w.dtype, device=qx.device)
+        qw, sw = w.layouts[kernel.weight_layout]
+        torch.ops.apex4gen.gemm_out(qx, sx, qw, sw, bias, y, w.k, w.group, self.handle, kernel.index)
+        return y
 
     def quantize_act(self, x: torch.Tensor, group: int, fmt: str = "s4") -> tuple[torch.Tensor, torch.Tensor]:
         return torch.ops.apex4gen.quantize_act(x, group, _ACT_FORMAT[fmt], self.handle)
@@ -197,22 +213,31 @@ def _quantize_act_impl(x: torch.Tensor, group: int, fmt: int, handle: int) -> tu
     return qx, sx
 
 
-def _linear_impl(x, qw, sw, bias, n: int, group: int, handle: int, kernel: int) -> torch.Tensor:
+def _linear_impl(x, qw, sw, bias, y: torch.Tensor, group: int, handle: int, kernel: int) -> None:
     build = _BUILDS[handle]
-    m, k = x.shape
+    _check_out(y, x.shape[0], x.dtype)
     fmt = _ACT_FORMAT[build.kernels[kernel].act_format]
     if fmt == ACT_RAW:
         qx, sx = x, None
     else:
         qx, sx = _quantize_act_impl(x, group, fmt, handle)
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    _gemm_impl(qx, sx, qw, sw, bias, y, x.shape[1], group, handle, kernel)
+
+
+def _check_out(y: torch.Tensor, m: int, dtype: torch.dtype) -> None:
+    if y.dim() != 2 or y.shape[0] != m or y.dtype != dtype or not y.is_contiguous():
+        raise ShapeError(f"out must be a contiguous [{m}, N] {dtype} tensor, got {tuple(y.shape)} {y.dtype}")
+
+
+def _gemm_impl(qx, sx, qw, sw, bias, y: torch.Tensor, k: int, group: int, handle: int, kernel: int) -> None:
+    build = _BUILDS[handle]
+    m, n = y.shape
     ws_bytes = build.lib.apex4gen_kernel_workspace(kernel, m, n, k)
-    ws = torch.empty(ws_bytes, dtype=torch.uint8, device=x.device) if ws_bytes else None
+    ws = torch.empty(ws_bytes, dtype=torch.uint8, device=y.device) if ws_bytes else None
     args = GemmArgs(qx.data_ptr(), _ptr(sx), qw.data_ptr(), sw.data_ptr(), _ptr(bias), y.data_ptr(),
                     m, n, k, group, _ptr(ws), ws_bytes)
     _check(build, build.lib.apex4gen_run_kernel(kernel, ctypes.byref(args), _stream()),
            f"kernel {build.kernels[kernel].name} (M={m} N={n} K={k})")
-    return y
 
 
 _REGISTERED = False
@@ -239,11 +264,33 @@ def _register_ops() -> None:
     def linear(x: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor, bias: torch.Tensor | None, n: int,
                group: int, handle: int, kernel: int) -> torch.Tensor:
         _check_input(x, group)
-        return _linear_impl(x.contiguous(), qw, sw, bias, n, group, handle, kernel)
+        y = torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
+        _linear_impl(x.contiguous(), qw, sw, bias, y, group, handle, kernel)
+        return y
 
     @linear.register_fake
     def _(x, qw, sw, bias, n, group, handle, kernel):
         return x.new_empty((x.shape[0], n))
+
+    @torch.library.custom_op("apex4gen::linear_out", mutates_args=("y",))
+    def linear_out(x: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor, bias: torch.Tensor | None,
+                   y: torch.Tensor, group: int, handle: int, kernel: int) -> None:
+        _check_input(x, group)
+        _linear_impl(x.contiguous(), qw, sw, bias, y, group, handle, kernel)
+
+    @linear_out.register_fake
+    def _(x, qw, sw, bias, y, group, handle, kernel):
+        return None
+
+    @torch.library.custom_op("apex4gen::gemm_out", mutates_args=("y",))
+    def gemm_out(qx: torch.Tensor, sx: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor, bias: torch.Tensor | None,
+                 y: torch.Tensor, k: int, group: int, handle: int, kernel: int) -> None:
+        _check_out(y, qx.shape[0], sw.dtype)
+        _gemm_impl(qx, sx, qw, sw, bias, y, k, group, handle, kernel)
+
+    @gemm_out.register_fake
+    def _(qx, sx, qw, sw, bias, y, k, group, handle, kernel):
+        return None
 
     _REGISTERED = True
 

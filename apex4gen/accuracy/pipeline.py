@@ -1,0 +1,193 @@
+"""Turn a transformers LLaMA-family model into a W4A4 fake-quant model, with the switchable methods.
+
+``quantize_model(model, QuantConfig(...), calib_ids)``:
+
+1. optional rotation (:mod:`.rotation`), exact in full precision;
+2. if GPTQ or a clipping search is on, a sequential pass over the decoder layers on calibration tokens:
+   each layer sees the outputs of the already-quantized layers before it (as at inference), its linears'
+   input Hessians / samples are collected in full precision, its linears are quantized and replaced by
+   :class:`apex4gen.nn.W4A4Linear`, and its quantized outputs feed the next layer;
+3. otherwise plain RTN of every linear.
+
+lm_head and the embeddings stay in full precision (as in QuaRot and Atom). Granularity is chosen per
+layer kind with the plan's names: qkv_proj (q, k, v), o_proj, gate_up_proj (gate, up), down_proj.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..nn import W4A4Linear, effective_group, parse_granularity
+from . import rotation
+from .gptq import HessianAccumulator, gptq_quantize
+from .progress import progress
+from .rtn import rtn_quantize, search_act_clip
+
+KIND_OF = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "o_proj": "o_proj",
+           "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj", "down_proj": "down_proj"}
+PLAN_KINDS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+_ACT_SAMPLE_TOKENS = 2048  # inputs kept per linear for the activation clipping search
+
+
+@dataclass
+class QuantConfig:
+    """What to do; ``granularity`` maps each plan layer kind to 'g<size>' or 'channel'."""
+
+    granularity: dict[str, str] = field(default_factory=lambda: {k: "g128" for k in PLAN_KINDS})
+    rotate: bool = False
+    gptq: bool = False
+    act_order: bool = False
+    clip_weights: bool = False
+    clip_acts: bool = False
+    seed: int = 0
+
+    @classmethod
+    def uniform(cls, granularity: str, **kwargs) -> "QuantConfig":
+        parse_granularity(granularity)  # fail early on a typo
+        return cls(granularity={k: granularity for k in PLAN_KINDS}, **kwargs)
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.gptq or self.clip_weights or self.clip_acts
+
+    def describe(self) -> str:
+        grans = sorted(set(self.granularity.values()))
+        parts = ["/".join(grans) if len(grans) == 1 else
+                 ",".join(f"{k}={self.granularity[k]}" for k in PLAN_KINDS)]
+        parts += [name for name, on in (("rotation", self.rotate), ("gptq", self.gptq),
+                                        ("act-order", self.gptq and self.act_order),
+                                        ("clip-w", self.clip_weights), ("clip-a", self.clip_acts)) if on]
+        return " + ".join(parts) if len(parts) > 1 else parts[0] + " + rtn"
+
+
+def decoder_linears(layer: nn.Module) -> dict[str, tuple[nn.Module, str]]:
+    """``{'self_attn.q_proj': (parent, 'q_proj'), ...}`` for the linears of one decoder layer."""
+    found = {}
+    for parent_name, parent in layer.named_modules():
+        for child_name, child in parent.named_children():
+            if child_name in KIND_OF and isinstance(child, nn.Linear):
+                found[f"{parent_name}.{child_name}" if parent_name else child_name] = (parent, child_name)
+    return found
+
+
+def group_for(cfg: QuantConfig, proj: str, k: int) -> int | None:
+    return effective_group(parse_granularity(cfg.granularity[KIND_OF[proj]]), k)
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor | None = None) -> nn.Module:
+    """Quantize ``model`` in place; ``calib_ids`` [n_samples, seq_len] is needed for GPTQ / clipping."""
+    if cfg.rotate:
+        rotation.rotate_model(model, seed=cfg.seed)
+    if cfg.needs_calibration:
+        if calib_ids is None:
+            raise ValueError("GPTQ and the clipping searches need calibration tokens")
+        _sequential(model, cfg, calib_ids)
+    else:
+        for layer in progress(model.model.layers, "RTN"):
+            for parent, attr in decoder_linears(layer).values():
+                _replace_rtn(parent, attr, cfg)
+    return model
+
+
+def _replace_rtn(parent: nn.Module, attr: str, cfg: QuantConfig) -> None:
+    lin = getattr(parent, attr)
+    group = group_for(cfg, attr, lin.in_features)
+    w = rtn_quantize(lin.weight.detach(), group, _scale_dtype(lin))
+    setattr(parent, attr, W4A4Linear.from_quantized(w, lin.bias, input_transform=_transform(lin)))
+
+
+def _scale_dtype(lin: nn.Linear) -> torch.dtype:
+    dt = lin.weight.dtype
+    return dt if dt in (torch.float16, torch.bfloat16) else torch.float16
+
+
+def _transform(lin: nn.Module) -> torch.Tensor | None:
+    return getattr(lin, "input_transform", None)
+
+
+class _Stop(Exception):
+    """Raised by the capture hook: the forward pass is needed only up to the first decoder layer."""
+
+
+def _capture_first_layer_inputs(model: nn.Module, calib_ids: torch.Tensor):
+    layer0 = model.model.layers[0]
+    hidden, kwargs = [], {}
+
+    def hook(_module, args, kw):
+        hidden.append(args[0] if args else kw.pop("hidden_states"))
+        kwargs.update({k: v for k, v in kw.items() if k != "hidden_states"})
+        raise _Stop
+
+    handle = layer0.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for row in calib_ids:
+            try:
+                model(input_ids=row.unsqueeze(0), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    kwargs["use_cache"] = False
+    kwargs.pop("past_key_values", None)
+    return hidden, kwargs
+
+
+def _run_layer(layer: nn.Module, hidden: list[torch.Tensor], kwargs: dict) -> list[torch.Tensor]:
+    outs = []
+    for h in hidden:
+        out = layer(h, **kwargs)
+        outs.append(out[0] if isinstance(out, tuple) else out)
+    return outs
+
+
+def _sequential(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor) -> None:
+    hidden, kwargs = _capture_first_layer_inputs(model, calib_ids)
+    for layer in progress(model.model.layers, "calibrate+quantize layers"):
+        linears = decoder_linears(layer)
+        stats = _collect(layer, linears, hidden, kwargs, cfg)
+        for name, (parent, attr) in linears.items():
+            _replace_calibrated(parent, attr, cfg, *stats[name])
+        hidden = _run_layer(layer, hidden, kwargs)
+
+
+def _collect(layer, linears, hidden, kwargs, cfg):
+    """Run the (full-precision) layer on ``hidden``; per linear: input Hessian and a sample of inputs."""
+    stats = {name: (HessianAccumulator(getattr(p, a).in_features), []) for name, (p, a) in linears.items()}
+
+    def make_hook(name, module):
+        def hook(_m, args):
+            x = rotation.linear_input(module, args[0]).reshape(-1, module.in_features)
+            acc, samples = stats[name]
+            if cfg.gptq or cfg.clip_weights:
+                acc.add(x)
+            kept = sum(s.shape[0] for s in samples)
+            if cfg.clip_acts and kept < _ACT_SAMPLE_TOKENS:
+                samples.append(x[: _ACT_SAMPLE_TOKENS - kept].float().clone())
+        return hook
+
+    handles = [getattr(p, a).register_forward_pre_hook(make_hook(n, getattr(p, a)))
+               for n, (p, a) in linears.items()]
+    try:
+        _run_layer(layer, hidden, kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return {name: (acc, torch.cat(s) if s else None) for name, (acc, s) in stats.items()}
+
+
+def _replace_calibrated(parent, attr, cfg: QuantConfig, acc: HessianAccumulator, samples) -> None:
+    lin = getattr(parent, attr)
+    group = group_for(cfg, attr, lin.in_features)
+    w = lin.weight.detach()
+    if cfg.gptq:
+        wq = gptq_quantize(w, acc.hessian(), group, _scale_dtype(lin), act_order=cfg.act_order,
+                           clip=cfg.clip_weights)
+    else:
+        importance = torch.diag(acc.hessian()).float() if cfg.clip_weights else None
+        wq = rtn_quantize(w, group, _scale_dtype(lin), clip=cfg.clip_weights, importance=importance)
+    act_clip = search_act_clip(samples, w, wq) if cfg.clip_acts else 1.0
+    setattr(parent, attr, W4A4Linear.from_quantized(wq, lin.bias, act_clip=act_clip,
+                                                    input_transform=_transform(lin)))

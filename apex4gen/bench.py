@@ -1,0 +1,172 @@
+"""`apex4gen bench`: W4A4 ops of a build against cuBLAS and PyTorch's own 4-bit kernel, in one run.
+
+Method (the same for every candidate): inputs are rotated over enough copies that the weights cannot stay in
+L2; each timed sample is one CUDA-graph replay of ``reps`` calls (launch overhead out, as serving engines run
+decode), bracketed by CUDA events after warm-up; the figure is the median over samples divided by ``reps``.
+The W4A4 op is timed end to end: activation quantization included. Bytes and peaks for the roofline columns
+come from the same run (a measured device-to-device copy) and the GPU spec (tensor-core peak).
+"""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+
+from . import reference
+
+DEFAULT_MS = (1, 4, 16, 64, 256, 1024, 4096)
+BASELINES = ("fp16", "int8", "fp8_tensor", "fp8_row", "int4_weight_only")
+
+
+@dataclass(frozen=True)
+class Point:
+    gemm: str
+    n: int
+    k: int
+    m: int
+    granularity: str
+    kernel: str
+    w4a4_us: float
+    baselines_us: dict
+    bytes_moved: int
+    bw_fraction: float
+    tc_fraction: float
+
+    def speedup(self, baseline: str) -> float | None:
+        t = self.baselines_us.get(baseline)
+        return None if t is None else t / self.w4a4_us
+
+
+def time_graph(fn: Callable[[int], None], copies: int, reps: int = 20, samples: int = 15) -> float:
+    """Median µs of one call; ``fn(i)`` runs the op on input set ``i % copies``."""
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        for i in range(3):  # warm-up outside the graph (lazy init, autotuning, module load)
+            fn(i)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        for i in range(reps):
+            fn(i)
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(samples):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1000 / reps)
+    del graph
+    return statistics.median(times)
+
+
+def copy_bandwidth(nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy, bytes read + written per second (the bandwidth roofline)."""
+    src = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    us = time_graph(lambda i: dst.copy_(src), copies=1, reps=5, samples=9)
+    return nbytes / (us * 1e-6)
+
+
+def copies_for(weight_bytes: int, l2_bytes: int = 50 << 20) -> int:
+    """Enough weight copies that one round trip through them overflows L2 twice."""
+    return max(4, math.ceil(4 * l2_bytes / max(weight_bytes, 1)))
+
+
+def w4a4_bytes(m: int, n: int, k: int, group: int) -> int:
+    groups = k // group
+    return n * k // 2 + n * groups * 2 + m * k * 2 + m * n * 2
+
+
+def _baselines(m: int, n: int, k: int, x: list, want: set) -> dict:
+    """cuBLAS FP16 / INT8 / FP8 (per-tensor, row-wise) and aten's int4 weight-only g128, µs."""
+    copies = len(x)
+    out = {}
+    if "fp16" in want:
+        w = [torch.randn(n, k, device="cuda", dtype=torch.float16) for _ in range(copies)]
+        out["fp16"] = time_graph(lambda i: torch.matmul(x[i % copies], w[i % copies].t()), copies)
+        del w
+    if "int8" in want and m >= 17:  # cuBLAS int8 through torch needs M > 16
+        xi = [torch.randint(-8, 8, (m, k), device="cuda", dtype=torch.int8) for _ in range(copies)]
+        wi = [torch.randint(-8, 8, (n, k), device="cuda", dtype=torch.int8) for _ in range(copies)]
+        out["int8"] = time_graph(lambda i: torch._int_mm(xi[i % copies], wi[i % copies].t()), copies)
+        del xi, wi
+    if want & {"fp8_tensor", "fp8_row"}:
+        out.update(_fp8_baselines(m, n, k, copies, want))
+    if "int4_weight_only" in want:
+        t = _int4_weight_only(m, n, k, x)
+        if t is not None:
+            out["int4_weight_only"] = t
+    return out
+
+
+def _fp8_baselines(m: int, n: int, k: int, copies: int, want: set) -> dict:
+    f8 = torch.float8_e4m3fn
+    xf = [torch.randint(-8, 8, (m, k), device="cuda").to(f8) for _ in range(copies)]
+    wf = [torch.randint(-8, 8, (n, k), device="cuda").to(f8) for _ in range(copies)]
+    out = {}
+    one = torch.ones((), device="cuda")
+    if "fp8_tensor" in want:
+        out["fp8_tensor"] = time_graph(lambda i: torch._scaled_mm(
+            xf[i % copies], wf[i % copies].t(), one, one, out_dtype=torch.bfloat16), copies)
+    if "fp8_row" in want:
+        sa, sb = torch.ones(m, 1, device="cuda"), torch.ones(1, n, device="cuda")
+        out["fp8_row"] = time_graph(lambda i: torch._scaled_mm(
+            xf[i % copies], wf[i % copies].t(), sa, sb, out_dtype=torch.bfloat16), copies)
+    return out
+
+
+def _int4_weight_only(m: int, n: int, k: int, x: list) -> float | None:
+    """aten._weight_int4pack_mm at g128 with bf16 activations (what torchao's int4 weight-only runs)."""
+    copies = len(x)
+    try:
+        xb = [t.to(torch.bfloat16) for t in x]
+        packed, sz = [], []
+        for _ in range(copies):
+            w = torch.randint(0, 16, (n, k // 2), device="cuda", dtype=torch.uint8)
+            packed.append(torch.ops.aten._convert_weight_to_int4pack(w, 8))
+            sz.append(torch.rand(k // 128, n, 2, device="cuda", dtype=torch.bfloat16))
+        return time_graph(lambda i: torch.ops.aten._weight_int4pack_mm(
+            xb[i % copies], packed[i % copies], 128, sz[i % copies]), copies)
+    except (RuntimeError, AttributeError):
+        return None
+
+
+def bench_gemm(build, name: str, n: int, k: int, group: int, ms, dtype=torch.float16, want=BASELINES,
+               tc_peak_tops: float = 0.0, bandwidth: float = 0.0) -> list[Point]:
+    """Time one GEMM of a build at each M (skipping buckets the build does not serve)."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    wbytes = n * k // 2
+    copies = copies_for(wbytes)
+    weights = [build.pack(reference.quantize_weight(
+        torch.randn(n, k, device="cuda", dtype=dtype, generator=gen), group)) for _ in range(copies)]
+    points = []
+    for m in ms:
+        info = build.select(m, n, k, group, dtype)
+        x = [torch.randn(m, k, device="cuda", dtype=dtype, generator=gen) for _ in range(copies)]
+        ours = time_graph(lambda i: build.linear(x[i % copies], weights[i % copies]), copies)
+        base = _baselines(m, n, k, x, set(want))
+        moved = w4a4_bytes(m, n, k, group)
+        flops = 2.0 * m * n * k
+        points.append(Point(
+            name, n, k, m, "channel" if group == k else f"g{group}", info.name, ours, base, moved,
+            moved / (ours * 1e-6) / bandwidth if bandwidth else 0.0,
+            flops / (ours * 1e-6) / (tc_peak_tops * 1e12) if tc_peak_tops else 0.0))
+    return points
+
+
+def geomean(values) -> float:
+    vals = [v for v in values if v]
+    return math.exp(sum(math.log(v) for v in vals) / len(vals)) if vals else float("nan")
+
+
+def write_json(path, points: list[Point], meta: dict) -> None:
+    with open(path, "w") as f:
+        json.dump({"meta": meta, "points": [asdict(p) for p in points]}, f, indent=2, sort_keys=True)
+        f.write("\n")

@@ -1,0 +1,192 @@
+"""Every kernel of a build against the reference, on the GPU.
+
+Builds come from APEX4GEN_TEST_BUILDS (build directories separated by ':'), made beforehand with
+`apex4gen build`; `scripts/device_check.sh` makes them and runs this file on the device. Fresh random data
+each run (the seed is printed on failure), outputs poisoned with NaN before the kernel runs.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from apex4gen import reference as ref
+from apex4gen.errors import ShapeError
+
+pytestmark = pytest.mark.gpu
+
+MS = (1, 3, 16, 17, 100, 1024)
+HOPPER_MS = MS + (4096,)
+N_CHUNK = 4096  # the float64 reference holds [M, N_CHUNK, K/group] partials at a time
+
+
+def _build_dirs() -> list[Path]:
+    raw = os.environ.get("APEX4GEN_TEST_BUILDS", "")
+    return [Path(p) for p in raw.split(":") if p]
+
+
+requires_builds = pytest.mark.skipif(
+    not torch.cuda.is_available() or not _build_dirs(),
+    reason="needs a CUDA GPU and APEX4GEN_TEST_BUILDS (run scripts/device_check.sh on the device)")
+
+
+@pytest.fixture(scope="module", params=_build_dirs() or [None], ids=lambda p: p.name if p else "none")
+def build(request):
+    if request.param is None or not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU and APEX4GEN_TEST_BUILDS")
+    import warnings
+
+    import apex4gen.loader as loader
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # sm_8x builds on a newer GPU run through PTX JIT, on purpose
+        return loader.load(request.param)
+
+
+@pytest.fixture
+def gen():
+    seed = torch.seed() % 2**31
+    print(f"seed={seed}")
+    return torch.Generator(device="cuda").manual_seed(seed)
+
+
+def problems(build) -> list[tuple[int, int, int, str]]:
+    return sorted({(r["n"], r["k"], r["group"], r["dtype"]) for r in build.manifest["routes"]})
+
+
+def _dtype(name: str) -> torch.dtype:
+    return {"f16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+def _ms(build) -> tuple[int, ...]:
+    return HOPPER_MS if build.manifest["sm"] >= 90 else MS
+
+
+def assert_matches_reference(y: torch.Tensor, xq: ref.QuantizedTensor, wq: ref.QuantizedTensor,
+                             bias: torch.Tensor | None) -> None:
+    assert not torch.isnan(y).any(), "NaN left in the output: some elements were never written"
+    for lo in range(0, wq.q.shape[0], N_CHUNK):
+        hi = min(lo + N_CHUNK, wq.q.shape[0])
+        part = ref.QuantizedTensor(wq.q[lo:hi], wq.scales[lo:hi], wq.group)
+        b = None if bias is None else bias[lo:hi]
+        want = ref.gemm(xq, part, b, y.dtype).double()
+        tol = ref.gemm_tolerance(xq, part, y.dtype, b)
+        err = (y[:, lo:hi].double() - want).abs()
+        bad = err > tol
+        assert not bad.any(), (f"{int(bad.sum())} elements out of tolerance in columns {lo}:{hi}; "
+                               f"worst error {float(err.max()):.4g}")
+
+
+def _random_problem(n, k, group, dtype, m, gen):
+    x = torch.randn(m, k, device="cuda", dtype=dtype, generator=gen)
+    w = torch.randn(n, k, device="cuda", dtype=dtype, generator=gen) * 0.05
+    bias = torch.randn(n, device="cuda", dtype=dtype, generator=gen)
+    return x, ref.quantize_weight(w, group), bias
+
+
+@requires_builds
+def test_every_routed_problem_and_m(build, gen):
+    for n, k, group, dname in problems(build):
+        dtype = _dtype(dname)
+        for m in _ms(build):
+            x, wq, bias = _random_problem(n, k, group, dtype, m, gen)
+            y = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
+            build.linear(x, build.pack(wq), bias, out=y)
+            xq = ref.quantize_activation(x, group)
+            assert_matches_reference(y, xq, wq, bias)
+
+
+@requires_builds
+def test_worst_case_all_minus_eight(build):
+    """Largest partial sums: every weight -8 and, where the kernel takes quantized input, every activation."""
+    for n, k, group, dname in problems(build):
+        dtype = _dtype(dname)
+        for m in (1, 17, 128):
+            info = build.select(m, n, k, group, dtype)
+            wq = ref.QuantizedTensor(torch.full((n, k), -8, dtype=torch.int8, device="cuda"),
+                                     torch.full((n, k // group), 2.0 ** -12, dtype=dtype, device="cuda"), group)
+            y = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
+            if info.act_format == "raw":
+                x = torch.full((m, k), -1.0, device="cuda", dtype=dtype)  # quantizes to -7 everywhere
+                build.linear(x, build.pack(wq), out=y)
+                xq = ref.quantize_activation(x, group)
+            else:
+                xq = ref.QuantizedTensor(torch.full((m, k), -8, dtype=torch.int8, device="cuda"),
+                                         torch.full((m, k // group), 2.0 ** -6, device="cuda"), group)
+                qx = _store_activations(xq.q, info.act_format)
+                build.gemm(qx, xq.scales, build.pack(wq), info, out=y)
+            assert_matches_reference(y, xq, wq, None)
+
+
+def _store_activations(q: torch.Tensor, fmt: str) -> torch.Tensor:
+    if fmt == "s4":
+        return ref.pack_int4(q)
+    if fmt == "s8":
+        return q.clone()
+    return q.float().to(torch.float8_e4m3fn)
+
+
+def _load_activations(qx: torch.Tensor, fmt: str) -> torch.Tensor:
+    if fmt == "s4":
+        return ref.unpack_int4(qx)
+    return qx.float().to(torch.int8) if fmt == "e4m3" else qx
+
+
+@requires_builds
+@pytest.mark.parametrize("fmt", ["s4", "s8", "e4m3"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_activation_quantization_is_exact(build, gen, fmt, dtype):
+    for m, k, group in ((1, 4096, 128), (3, 8192, 64), (100, 1024, 1024), (17, 2048, 2048)):
+        x = torch.randn(m, k, device="cuda", dtype=dtype, generator=gen) * 3
+        x[0, :group] = 0  # a zero group: scale 0, values 0
+        qx, sx = build.quantize_act(x, group, fmt)
+        want = ref.quantize_activation(x, group)
+        assert torch.equal(sx, want.scales)
+        assert torch.equal(_load_activations(qx, fmt), want.q)
+
+
+@requires_builds
+def test_unplanned_shape_and_bad_group_get_clear_errors(build):
+    n, k, group, dname = problems(build)[0]
+    dtype = _dtype(dname)
+    with pytest.raises(ShapeError, match="no kernel for M=1 N=8 K=64"):
+        build.select(1, 8, 64, group, dtype)
+    x = torch.zeros(2, k + 1, device="cuda", dtype=dtype)
+    packed = build.pack(ref.quantize_weight(torch.zeros(n, k, device="cuda", dtype=dtype), group))
+    with pytest.raises(ShapeError):
+        build.linear(x, packed)
+
+
+@requires_builds
+def test_cuda_graph_replay_matches_eager(build, gen):
+    n, k, group, dname = problems(build)[0]
+    dtype = _dtype(dname)
+    for m in (1, 64):
+        x, wq, bias = _random_problem(n, k, group, dtype, m, gen)
+        packed = build.pack(wq)
+        eager = build.linear(x, packed, bias)
+        out = torch.full_like(eager, float("nan"))
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            build.linear(x, packed, bias, out=out)  # warm-up on the capture stream
+        torch.cuda.current_stream().wait_stream(stream)
+        out.fill_(float("nan"))
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            build.linear(x, packed, bias, out=out)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, eager)
+
+
+@requires_builds
+def test_opcheck(build, gen):
+    n, k, group, dname = problems(build)[0]
+    dtype = _dtype(dname)
+    x, wq, bias = _random_problem(n, k, group, dtype, 5, gen)
+    info = build.select(5, n, k, group, dtype)
+    qw, sw = build.pack(wq).layouts[info.weight_layout]
+    torch.library.opcheck(torch.ops.apex4gen.linear.default, (x, qw, sw, bias, n, group, build.handle, info.index))
+    torch.library.opcheck(torch.ops.apex4gen.quantize_act.default, (x, group, 0, build.handle))
