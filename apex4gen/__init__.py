@@ -3,4 +3,11 @@ __version__ = "0.1.0"
 
 from . import reference  # noqa: E402  (public numerics API)
 
-__all__ = ["__version__", "reference"]
+
+def load(build_dir):
+    """Load a build made by ``apex4gen build`` (see :func:`apex4gen.loader.load`)."""
+    from .loader import load as _load
+    return _load(build_dir)
+
+
+__all__ = ["__version__", "load", "reference"]

@@ -231,12 +231,18 @@ class _nullcontext:
 
 def _failure_line(output: list[str], units: list[CompileUnit]) -> str:
     """Print nvcc's own error text to stderr, return one line naming what failed."""
-    failed = [line[len("FAILED: "):].split()[0] for line in output if line.startswith("FAILED: ")]
+    failed = [_failed_output(line) for line in output if line.startswith("FAILED: ")]
     by_obj = {str(u.obj): u.label for u in units}
     errors = [line for line in output if "error" in line.lower() and not line.startswith("FAILED")]
     sys.stderr.write("\n".join(errors[-40:] or output[-40:]) + "\n")
     labels = ", ".join(by_obj.get(f, f) for f in failed) or "the build"
     return f"compiling {labels} failed (nvcc's errors above); fix the template or report the kernel config"
+
+
+def _failed_output(line: str) -> str:
+    """``FAILED: obj/x.o`` (ninja < 1.12) or ``FAILED: [code=1] obj/x.o``: the first output named."""
+    words = [w for w in line[len("FAILED: "):].split() if not w.startswith("[code=")]
+    return words[0] if words else ""
 
 
 def write_manifest(build_dir: Path, plan, kernels: list[KernelConfig], routes: list[Route], arch: str,

@@ -104,9 +104,10 @@ def layer_graph(model: ModelSpec, fused: bool = True) -> nx.DiGraph:
 
 
 def linear_layers(g: nx.DiGraph) -> tuple[Linear, ...]:
-    """Linear ops in execution order (lexicographic topological order: the same on every run)."""
+    """Linear ops in execution order; ties broken by insertion order, so q, k, v keep their usual order."""
+    order = {node: i for i, node in enumerate(g.nodes)}
     out = []
-    for node in nx.lexicographical_topological_sort(g):
+    for node in nx.lexicographical_topological_sort(g, key=order.__getitem__):
         attrs = g.nodes[node]
         if attrs["kind"] == "op" and attrs["op"] == "linear":
             (x,) = g.predecessors(node)

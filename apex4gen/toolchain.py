@@ -53,9 +53,10 @@ def nvcc_path() -> str:
         cuda_home = os.environ.get("CUDA_HOME") or "/usr/local/cuda"
         candidate = Path(cuda_home) / "bin" / "nvcc"
         found = str(candidate) if candidate.is_file() else None
-    if not found:
-        raise ToolchainError("nvcc not found: install the CUDA toolkit (12.4 or newer) and put nvcc on PATH, "
-                             "or set APEX4GEN_NVCC; `apex4gen build --emit-only` renders without it")
+    if not found or not os.access(found, os.X_OK):
+        where = f" at {found}" if found else ""
+        raise ToolchainError(f"nvcc not found{where}: install the CUDA toolkit (12.4 or newer) and put nvcc on "
+                             "PATH, or set APEX4GEN_NVCC; `apex4gen build --emit-only` renders without it")
     return found
 
 

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import warnings
 import zipfile
 import zlib
 from pathlib import Path
@@ -106,12 +107,19 @@ def _read_r_lazyload(data: Path, name: str) -> list[str]:
     record is a 4-byte length followed by a zlib stream of the serialized object."""
     import rdata
 
-    index = rdata.conversion.convert(rdata.parser.parse_data(gzip.decompress((data / "Rdata.rdx").read_bytes())))
+    def parse(raw: bytes):
+        with warnings.catch_warnings():  # rdata warns that a bare serialization "is assumed RDS": it is
+            warnings.simplefilter("ignore", UserWarning)
+            return rdata.conversion.convert(rdata.parser.parse_data(raw))
+
+    index = parse(gzip.decompress((data / "Rdata.rdx").read_bytes()))
+    if name not in index["variables"]:
+        raise DataError(f"{name!r} is not in {data}; the novels there: {', '.join(map(str, index['variables']))}")
     offset, length = (int(v) for v in index["variables"][name])
     with open(data / "Rdata.rdb", "rb") as fh:
         fh.seek(offset)
         record = fh.read(length)
-    return [str(s) for s in rdata.conversion.convert(rdata.parser.parse_data(zlib.decompress(record[4:])))]
+    return [str(s) for s in parse(zlib.decompress(record[4:]))]
 
 
 def join_paragraphs(lines: list[str]) -> str:

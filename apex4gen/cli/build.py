@@ -54,7 +54,7 @@ def _load_hint(build_dir: Path, gpu_spec) -> str:
     import torch
 
     if not torch.cuda.is_available():
-        return (f"no CUDA GPU here: built, not loaded or tested; on a {gpu_spec.name}, "
+        return (f"no CUDA GPU here: built, not loaded or tested; on the GPU ({gpu_spec.name}), "
                 f"apex4gen.load('{build_dir}') loads it")
     return f"load it with apex4gen.load('{build_dir}')"
 

@@ -17,3 +17,5 @@ ARCH_TAG = {"sm_80": "cutlass::arch::Sm80", "sm_86": "cutlass::arch::Sm86",
 GENCODE = {"sm_80": ("compute_80", "sm_80"), "sm_86": ("compute_86", "sm_86"),
            "sm_89": ("compute_89", "sm_89"), "sm_90a": ("compute_90a", "sm_90a")}
 SM_NUMBER = {"sm_80": 80, "sm_86": 86, "sm_89": 89, "sm_90a": 90}
+# fp32 math of the epilogues (scales, bias) for each tensor-core path
+ELEMENT_COMPUTE = {"int4": "float", "int8": "float", "fp8": "float"}

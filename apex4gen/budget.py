@@ -1,0 +1,180 @@
+"""The accuracy budget: which granularities each layer kind may use, and how much coarsening is allowed.
+
+Layer kinds are the fused ones (``qkv_proj``, ``o_proj``, ``gate_up_proj``, ``down_proj``): q/k/v_proj read
+one activation and so share one granularity, likewise gate/up_proj (see :mod:`apex4gen.graph`).
+
+Budget file (every key optional; ``default`` applies to kinds not named)::
+
+    finest:   {default: g128}                   # the accuracy reference: no layer kind needs finer than this
+    coarsest: {default: channel, o_proj: g1024, down_proj: g512}   # how far coarsening may go
+    min_gain: 0.05              # coarsen a layer only if its workload-weighted time drops by at least 5%
+    sensitivity: sens.yaml      # optional: per-layer sensitivities (path relative to this file, or inline)
+    max_total_increase: 0.5     # required with sensitivity: the sum over layer kinds may not exceed it
+
+Defaults (:data:`DEFAULT_BUDGET`): ``finest`` g128 everywhere (APEX4's and Atom's W4A4 accuracy reference);
+``coarsest`` channel for qkv_proj and gate_up_proj (they read RMSNorm outputs), g1024 for o_proj and g512 for
+down_proj (down_proj reads the SiLU*up product, where activation outliers are largest, so it keeps finer groups);
+``min_gain`` 0.05, so a few percent of scale traffic never costs accuracy. Where the finest granularity does not
+divide a layer's K (SmolLM2: K=576), the nearest finer one that does stands in for it.
+
+Sensitivity file (what a later ``apex4gen calibrate`` writes)::
+
+    apex4gen_sensitivity: 1
+    model: llama2-70b                 # must be the planned model
+    metric: "perplexity increase over W4A4-g128, 8k tokens of Pride and Prejudice"
+    layers:                           # per layer kind: the metric's increase at each granularity (>= 0)
+      qkv_proj: {g256: 0.01, g512: 0.02, g1024: 0.04, channel: 0.10}
+      down_proj: {g256: 0.05}
+
+With a sensitivity file a layer kind may leave its reference granularity only for granularities the file
+lists for it (no entry = no evidence = not allowed; a kind absent from the file stays at its reference), and the
+plan's summed increase over layer kinds stays within ``max_total_increase``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .costmodel import GRANULARITIES, fits
+from .errors import SpecError
+from .graph import FUSED_KINDS
+from .schema import Fields, read_yaml
+
+SENSITIVITY_VERSION = 1
+_KIND_KEYS = ("default",) + FUSED_KINDS
+DEFAULT_FINEST = {"default": "g128"}
+DEFAULT_COARSEST = {"default": "channel", "o_proj": "g1024", "down_proj": "g512"}
+DEFAULT_MIN_GAIN = 0.05
+
+
+def _rank(granularity: str) -> int:
+    return GRANULARITIES.index(granularity)
+
+
+@dataclass(frozen=True)
+class Sensitivity:
+    model: str
+    metric: str
+    layers: tuple[tuple[str, tuple[tuple[str, float], ...]], ...]   # sorted (kind, ((granularity, increase),))
+
+    def increase(self, kind: str, granularity: str) -> float | None:
+        """The metric's increase, or None where the file gives no evidence."""
+        return dict(dict(self.layers).get(kind, ())).get(granularity)
+
+    def to_dict(self) -> dict:
+        return {"apex4gen_sensitivity": SENSITIVITY_VERSION, "model": self.model, "metric": self.metric,
+                "layers": {kind: dict(values) for kind, values in self.layers}}
+
+
+@dataclass(frozen=True)
+class Budget:
+    finest: tuple[tuple[str, str], ...]      # (kind, granularity) for every fused kind
+    coarsest: tuple[tuple[str, str], ...]
+    min_gain: float
+    sensitivity: Sensitivity | None = None
+    max_total_increase: float | None = None
+
+    def reference(self, kind: str, k: int) -> str:
+        """The finest granularity ``kind`` needs, or the nearest finer one where it does not divide K."""
+        finest = dict(self.finest)[kind]
+        finer_fits = [g for g in GRANULARITIES[:_rank(finest) + 1] if fits(g, k)]
+        if not finer_fits:
+            return "channel"
+        return finer_fits[-1]
+
+    def allowed(self, kind: str, k: int) -> tuple[str, ...]:
+        """Granularities ``kind`` may use at this K, finest first; the reference is always first."""
+        ref = self.reference(kind, k)
+        coarser = [g for g in GRANULARITIES[_rank(dict(self.finest)[kind]) + 1:_rank(dict(self.coarsest)[kind]) + 1]
+                   if fits(g, k) and g != ref]
+        if self.sensitivity is not None:
+            coarser = [g for g in coarser if self.sensitivity.increase(kind, g) is not None]
+        return (ref, *coarser)
+
+    def increase(self, kind: str, granularity: str, k: int) -> float:
+        if self.sensitivity is None or granularity == self.reference(kind, k):
+            return 0.0
+        return self.sensitivity.increase(kind, granularity)
+
+    def to_dict(self) -> dict:
+        return {"finest": dict(self.finest), "coarsest": dict(self.coarsest), "min_gain": self.min_gain,
+                "sensitivity": self.sensitivity.to_dict() if self.sensitivity else None,
+                "max_total_increase": self.max_total_increase}
+
+
+def _per_kind(fields: Fields, key: str, shipped: dict) -> tuple[tuple[str, str], ...]:
+    """A user's ``default`` replaces every shipped value; kinds named explicitly win over any default."""
+    sub = fields.sub(key, _KIND_KEYS, None)
+    given = {} if sub is None else {k: sub.choice(k, GRANULARITIES) for k in _KIND_KEYS if sub.has(k)}
+    base = {"default": given["default"]} if "default" in given else shipped
+    return tuple(sorted((kind, given.get(kind, base.get(kind, base["default"]))) for kind in FUSED_KINDS))
+
+
+def _increases(fields: Fields, kind: str) -> tuple[tuple[str, float], ...]:
+    sub = fields.sub(kind, GRANULARITIES)
+    values = {g: sub.take(g, float) for g in GRANULARITIES if sub.has(g)}
+    for g, v in values.items():
+        if v < 0:
+            raise sub.error(g, f"an increase must be >= 0, got {v}")
+    return tuple(sorted(values.items(), key=lambda item: _rank(item[0])))
+
+
+def parse_sensitivity(data: object, file: str | Path) -> Sensitivity:
+    fields = Fields(data, file, "", ("apex4gen_sensitivity", "model", "metric", "layers"))
+    version = fields.take("apex4gen_sensitivity", int)
+    if version != SENSITIVITY_VERSION:
+        raise fields.error("apex4gen_sensitivity", f"version {version} is not {SENSITIVITY_VERSION}")
+    layers = fields.sub("layers", FUSED_KINDS)
+    return Sensitivity(fields.take("model", str), fields.take("metric", str),
+                       tuple((kind, _increases(layers, kind)) for kind in FUSED_KINDS if layers.has(kind)))
+
+
+def load_sensitivity(path: str | Path) -> Sensitivity:
+    path = Path(path)
+    return parse_sensitivity(read_yaml(path), path)
+
+
+def _sensitivity(fields: Fields, base_dir: Path) -> Sensitivity | None:
+    if not fields.has("sensitivity") or fields.data["sensitivity"] is None:
+        return None
+    value = fields.data["sensitivity"]
+    if isinstance(value, str):
+        return load_sensitivity(base_dir / value)
+    return parse_sensitivity(fields.take("sensitivity", dict), f"{fields.file} (sensitivity)")
+
+
+def _check_order(fields: Fields, finest, coarsest) -> None:
+    for (kind, fine), (_, coarse) in zip(finest, coarsest):
+        if _rank(fine) > _rank(coarse):
+            raise fields.error(f"coarsest.{kind}", f"{coarse} is finer than finest {fine}")
+
+
+def parse_budget(data: object, file: str | Path, base_dir: Path | None = None) -> Budget:
+    fields = Fields(data, file, "", ("finest", "coarsest", "min_gain", "sensitivity", "max_total_increase"))
+    finest = _per_kind(fields, "finest", DEFAULT_FINEST)
+    coarsest = _per_kind(fields, "coarsest", DEFAULT_COARSEST)
+    _check_order(fields, finest, coarsest)
+    min_gain = fields.take("min_gain", float, DEFAULT_MIN_GAIN)
+    if not 0 <= min_gain < 1:
+        raise fields.error("min_gain", f"must be in [0, 1), got {min_gain}")
+    sensitivity = _sensitivity(fields, base_dir or Path(file).parent)
+    limit = fields.take("max_total_increase", float, None)
+    if (sensitivity is None) != (limit is None):
+        raise fields.error("max_total_increase", "sensitivity and max_total_increase go together")
+    if limit is not None and limit < 0:
+        raise fields.error("max_total_increase", f"must be >= 0, got {limit}")
+    return Budget(finest, coarsest, min_gain, sensitivity, limit)
+
+
+def load_budget(ref: str | Path | Budget | None) -> Budget:
+    if ref is None:
+        return DEFAULT_BUDGET
+    if isinstance(ref, Budget):
+        return ref
+    path = Path(ref).expanduser()
+    if not path.is_file():
+        raise SpecError(f"budget file {path} does not exist")
+    return parse_budget(read_yaml(path), path)
+
+
+DEFAULT_BUDGET = parse_budget({}, "(default budget)")

@@ -1,0 +1,96 @@
+"""`apex4gen bench BUILD_DIR`: time a loaded build's GEMMs against cuBLAS and PyTorch's int4 kernel."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import click
+
+from .. import bench as bench_stage
+from ..errors import Apex4genError
+from ..plan import Plan
+
+TARGETS = (  # (label, M predicate, baseline, minimum ratio) from the Hopper issue
+    ("M<=16 vs cuBLAS FP16 (>=4.0x)", lambda m: m <= 16, "fp16", 4.0),
+    ("M=4096 vs cuBLAS FP8 rowwise", lambda m: m == 4096, "fp8_row", None),
+    ("M=4096 vs cuBLAS INT8 (>=1.3x)", lambda m: m == 4096, "int8", 1.3),
+    ("all M vs cuBLAS FP16 (min, >=1.0x)", lambda m: True, "fp16", 1.0),
+)
+
+
+@click.command("bench")
+@click.argument("build_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--ms", default=",".join(map(str, bench_stage.DEFAULT_MS)), show_default=True,
+              help="Comma-separated M values (tokens).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write every point here.")
+@click.option("--baselines", default=",".join(bench_stage.BASELINES), show_default=True)
+def bench_command(build_dir: Path, ms: str, json_path: Path | None, baselines: str):
+    """Time each GEMM of BUILD_DIR's plan at each M, end to end, against cuBLAS FP16/INT8/FP8."""
+    import torch
+
+    from .. import specs
+    from ..loader import load
+
+    build = load(build_dir)
+    plan = Plan.load(build_dir / "plan.yaml")
+    gpu = specs.load_gpu(build.manifest["gpu"])
+    m_values = _parse_ms(ms)
+    want = tuple(b for b in baselines.split(",") if b)
+    bandwidth = bench_stage.copy_bandwidth()
+    points = []
+    for layer in plan.layers:
+        group = layer.group or layer.k
+        dtype = torch.float16 if plan.out_dtype == "f16" else torch.bfloat16
+        points += bench_stage.bench_gemm(build, layer.name, layer.n, layer.k, group, m_values, dtype, want,
+                                         tc_peak_tops=gpu.tops(layer.path), bandwidth=bandwidth)
+    _print_table(points, want, torch.cuda.get_device_name(), bandwidth)
+    _print_targets(points)
+    if json_path:
+        meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "build": str(build_dir),
+                "copy_bandwidth_gbs": bandwidth / 1e9, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "ms": m_values, "baselines": list(want)}
+        bench_stage.write_json(json_path, points, meta)
+        click.echo(f"wrote {json_path}")
+
+
+def _parse_ms(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise Apex4genError(f"--ms takes comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise Apex4genError(f"--ms values must be >= 1, got {text!r}")
+    return values
+
+
+def _print_table(points, want, device: str, bandwidth: float) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"W4A4 on {device} (copy bandwidth {bandwidth / 1e12:.2f} TB/s); ratios = baseline µs / ours")
+    for col in ("gemm", "N x K", "M", "gran", "W4A4 µs", *[f"x{b}" for b in want], "%BW", "%TC"):
+        table.add_column(col, justify="right")
+    for p in points:
+        ratios = [_fmt(p.speedup(b)) for b in want]
+        table.add_row(p.gemm, f"{p.n}x{p.k}", str(p.m), p.granularity, f"{p.w4a4_us:.1f}", *ratios,
+                      f"{100 * p.bw_fraction:.0f}", f"{100 * p.tc_fraction:.0f}")
+    Console(width=200).print(table)
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _print_targets(points) -> None:
+    for label, pred, baseline, minimum in TARGETS:
+        ratios = [p.speedup(baseline) for p in points if pred(p.m) and p.speedup(baseline)]
+        if not ratios:
+            continue
+        value = min(ratios) if label.startswith("all M") else bench_stage.geomean(ratios)
+        verdict = "" if minimum is None else ("  MET" if value >= minimum else "  NOT MET")
+        click.echo(f"{label}: {value:.2f}x{verdict}")
+
+
+COMMANDS = [bench_command]

@@ -1,0 +1,230 @@
+"""Predicted time of one W4A4 GEMM (and of its FP16 baseline) on one GPU, from the GPU spec.
+
+A group-wise W4A4 GEMM ``Y[M,N] = X[M,K] W[N,K]^T`` does three things that overlap:
+
+* tensor-core work: ``2*M*N*K`` operations on the path's tensor cores (native INT4, or 4-bit values computed
+  on INT8 / FP8 tensor cores where INT4 is not native);
+* CUDA-core dequantization: each group's partial sum, for each output element, is turned into float and
+  multiplied by an activation scale and a weight scale: ``M*N*(K/group)`` partials, each costing
+  ``dequant_ops`` FP32-pipe instructions (int partials: int->float convert + 2 FMA-class ops; FP8 partials are
+  already float: 2) times ``dequant_slots_*`` issue slots for what surrounds them (scale loads, fragment
+  shuffles, register pressure). Its ratio to tensor time is ``ops * slots * rho / group``: APEX4's ρ effect;
+* DRAM traffic: int4 weights, weight scales (model dtype), activations (int4, a byte where the kernel reads
+  int8/e4m3, the model dtype where it quantizes them itself), activation scales (fp32), the output (model dtype) and split-K partials.
+
+``time = max(compute, memory) + launch`` with ``compute = max(tc, dq) + (1 - dequant_overlap) * min(tc, dq)``:
+CUDA-core dequantization of some warps runs while others issue MMAs, so the slower unit sets the pace.
+
+Every constant is in :class:`CostConstants`; a measured set (a later ``apex4gen probe``) replaces
+:data:`DEFAULT_CONSTANTS` through ``constants=``. The defaults, and what they are fitted to:
+
+* ``fp16_tensor_efficiency`` 0.75: cuBLAS FP16 reaches 0.68-0.72 of peak on the H100 (NOTES.md section 1),
+  about 0.8 on the A100.
+* ``int4_tensor_efficiency`` 0.25: a group-wise mainloop drains its int32 accumulators every group; with the
+  slots below this reproduces APEX4's compute-bound W4A4-g128 speedups (RTX 3090 2.0-2.5x, A100 0.43-0.47x)
+  and the ~3x of Atom's g128 kernel over FP16 on the RTX 4090.
+* ``int8/fp8_tensor_efficiency`` 0.47 / 0.62: cuBLAS INT8 921 and FP8 1230 of 1979 TOPS at M=4096 (NOTES.md).
+* ``dequant_slots_sm80`` 8.0 (mma.sync kernels, sm_80/86/89): fitted to APEX4's A100 0.45x at g128.
+  ``dequant_slots_sm90`` 5.2 (wgmma kernels): fitted to CUTLASS's FP8 blockwise g128 kernel at 830 TFLOPS on
+  the H100 (NOTES.md).
+* ``dram_efficiency`` 0.70: cuBLAS FP16 at M=16 streams weights at 2.26 of 3.35 TB/s (NOTES.md).
+* ``launch_us`` 2.0: launch and tail of one kernel.
+
+Without a kernel configuration the estimate assumes ideal tiling (M padded to one MMA, full waves); with one,
+it pads M and N to the tile, counts waves over the SMs, derates small tiles (operand reuse) and needs one CTA
+per SM to stream DRAM at full rate.
+``full_reuse_tile`` 32 (a 64x64 tile): below it, operand reuse in shared memory limits the tensor cores.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+from .errors import SpecError
+from .kernels.config import KernelConfig
+from .kernels.families import FAMILIES
+from .schema import Fields
+from .specs import GpuSpec
+
+GRANULARITIES = ("g64", "g128", "g256", "g512", "g1024", "channel")
+PATHS = ("int4", "int8", "fp8")
+# Activation bytes a value and whether the kernel reads separate activation scales, per family act_format:
+# "raw" kernels read the model-dtype activations and quantize them in-kernel.
+ACT_TRAFFIC = {"s4": (0.5, True), "s8": (1.0, True), "e4m3": (1.0, True), "raw": (2.0, False)}
+_PATH_ACT_FORMAT = {"int4": "s4", "int8": "s8", "fp8": "e4m3"}
+_OUT_BYTES = 2          # fp16 / bf16 output
+_WEIGHT_SCALE_BYTES = 2  # weight scales in the model dtype (reference.py)
+_ACT_SCALE_BYTES = 4     # activation scales in fp32 (reference.py)
+_SPLITK_BYTES = 4        # fp32 partial outputs between split-K slices
+
+
+def group_size(granularity: str, k: int) -> int:
+    """Elements a scale covers along K; per-channel is one group of K."""
+    return k if granularity == "channel" else int(granularity[1:])
+
+
+def group_field(granularity: str) -> int:
+    """The plan's and KernelConfig's ``group``: 0 means per-channel."""
+    return 0 if granularity == "channel" else int(granularity[1:])
+
+
+def granularity_of(group: int) -> str:
+    return "channel" if group == 0 else f"g{group}"
+
+
+def fits(granularity: str, k: int) -> bool:
+    return k % group_size(granularity, k) == 0
+
+
+@dataclass(frozen=True)
+class CostConstants:
+    fp16_tensor_efficiency: float = 0.75
+    int4_tensor_efficiency: float = 0.25
+    int8_tensor_efficiency: float = 0.47
+    fp8_tensor_efficiency: float = 0.62
+    dequant_ops_int: float = 3.0
+    dequant_ops_float: float = 2.0
+    dequant_slots_sm80: float = 8.0
+    dequant_slots_sm90: float = 5.2
+    dequant_overlap: float = 1.0
+    dram_efficiency: float = 0.70
+    launch_us: float = 2.0
+    mma_m: int = 16                 # rows one MMA computes: smaller M still pays for 16
+    full_reuse_tile: float = 32.0   # tm*tn/(tm+tn) of a 64x64 tile: smaller tiles starve the tensor cores
+
+    def tensor_efficiency(self, path: str) -> float:
+        return getattr(self, f"{path}_tensor_efficiency")
+
+    def dequant_slots(self, kernel_arch: str) -> float:
+        return self.dequant_slots_sm90 if kernel_arch == "sm_90a" else self.dequant_slots_sm80
+
+    def dequant_ops(self, path: str) -> float:
+        return self.dequant_ops_float if path == "fp8" else self.dequant_ops_int
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: object, file: str = "cost constants") -> "CostConstants":
+        """Strictly read a measured set (what ``probe`` writes): every field, each > 0 (overlap may be 0)."""
+        names = [f.name for f in fields(cls)]
+        reader = Fields(data, file, "", names)
+        values = {f.name: reader.take(f.name, int if f.type == "int" else float) for f in fields(cls)}
+        for name, value in values.items():
+            if value < 0 or (value == 0 and name != "dequant_overlap"):
+                raise reader.error(name, f"must be > 0, got {value}")
+        return cls(**values)
+
+
+DEFAULT_CONSTANTS = CostConstants()
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Predicted microseconds, with the parts the planner's rationale quotes."""
+
+    us: float
+    tensor_us: float
+    dequant_us: float
+    memory_us: float
+
+    @property
+    def bound(self) -> str:
+        parts = {"tensor": self.tensor_us, "dequant": self.dequant_us, "memory": self.memory_us}
+        return max(parts, key=parts.get)
+
+
+@dataclass(frozen=True)
+class _Tiling:
+    """How a GEMM is cut into CTAs: padded sizes and the efficiencies that follow."""
+
+    m: int
+    n: int
+    wave_efficiency: float
+    reuse_efficiency: float
+    bandwidth_share: float
+    split_k: int
+
+
+def _ideal_tiling(m: int, n: int, c: CostConstants) -> _Tiling:
+    return _Tiling(math.ceil(m / c.mma_m) * c.mma_m, n, 1.0, 1.0, 1.0, 1)
+
+
+def _config_tiling(m: int, n: int, gpu: GpuSpec, cfg: KernelConfig, c: CostConstants) -> _Tiling:
+    tiles_m, tiles_n = math.ceil(m / cfg.tile_m), math.ceil(n / cfg.tile_n)
+    ctas = tiles_m * tiles_n * cfg.split_k
+    waves = math.ceil(ctas / gpu.sm_count)
+    reuse = cfg.tile_m * cfg.tile_n / (cfg.tile_m + cfg.tile_n) / c.full_reuse_tile
+    return _Tiling(tiles_m * cfg.tile_m, tiles_n * cfg.tile_n, ctas / (waves * gpu.sm_count),
+                   min(1.0, reuse), min(1.0, ctas / gpu.sm_count), cfg.split_k)
+
+
+def _tiling(m: int, n: int, gpu: GpuSpec, cfg: KernelConfig | None, c: CostConstants) -> _Tiling:
+    return _ideal_tiling(m, n, c) if cfg is None else _config_tiling(m, n, gpu, cfg, c)
+
+
+def _act_traffic(path: str, cfg: KernelConfig | None) -> tuple[float, bool]:
+    """What the kernel reads: its family's activation format, else the path's natural one."""
+    if cfg is not None and cfg.family in FAMILIES:
+        return ACT_TRAFFIC[FAMILIES[cfg.family].act_format]
+    return ACT_TRAFFIC[_PATH_ACT_FORMAT[path]]
+
+
+def w4a4_bytes(m: int, n: int, k: int, group: int, path: str, cfg: KernelConfig | None = None) -> float:
+    groups = k // group
+    weights = n * k * 0.5 + n * groups * _WEIGHT_SCALE_BYTES
+    act_bytes, act_scales = _act_traffic(path, cfg)
+    acts = m * k * act_bytes + (m * groups * _ACT_SCALE_BYTES if act_scales else 0)
+    split_k = cfg.split_k if cfg is not None else 1
+    partials = 2 * m * n * _SPLITK_BYTES * split_k if split_k > 1 else 0
+    return weights + acts + m * n * _OUT_BYTES + partials
+
+
+def _memory_us(nbytes: float, gpu: GpuSpec, share: float, c: CostConstants) -> float:
+    return nbytes / (gpu.dram_bandwidth_gbs * 1e3 * c.dram_efficiency * share)
+
+
+def _compute_us(tensor_us: float, dequant_us: float, c: CostConstants) -> float:
+    return max(tensor_us, dequant_us) + (1.0 - c.dequant_overlap) * min(tensor_us, dequant_us)
+
+
+def _check_problem(m: int, n: int, k: int, granularity: str, path: str, gpu: GpuSpec) -> None:
+    if min(m, n, k) <= 0:
+        raise SpecError(f"GEMM M={m} N={n} K={k}: every size must be > 0")
+    if granularity not in GRANULARITIES:
+        raise SpecError(f"granularity {granularity!r} is not one of {', '.join(GRANULARITIES)}")
+    if not fits(granularity, k):
+        raise SpecError(f"granularity {granularity} does not divide K={k}")
+    if path not in gpu.compute_paths:
+        raise SpecError(f"{gpu.name} has no {path} W4A4 path (it has {', '.join(gpu.compute_paths)})")
+
+
+def w4a4_time(gpu: GpuSpec, m: int, n: int, k: int, granularity: str, path: str,
+              cfg: KernelConfig | None = None, constants: CostConstants = DEFAULT_CONSTANTS) -> Estimate:
+    _check_problem(m, n, k, granularity, path, gpu)
+    c = constants
+    group = group_size(granularity, k)
+    t = _tiling(m, n, gpu, cfg, c)
+    tensor_rate = gpu.tops(path) * 1e6 * c.tensor_efficiency(path) * t.reuse_efficiency * t.wave_efficiency
+    tensor_us = 2.0 * t.m * t.n * k / tensor_rate
+    partials = t.m * t.n * (k // group)
+    slots = c.dequant_ops(path) * c.dequant_slots(gpu.kernel_arch)
+    dequant_us = partials * slots / (gpu.fp32_tflops * 1e6 / 2.0 * t.wave_efficiency)
+    memory_us = _memory_us(w4a4_bytes(m, n, k, group, path, cfg), gpu, t.bandwidth_share, c)
+    us = max(_compute_us(tensor_us, dequant_us, c), memory_us) + c.launch_us * (1 + (t.split_k > 1))
+    return Estimate(us, tensor_us, dequant_us, memory_us)
+
+
+def fp16_time(gpu: GpuSpec, m: int, n: int, k: int, constants: CostConstants = DEFAULT_CONSTANTS) -> Estimate:
+    """The FP16/BF16 baseline (cuBLAS-class GEMM with FP32 accumulation)."""
+    c = constants
+    m_pad = math.ceil(m / c.mma_m) * c.mma_m
+    tensor_us = 2.0 * m_pad * n * k / (gpu.tops("fp16") * 1e6 * c.fp16_tensor_efficiency)
+    memory_us = _memory_us(2.0 * (m * k + n * k + m * n), gpu, 1.0, c)
+    return Estimate(max(tensor_us, memory_us) + c.launch_us, tensor_us, 0.0, memory_us)
+
+
+def speedup(gpu: GpuSpec, m: int, n: int, k: int, granularity: str, path: str,
+            constants: CostConstants = DEFAULT_CONSTANTS) -> float:
+    """Predicted FP16 time over W4A4 time with ideal tiling."""
+    return fp16_time(gpu, m, n, k, constants).us / w4a4_time(gpu, m, n, k, granularity, path, None, constants).us

@@ -1,0 +1,163 @@
+"""W4A4 prefill (large-M, compute-bound) kernel families for Hopper (sm_90a): 4-bit weights, 8-bit tensor cores.
+
+Hopper has no INT4 tensor cores, so both families keep the weights packed int4 in memory (the canonical layout:
+CUTLASS's ``int4b_t`` K-major) and widen them to 8 bits in registers, right before a register-sourced wgmma
+(CUTLASS 3's mixed-input mainloop). The GEMM is run transposed, ``Y^T[N, M] = W[N, K] . X[M, K]^T``, because
+wgmma can read only its A operand from registers: CUTLASS's M is our N, its N is our M. A ``KernelConfig``
+keeps apex4gen's names: ``tile_m`` is the token tile (CUTLASS's N), ``tile_n`` the output-channel tile.
+Both are CUTLASS's warp-specialized cooperative kernel: one producer warpgroup (TMA) and two consumer
+warpgroups that split ``tile_n``; ``warps_m x warps_n = 1 x 8`` names the eight consumer warps.
+
+``sm90_prefill_channel`` (per-channel, path int8): int4 -> int8 in registers, s8 x s8 wgmma with int32
+accumulators (exact: |P| <= 64 K < 2**24 for K <= 2**18, so the int32 -> fp32 conversion is exact too), and an
+EVT epilogue ``y = (P * sw[n]) * sx[m] + bias[n]``. Activations: ``s8``.
+
+``sm90_prefill_group`` (g128, path fp8): int4 -> e4m3 in registers, e4m3 x e4m3 wgmma into fp32 partials, one
+128-long group per K tile. Hopper's fp8 wgmma accumulates with reduced precision, but a group's partial
+(|P| <= 8192, integers) is exact; each group is promoted on the CUDA cores, ``acc += P * (sw[n,g] sx[m,g])``
+(DeepGEMM's scheme), while the other consumer warpgroup keeps the tensor cores busy. An auxiliary producer
+warp copies each K tile's scales into shared memory with cp.async, next to the TMA-loaded operands.
+Activations: ``e4m3``. Weight scales are repacked transposed, [K/g, N] (layout ``sm90_group``), so that one
+K tile's scales are contiguous for 16-byte copies.
+
+Shared memory per block is CUTLASS's ``GemmKernel::SharedStorage`` as computed below; each template
+static_asserts that it equals the value it is given, so legality against a GPU's limit is exact.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import cpp_names
+from .config import KernelConfig
+from .families import Family, TileShape, register
+
+ARCHS = ("sm_90a",)
+GROUP = 128                  # the group family's only group size: one group per K tile
+TILE_K = 128                 # K elements per pipeline stage (one group)
+CONSUMER_WARPS = (1, 8)      # two consumer warpgroups (warps_m, warps_n), see the module docstring
+ALIGN_K = 128                # K: whole K tiles (also keeps every TMA row a multiple of 16 bytes)
+ALIGN_N = 8                  # N: the transposed output is stored 16 bytes (8 values) at a time
+MAX_CHANNEL_K = 1 << 18      # per-channel partials stay exact in int32 and in fp32 up to here
+
+# (tile_m tokens, tile_n channels). The group kernel holds two accumulator sets (fp32 sum and the group's
+# partials) per consumer thread, so a warpgroup's 64 x tile_m slice is at most 64 x 128 (2 x 64 registers).
+GROUP_TILES = tuple(TileShape(tm, 128, TILE_K, *CONSUMER_WARPS) for tm in (64, 128))
+CHANNEL_TILES = tuple(TileShape(tm, 128, TILE_K, *CONSUMER_WARPS) for tm in (64, 128, 256))
+
+# Largest stage count that fits 227 KB with the epilogue, for each tile: the planner may pick fewer.
+GROUP_STAGES = (4, 6)
+CHANNEL_STAGES = (4, 5)
+
+
+@dataclass(frozen=True)
+class _SingleGroupFamily(Family):
+    """A family that serves exactly one group size: other groups get no configurations."""
+
+    only_group: int = GROUP
+
+    def configs(self, arch: str, group: int, out_dtype: str) -> list[KernelConfig]:
+        return super().configs(arch, group, out_dtype) if group == self.only_group else []
+
+
+# CUTLASS's kernel SharedStorage: {mainloop tensors, epilogue tensors} (each 1024-byte aligned) + pipelines.
+_ALIGN = 1024
+_EPILOGUE_D_BYTES = 2 * 128 * 32 * 2    # TMA-store staging: 2 buffers of a 128 x 32 subtile of 16-bit output
+_PIPELINE_BYTES_PER_STAGE = 16          # one full + one empty mbarrier per mainloop stage
+_OTHER_PIPELINE_BYTES = 80              # epilogue load pipeline and the kernel's load-order barrier
+
+
+def _round_up(x: int, to: int) -> int:
+    return -(-x // to) * to
+
+
+def _weight_stage_bytes(cfg: KernelConfig) -> int:
+    return cfg.tile_n * cfg.tile_k // 2
+
+
+def _act_stage_bytes(cfg: KernelConfig) -> int:
+    return cfg.tile_m * cfg.tile_k
+
+
+def _kernel_smem_bytes(cfg: KernelConfig, mainloop_tensor_bytes: int, epilogue_tensor_bytes: int) -> int:
+    """Both tensor storages padded to 1024 bytes (the mainloop's also holds empty scale arrays), then the
+    pipelines' barriers; the whole struct is 1024-byte aligned."""
+    tensors = _round_up(mainloop_tensor_bytes + 1, _ALIGN) + _round_up(epilogue_tensor_bytes, _ALIGN)
+    return _round_up(tensors + cfg.stages * _PIPELINE_BYTES_PER_STAGE + _OTHER_PIPELINE_BYTES, _ALIGN)
+
+
+def channel_smem_bytes(cfg: KernelConfig) -> int:
+    """Operand stages; the epilogue keeps its store staging and one fp32 token scale per tile column."""
+    operands = cfg.stages * (_weight_stage_bytes(cfg) + _act_stage_bytes(cfg))
+    return _kernel_smem_bytes(cfg, operands, _EPILOGUE_D_BYTES + cfg.tile_m * 4)
+
+
+def group_smem_bytes(cfg: KernelConfig) -> int:
+    """Operand stages plus, per stage, one fp32 token scale per tile row and one 16-bit channel scale per
+    channel (copied by the auxiliary producer warp); the epilogue only adds the bias (no shared memory)."""
+    operands = cfg.stages * (_weight_stage_bytes(cfg) + _act_stage_bytes(cfg) + cfg.tile_m * 4 + cfg.tile_n * 2)
+    return _kernel_smem_bytes(cfg, operands, _EPILOGUE_D_BYTES)
+
+
+def _common_values(cfg: KernelConfig) -> dict:
+    if cfg.split_k != 1:
+        raise ValueError(f"{cfg.family} has no split-K; got split_k={cfg.split_k}")
+    if (cfg.warps_m, cfg.warps_n) != CONSUMER_WARPS or cfg.tile_k != TILE_K:
+        raise ValueError(f"{cfg.family}: warps must be {CONSUMER_WARPS} and tile_k {TILE_K}")
+    return {
+        "element_out": cpp_names.ELEMENT_OUT[cfg.out_dtype],
+        "element_weight": cpp_names.ELEMENT_OPERAND["int4"],
+        "element_act": cpp_names.ELEMENT_OPERAND[cfg.path],
+        "element_accumulator": cpp_names.ELEMENT_ACCUMULATOR[cfg.path],
+        "element_compute": cpp_names.ELEMENT_COMPUTE[cfg.path],
+        "arch_tag": cpp_names.ARCH_TAG["sm_90a"],
+        "tile_m": cfg.tile_m, "tile_n": cfg.tile_n, "tile_k": cfg.tile_k,
+        "stages": cfg.stages,
+        "align_k": ALIGN_K, "align_n": ALIGN_N,
+    }
+
+
+def render_channel(cfg: KernelConfig) -> dict:
+    if cfg.group != 0:
+        raise ValueError(f"sm90_prefill_channel is per-channel (group 0); got group={cfg.group}")
+    return {**_common_values(cfg), "max_k": MAX_CHANNEL_K, "smem_bytes": channel_smem_bytes(cfg)}
+
+
+def render_group(cfg: KernelConfig) -> dict:
+    if cfg.group != GROUP:
+        raise ValueError(f"sm90_prefill_group serves group={GROUP} only; got group={cfg.group}")
+    return {**_common_values(cfg), "group": GROUP, "smem_bytes": group_smem_bytes(cfg)}
+
+
+SM90_PREFILL_CHANNEL = register(Family(
+    name="sm90_prefill_channel",
+    archs=ARCHS,
+    path="int8",
+    granularity="channel",
+    template="sm90_prefill_channel.cu.jinja",
+    act_format="s8",
+    weight_layout="canonical",
+    align_k=ALIGN_K,
+    align_n=ALIGN_N,
+    tiles=CHANNEL_TILES,
+    stages=CHANNEL_STAGES,
+    split_k=(1,),
+    smem_bytes=channel_smem_bytes,
+    render=render_channel,
+))
+
+SM90_PREFILL_GROUP = register(_SingleGroupFamily(
+    name="sm90_prefill_group",
+    archs=ARCHS,
+    path="fp8",
+    granularity="group",
+    template="sm90_prefill_group.cu.jinja",
+    act_format="e4m3",
+    weight_layout="sm90_group",
+    align_k=ALIGN_K,
+    align_n=ALIGN_N,
+    tiles=GROUP_TILES,
+    stages=GROUP_STAGES,
+    split_k=(1,),
+    smem_bytes=group_smem_bytes,
+    render=render_group,
+))

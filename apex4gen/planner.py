@@ -1,0 +1,259 @@
+"""The planner: per layer a granularity and compute path, per (GEMM, M bucket) a kernel configuration.
+
+Decisions, in order:
+
+1. Each activation tensor of the decoder layer (see :mod:`apex4gen.graph`) gets one granularity and one path,
+   shared by every GEMM that reads it. Candidates: the granularities the accuracy budget allows for the layer
+   kind (:mod:`apex4gen.budget`) times the GPU's compute paths (native INT4, else INT8/FP8).
+2. Each candidate is scored by the cost model at every workload point, with the kernel each M bucket would get:
+   ``cost = sum_points weight * (W4A4 time of these layers) / (FP16 time of all linear layers)``, i.e. its
+   share of the model's end-to-end time, so the choice per activation is exact for the end-to-end objective.
+3. Per granularity the path with the most M buckets served by a registered kernel wins, then the cheaper one.
+   Granularities a registered family can build beat ones it cannot (a plan must build where kernels exist).
+4. Coarsening costs accuracy, so going coarser is worth it only when it cuts the cost by ``min_gain``: walking
+   from the reference granularity to coarser ones, a step is kept only if it is that much cheaper than the last
+   kept one; the cheapest kept one wins. With a sensitivity file, the combination over layer kinds with the
+   lowest cost whose summed accuracy increase fits ``max_total_increase`` wins.
+5. Every (N, K, group, path) problem gets, per M bucket (:data:`apex4gen.plan.BUCKET_BOUNDS`), the fastest
+   legal configuration from :func:`apex4gen.kernels.legality.legal_configs`, or ``kernel: null`` with a
+   rationale when no registered family has one. The planner never fails for lack of kernels.
+
+Predictions cover the decoder's linear layers only (attention, norms and the LM head are not W4A4 GEMMs here).
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import __version__
+from .budget import Budget, load_budget
+from .costmodel import (DEFAULT_CONSTANTS, CostConstants, Estimate, fp16_time, granularity_of, group_field,
+                        w4a4_time)
+from .errors import SpecError
+from .graph import ActivationGroup, Linear, activation_groups, layer_graph
+from .kernels import FAMILIES
+from .kernels.config import KernelConfig
+from .kernels.legality import legal_configs, violations
+from .plan import (BUCKET_BOUNDS, PLAN_VERSION, UNBOUNDED_REPRESENTATIVE_M, Bucket, GemmPlan, LayerPlan, Plan,
+                   PointPrediction, Totals)
+from .specs import GpuSpec, ModelSpec, WorkloadSpec, load_gpu, load_model, load_workload
+
+DEFAULT_WORKLOAD = "default"
+_UNBOUNDED_M = 2**31 - 1   # the dispatcher's M is an int32: no family with a max_m serves the last bucket
+
+
+def _us(x: float) -> float:
+    return round(x, 3)
+
+
+def _ratio(x: float) -> float:
+    return round(x, 4)
+
+
+@dataclass(frozen=True)
+class _Problem:
+    n: int
+    k: int
+    group: int
+    path: str
+
+
+@dataclass(frozen=True)
+class _Option:
+    """One (granularity, path) for one activation group, fully predicted."""
+
+    granularity: str
+    path: str
+    cost: float                          # share of the model's FP16 linear-layer time, workload-weighted
+    coverage: int                        # M buckets served by a kernel, over the group's layers
+    increase: float                      # accuracy cost from the sensitivity file (0 without one)
+    predictions: tuple[tuple[PointPrediction, ...], ...]   # per linear of the group
+
+
+class _Planner:
+    """One planning run; caches bucket choices, which families cannot change during a run."""
+
+    def __init__(self, gpu: GpuSpec, model: ModelSpec, workload: WorkloadSpec, budget: Budget,
+                 constants: CostConstants, fused: bool):
+        self.gpu, self.model, self.workload, self.budget, self.c = gpu, model, workload, budget, constants
+        self.fused = fused
+        self.groups = activation_groups(layer_graph(model, fused))
+        self.weights = workload.normalised_weights()
+        self._buckets: dict[_Problem, tuple[Bucket, ...]] = {}
+        self.fp16_totals = tuple(
+            sum(model.num_layers * fp16_time(gpu, p.m, lin.n, lin.k, constants).us
+                for grp in self.groups for lin in grp.linears)
+            for p in workload.points)
+
+    # ------------------------------------------------------------------------------------ kernels per bucket
+
+    def buckets(self, prob: _Problem) -> tuple[Bucket, ...]:
+        if prob not in self._buckets:
+            self._buckets[prob] = tuple(self._bucket(prob, m_max) for m_max in BUCKET_BOUNDS)
+        return self._buckets[prob]
+
+    def _estimate(self, prob: _Problem, m: int, cfg: KernelConfig | None) -> Estimate:
+        return w4a4_time(self.gpu, m, prob.n, prob.k, granularity_of(prob.group), prob.path, cfg, self.c)
+
+    def _bucket(self, prob: _Problem, m_max: int | None) -> Bucket:
+        m = m_max or UNBOUNDED_REPRESENTATIVE_M
+        legal = legal_configs(self.gpu, prob.path, prob.group, prob.n, prob.k, self.model.out_dtype,
+                              m=m_max or _UNBOUNDED_M)
+        if not legal:
+            return Bucket(m_max, None, _us(self._estimate(prob, m, None).us), self._no_kernel_reason(prob, m_max))
+        timed = sorted((self._estimate(prob, m, cfg).us, cfg) for cfg in legal)
+        us, best = timed[0]
+        return Bucket(m_max, best, _us(us),
+                      f"fastest of {len(legal)} legal configs at M={m}: {best.family} {best.tile_m}x{best.tile_n}"
+                      f"x{best.tile_k} s{best.stages} split-k {best.split_k}, {self._estimate(prob, m, best).bound}"
+                      f"-bound")
+
+    def _no_kernel_reason(self, prob: _Problem, m_max: int | None) -> str:
+        kind = "per-channel" if prob.group == 0 else "group-wise"
+        fams = [f for f in sorted(FAMILIES.values(), key=lambda f: f.name)
+                if f.path == prob.path and self.gpu.kernel_arch in f.archs
+                and (f.granularity == "channel") == (prob.group == 0)]
+        if not fams:
+            return f"kernel: null: no {kind} {prob.path} kernel family is registered for {self.gpu.kernel_arch}"
+        if all(f.max_m is not None and (m_max is None or m_max > f.max_m) for f in fams):
+            return f"kernel: null: {', '.join(f.name for f in fams)} serve only smaller M"
+        names = ", ".join(f.name for f in fams)
+        configs = [c for f in fams for c in f.configs(self.gpu.kernel_arch, prob.group, self.model.out_dtype)]
+        if not configs:
+            return f"kernel: null: {names} offer no configuration for group {prob.group}"
+        reasons = violations(configs[0], self.gpu, prob.n, prob.k)
+        return f"kernel: null: no legal {names} config for N={prob.n} K={prob.k} ({'; '.join(reasons[:2])})"
+
+    # ------------------------------------------------------------------------------------ options per group
+
+    def predictions(self, lin: Linear, prob: _Problem) -> tuple[PointPrediction, ...]:
+        buckets = self.buckets(prob)
+        out = []
+        for point, weight in zip(self.workload.points, self.weights):
+            bucket = next(b for b in buckets if b.covers(point.m))
+            fp16 = fp16_time(self.gpu, point.m, lin.n, lin.k, self.c).us
+            w4a4 = self._estimate(prob, point.m, bucket.kernel).us
+            out.append(PointPrediction(point.phase, point.m, weight, fp16, w4a4, fp16 / w4a4))
+        return tuple(out)
+
+    def option(self, grp: ActivationGroup, granularity: str, path: str) -> _Option:
+        preds, coverage, cost = [], 0, 0.0
+        for lin in grp.linears:
+            prob = _Problem(lin.n, lin.k, group_field(granularity), path)
+            p = self.predictions(lin, prob)
+            preds.append(p)
+            coverage += sum(b.kernel is not None for b in self.buckets(prob))
+            cost += sum(x.weight * self.model.num_layers * x.w4a4_us / total
+                        for x, total in zip(p, self.fp16_totals))
+        increase = self.budget.increase(grp.kind_name, granularity, grp.linears[0].k)
+        return _Option(granularity, path, cost, coverage, increase, tuple(preds))
+
+    def candidates(self, grp: ActivationGroup) -> list[_Option]:
+        """Per allowed granularity its best path; only granularities with the best kernel coverage."""
+        per_granularity = []
+        for g in self.budget.allowed(grp.kind_name, grp.linears[0].k):
+            options = [self.option(grp, g, path) for path in self.gpu.compute_paths]
+            per_granularity.append(min(options, key=lambda o: (-o.coverage, o.cost, o.path)))
+        best_coverage = max(o.coverage for o in per_granularity)
+        return [o for o in per_granularity if o.coverage == best_coverage]
+
+    def worthwhile(self, options: list[_Option]) -> list[_Option]:
+        """Fine to coarse, keep a coarser step only if it beats the last kept one by ``min_gain``."""
+        kept = [options[0]]
+        for o in options[1:]:
+            if o.cost * (1 + self.budget.min_gain) < kept[-1].cost:
+                kept.append(o)
+        return kept
+
+    # ------------------------------------------------------------------------------------ choice
+
+    def choose(self) -> tuple[tuple[_Option, list[_Option]], ...]:
+        chains = [self.worthwhile(self.candidates(grp)) for grp in self.groups]
+        if self.budget.sensitivity is None:
+            return tuple((chain[-1], chain) for chain in chains)
+        combo = _best_combination(chains, self.budget.max_total_increase)
+        return tuple(zip(combo, chains))
+
+    def layer_plans(self, choices) -> tuple[LayerPlan, ...]:
+        out = []
+        for grp, (chosen, chain) in zip(self.groups, choices):
+            why = self.rationale(grp, chosen, chain)
+            for lin, preds in zip(grp.linears, chosen.predictions):
+                out.append(LayerPlan(lin.name, lin.activation, lin.n, lin.k, self.model.num_layers,
+                                     chosen.granularity, group_field(chosen.granularity), chosen.path,
+                                     tuple(_rounded(p) for p in preds), why))
+        return tuple(out)
+
+    def rationale(self, grp: ActivationGroup, chosen: _Option, chain: list[_Option]) -> str:
+        lin = grp.linears[0]
+        m = max(p.m for p in self.workload.points)
+        first = chain[0]
+        est = w4a4_time(self.gpu, m, lin.n, lin.k, first.granularity, first.path, None, self.c)
+        rho = self.gpu.rho_of(chosen.path)
+        dq = f"at M={m} {first.granularity} dequant is {est.dequant_us / est.tensor_us:.2f}x tensor time (rho {rho:.0f})"
+        if chosen is first:
+            allowed = self.budget.allowed(grp.kind_name, lin.k)
+            tail = "no coarser granularity allowed" if len(allowed) == 1 else \
+                f"coarser groups gain < {self.budget.min_gain:.0%}"
+            why = f"{chosen.granularity}: {tail}; {dq}"
+        else:
+            why = (f"{chosen.granularity}: {first.cost / chosen.cost:.2f}x less time than {first.granularity};"
+                   f" {dq}; coarsest allowed {dict(self.budget.coarsest)[grp.kind_name]}")
+        if self.budget.sensitivity is not None:
+            why += f"; accuracy increase {chosen.increase:g} ({self.budget.sensitivity.metric})"
+        if chosen.path != "int4":
+            why += f"; {chosen.path} tensor cores: {self.gpu.name} has no native INT4"
+        return why
+
+    def gemm_plans(self, layers: tuple[LayerPlan, ...]) -> tuple[GemmPlan, ...]:
+        users: dict[_Problem, list[str]] = {}
+        for lp in layers:
+            users.setdefault(_Problem(lp.n, lp.k, lp.group, lp.path), []).append(lp.name)
+        return tuple(GemmPlan(p.n, p.k, p.group, p.path, self.model.out_dtype, tuple(names), self.buckets(p))
+                     for p, names in sorted(users.items(), key=lambda item: (item[0].n, item[0].k, item[0].group,
+                                                                               item[0].path)))
+
+    def totals(self, choices) -> Totals:
+        per_point = []
+        for i, (point, weight) in enumerate(zip(self.workload.points, self.weights)):
+            w4a4 = sum(self.model.num_layers * preds[i].w4a4_us
+                       for chosen, _ in choices for preds in chosen.predictions)
+            fp16 = self.fp16_totals[i]
+            per_point.append(PointPrediction(point.phase, point.m, weight, fp16, w4a4, fp16 / w4a4))
+        end_to_end = 1.0 / sum(p.weight * p.w4a4_us / p.fp16_us for p in per_point)
+        return Totals(tuple(_rounded(p) for p in per_point), _ratio(end_to_end))
+
+
+def _rounded(p: PointPrediction) -> PointPrediction:
+    return PointPrediction(p.phase, p.m, _ratio(p.weight), _us(p.fp16_us), _us(p.w4a4_us), _ratio(p.speedup))
+
+
+def _best_combination(chains: list[list[_Option]], limit: float) -> tuple[_Option, ...]:
+    """Cheapest combination within the accuracy limit; if none fits, the least inaccurate one."""
+    combos = list(itertools.product(*chains))
+    fitting = [c for c in combos if sum(o.increase for o in c) <= limit + 1e-12]
+    if fitting:
+        return min(fitting, key=lambda c: (sum(o.cost for o in c), sum(o.increase for o in c)))
+    return min(combos, key=lambda c: (sum(o.increase for o in c), sum(o.cost for o in c)))
+
+
+def _check_sensitivity_model(budget: Budget, model: ModelSpec) -> None:
+    if budget.sensitivity is not None and budget.sensitivity.model != model.name:
+        raise SpecError(f"the sensitivity file is for model {budget.sensitivity.model!r}, not {model.name!r}")
+
+
+def make_plan(gpu: str | Path | GpuSpec, model: str | Path | ModelSpec,
+              workload: str | Path | WorkloadSpec | None = None, budget: str | Path | Budget | None = None,
+              *, fused: bool = True, constants: CostConstants = DEFAULT_CONSTANTS) -> Plan:
+    """Plan a model on a GPU. Each argument is a shipped name, a path to a YAML file, or a spec object."""
+    gpu_spec, model_spec = load_gpu(gpu), load_model(model)
+    work = load_workload(workload if workload is not None else DEFAULT_WORKLOAD)
+    budget_spec = load_budget(budget)
+    _check_sensitivity_model(budget_spec, model_spec)
+    planner = _Planner(gpu_spec, model_spec, work, budget_spec, constants, fused)
+    choices = planner.choose()
+    layers = planner.layer_plans(choices)
+    return Plan(PLAN_VERSION, __version__, gpu_spec.name, gpu_spec.sha256(), model_spec.name, model_spec.sha256(),
+                fused, model_spec.out_dtype, work, budget_spec, constants, planner.totals(choices), layers,
+                planner.gemm_plans(layers))

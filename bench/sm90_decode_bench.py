@@ -1,0 +1,194 @@
+"""Check and time the sm90_decode kernels on llama2-70b's GEMMs against cuBLAS FP16 (torch.matmul).
+
+End to end: our time includes the activation quantization (the kernel takes raw x). CUDA events around each
+call, calls queued behind a sleep so launch latency stays out, median of many; weights rotated over enough
+copies (>= 4, >= 200 MB) that L2 (50 MB) never holds them. Bandwidth fraction = bytes moved (weights, scales,
+x, y) / the device-to-device copy bandwidth measured in the same run.
+
+    python bench/sm90_decode_bench.py --build-dir .devcarry_sm90d            # here: render + nvcc only
+    python bench/sm90_decode_bench.py --lib-dir .devcarry_sm90d --check --bench --out results.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from apex4gen import reference as ref  # noqa: E402
+import sm90_decode_native as native  # noqa: E402
+
+LLAMA2_70B = {"qkv": (10240, 8192), "o": (8192, 8192), "gate_up": (57344, 8192), "down": (8192, 28672)}
+CHECK_MS = (1, 3, 16, 17, 64)
+BENCH_MS = (1, 4, 16, 32, 64)
+GROUPS = (128, 0)  # 0: per-channel
+L2_CLEAR_BYTES = 200 << 20
+
+
+def build(out_dir: Path) -> None:
+    libs = {}
+    for group in GROUPS:
+        for dtype in ("f16", "bf16"):
+            cfg = native.decode_config(group, dtype)
+            lib, report = native.build_library(cfg, out_dir)
+            (out_dir / f"{lib.stem}.ptxas.txt").write_text(report)
+            libs[lib.name] = cfg
+            print(f"built {lib.name}")
+    native.write_manifest(out_dir, libs)
+
+
+def load(lib_dir: Path) -> dict[tuple[int, str], native.DecodeKernel]:
+    return {(cfg.group, cfg.out_dtype): native.DecodeKernel(lib_dir / f, cfg)
+            for f, cfg in native.read_manifest(lib_dir).items()}
+
+
+# ------------------------------------------------------------------------------------------------- check
+def random_weight(n: int, k: int, group: int, dtype: torch.dtype) -> ref.QuantizedTensor:
+    return ref.quantize_weight(torch.randn(n, k, device="cuda", dtype=dtype), group or None)
+
+
+def check(kernels, out: dict) -> bool:
+    cases = []
+    for name, (n, k) in LLAMA2_70B.items():
+        for group in GROUPS:
+            w = random_weight(n, k, group, torch.float16)
+            qw, sw = native.pack_weight(w)
+            bias = torch.randn(n, device="cuda", dtype=torch.float16)
+            for m in CHECK_MS:
+                x = torch.randn(m, k, device="cuda", dtype=torch.float16) * 3
+                r = native.check_against_reference(kernels[(group, "f16")], x, w, qw, sw, bias if m % 2 else None)
+                cases.append({"gemm": name, "group": group, "m": m, "dtype": "f16", **r})
+            del w, qw, sw
+    for group in GROUPS:  # bf16 and the all -8 worst case on o_proj
+        n, k = LLAMA2_70B["o"]
+        w = random_weight(n, k, group, torch.bfloat16)
+        qw, sw = native.pack_weight(w)
+        for m in (5, 16, 64):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            r = native.check_against_reference(kernels[(group, "bf16")], x, w, qw, sw, None)
+            cases.append({"gemm": "o", "group": group, "m": m, "dtype": "bf16", **r})
+        g = group or k
+        worst = ref.QuantizedTensor(torch.full((n, k), -8, dtype=torch.int8, device="cuda"),
+                                    torch.full((n, k // g), 2.0 ** -8, dtype=torch.float16, device="cuda"), g)
+        qw, sw = native.pack_weight(worst)
+        x = -torch.ones(16, k, device="cuda", dtype=torch.float16)
+        r = native.check_against_reference(kernels[(group, "f16")], x, worst, qw, sw, None)
+        cases.append({"gemm": "o_all_-8", "group": group, "m": 16, "dtype": "f16", **r})
+    torch.cuda.empty_cache()
+    out["check"] = cases
+    bad = [c for c in cases if not c["ok"]]
+    print(f"check: {len(cases) - len(bad)}/{len(cases)} passed; worst err/tol "
+          f"{max(c.get('worst_err_over_tol', float('inf')) for c in cases):.3g}")
+    for c in bad:
+        print("  FAIL", c)
+    return not bad
+
+
+# ------------------------------------------------------------------------------------------------- bench
+def time_calls(fn, calls: int = 200) -> float:
+    """Median µs of `calls` calls, each between two events, all queued behind a GPU sleep."""
+    for i in range(10):
+        fn(i)
+    torch.cuda.synchronize()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(calls)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(calls)]
+    torch.cuda._sleep(20_000_000)  # ~10 ms: the CPU queues every call before the GPU reaches the first
+    for i in range(calls):
+        starts[i].record()
+        fn(i)
+        ends[i].record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends))
+
+
+def copy_bandwidth() -> float:
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    t = time_calls(lambda i: dst.copy_(src), calls=20)
+    return 2 * src.numel() / (t * 1e-6)
+
+
+def copies_for(nbytes: int) -> int:
+    return max(4, math.ceil(L2_CLEAR_BYTES / nbytes))
+
+
+def bench(kernels, out: dict) -> None:
+    bw = copy_bandwidth()
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s")
+    out["copy_bandwidth"] = bw
+    rows = []
+    for name, (n, k) in LLAMA2_70B.items():
+        wf = [torch.randn(n, k, device="cuda", dtype=torch.float16) for _ in range(copies_for(2 * n * k))]
+        for m in BENCH_MS:
+            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+            t_fp16 = time_calls(lambda i: torch.matmul(x, wf[i % len(wf)].t()))
+            row = {"gemm": name, "n": n, "k": k, "m": m, "cublas_fp16_us": t_fp16}
+            for group in GROUPS:
+                nbytes_w = n * k // 2 + n * (k // (group or k)) * 2
+                qws = [torch.randint(0, 256, (n, k // 2), device="cuda", dtype=torch.uint8)
+                       for _ in range(copies_for(nbytes_w))]
+                sws = [torch.rand(n, k // (group or k), device="cuda", dtype=torch.float16) * 0.01 for _ in qws]
+                y = torch.empty(m, n, device="cuda", dtype=torch.float16)
+                kern = kernels[(group, "f16")]
+                status = kern(x, qws[0], sws[0], None, y)
+                assert status == 0, f"status {status} for {name} m={m} group={group}"
+                t = time_calls(lambda i: kern(x, qws[i % len(qws)], sws[i % len(qws)], None, y))
+                moved = nbytes_w + 2 * m * k + 2 * m * n
+                tag = f"g{group}" if group else "channel"
+                row[f"{tag}_us"] = t
+                row[f"{tag}_speedup"] = t_fp16 / t
+                row[f"{tag}_bw_frac"] = moved / (t * 1e-6) / bw
+                del qws, sws
+            rows.append(row)
+            print(f"{name:8s} M={m:3d} fp16 {t_fp16:7.1f} us | g128 {row['g128_us']:6.1f} us "
+                  f"{row['g128_speedup']:4.2f}x {100 * row['g128_bw_frac']:4.0f}% | channel {row['channel_us']:6.1f} us "
+                  f"{row['channel_speedup']:4.2f}x {100 * row['channel_bw_frac']:4.0f}%", flush=True)
+        del wf
+        torch.cuda.empty_cache()
+    out["bench"] = rows
+    print("\ngeomean speedup over cuBLAS FP16 (4 GEMMs) / mean bandwidth fraction:")
+    for m in BENCH_MS:
+        sel = [r for r in rows if r["m"] == m]
+        parts = []
+        for tag in ("g128", "channel"):
+            gm = math.exp(sum(math.log(r[f"{tag}_speedup"]) for r in sel) / len(sel))
+            frac = sum(r[f"{tag}_bw_frac"] for r in sel) / len(sel)
+            parts.append(f"{tag} {gm:4.2f}x {100 * frac:3.0f}%")
+        print(f"  M={m:3d}: " + " | ".join(parts))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--build-dir", type=Path, help="render and compile the libraries here (needs nvcc, CUTLASS)")
+    ap.add_argument("--lib-dir", type=Path, help="load prebuilt libraries (manifest.json) from here")
+    ap.add_argument("--check", action="store_true")
+    ap.add_argument("--bench", action="store_true")
+    ap.add_argument("--out", type=Path)
+    a = ap.parse_args()
+    if a.build_dir:
+        build(a.build_dir)
+    if not (a.check or a.bench):
+        return 0
+    kernels = load(a.lib_dir or a.build_dir)
+    out: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    ok = True
+    try:
+        if a.check:
+            ok = check(kernels, out)
+        if a.bench:
+            bench(kernels, out)
+    finally:
+        if a.out:
+            a.out.write_text(json.dumps(out, indent=1))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

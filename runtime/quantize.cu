@@ -1,0 +1,186 @@
+// Activation quantization: x [M, K] (f16/bf16, row stride ldx) -> qx (packed s4 / s8 / e4m3) and sx [M, K/group]
+// fp32, with the numerics of apex4gen/reference.py quantize_activation: fp32 absmax, s = absmax / 7 (IEEE
+// division), q = clamp(rint(x / s), -8, 7), s == 0 -> q = 0. Must be compiled without fast-math; the
+// divisions are spelled __fdiv_rn so that a stray -use_fast_math cannot change them.
+//
+// One run of T lanes per (token, group) chunk, T a power of two up to 32 that divides the chunk's vectors, so
+// small groups (g64: 8 lanes) still keep the whole warp busy. Pass 1 reduces absmax with shuffles; pass 2
+// re-reads the chunk (an L1/L2 hit) and quantizes: a chunk can be all of K, too large for registers.
+#include "apex4gen.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+
+namespace {
+
+constexpr int kWarpsPerBlock = 4;
+constexpr float kQuantMax = 7.0f;
+
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+// kVec consecutive values of one row, loaded in one access (16 bytes for kVec = 8, 4 bytes for kVec = 2).
+template <typename T, int kVec>
+struct alignas(kVec * sizeof(T)) Vector {
+  T v[kVec];
+};
+
+template <int kVec>
+struct QuantizedVector {
+  int q[kVec];
+};
+
+__device__ __forceinline__ int quantize_value(float x, float scale) {
+  if (scale == 0.f) return 0;
+  const int q = __float2int_rn(__fdiv_rn(x, scale));
+  return min(max(q, -8), 7);
+}
+
+template <int kVec>
+__device__ __forceinline__ void store_s4(uint8_t* row, int k, const QuantizedVector<kVec>& q) {
+  uint32_t packed = 0;
+#pragma unroll
+  for (int i = 0; i < kVec; ++i) packed |= static_cast<uint32_t>(q.q[i] & 0xF) << (4 * i);
+  if constexpr (kVec == 8) {
+    *reinterpret_cast<uint32_t*>(row + k / 2) = packed;
+  } else {
+    row[k / 2] = static_cast<uint8_t>(packed);
+  }
+}
+
+template <typename Byte, int kVec>
+__device__ __forceinline__ void store_bytes(Byte* row, int k, const Byte (&bytes)[kVec]) {
+  struct alignas(kVec) Bytes { Byte b[kVec]; } out;
+#pragma unroll
+  for (int i = 0; i < kVec; ++i) out.b[i] = bytes[i];
+  *reinterpret_cast<Bytes*>(row + k) = out;
+}
+
+template <apex4gen_act_format kFormat, int kVec>
+__device__ __forceinline__ void store_quantized(void* qx, int64_t row_index, int k_total, int k,
+                                                const QuantizedVector<kVec>& q) {
+  if constexpr (kFormat == APEX4GEN_ACT_S4) {
+    store_s4<kVec>(static_cast<uint8_t*>(qx) + row_index * (k_total / 2), k, q);
+  } else if constexpr (kFormat == APEX4GEN_ACT_S8) {
+    int8_t bytes[kVec];
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) bytes[i] = static_cast<int8_t>(q.q[i]);
+    store_bytes<int8_t, kVec>(static_cast<int8_t*>(qx) + row_index * k_total, k, bytes);
+  } else {
+    // -8..7 are exact in e4m3
+    __nv_fp8_storage_t bytes[kVec];
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) {
+      bytes[i] = __nv_cvt_float_to_fp8(static_cast<float>(q.q[i]), __NV_SATFINITE, __NV_E4M3);
+    }
+    store_bytes<__nv_fp8_storage_t, kVec>(static_cast<__nv_fp8_storage_t*>(qx) + row_index * k_total, k, bytes);
+  }
+}
+
+template <typename T, int kVec, apex4gen_act_format kFormat>
+__global__ void __launch_bounds__(kWarpsPerBlock * 32)
+quantize_kernel(const T* __restrict__ x, int ldx, int m, int k, int group, int lanes_per_chunk,
+                void* __restrict__ qx, float* __restrict__ sx) {
+  const int groups = k / group;
+  const int lane_in_chunk = threadIdx.x % lanes_per_chunk;
+  const int64_t chunk = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / lanes_per_chunk;
+  const bool valid = chunk < static_cast<int64_t>(m) * groups;
+  const int64_t row_index = valid ? chunk / groups : 0;
+  const int k0 = valid ? static_cast<int>(chunk % groups) * group : 0;
+  const T* row = x + row_index * ldx;
+  const int vectors = valid ? group / kVec : 0;
+  using Vec = Vector<T, kVec>;
+
+  float absmax = 0.f;
+  for (int v = lane_in_chunk; v < vectors; v += lanes_per_chunk) {
+    const Vec in = *reinterpret_cast<const Vec*>(row + k0 + v * kVec);
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) absmax = fmaxf(absmax, fabsf(to_float(in.v[i])));
+  }
+  // every lane takes part: shuffles need the whole warp, and xor offsets < lanes_per_chunk stay in the run
+  for (int offset = lanes_per_chunk / 2; offset > 0; offset /= 2) {
+    absmax = fmaxf(absmax, __shfl_xor_sync(0xFFFFFFFFu, absmax, offset));
+  }
+  if (!valid) return;
+  const float scale = __fdiv_rn(absmax, kQuantMax);
+  if (lane_in_chunk == 0) sx[row_index * groups + k0 / group] = scale;
+
+  for (int v = lane_in_chunk; v < vectors; v += lanes_per_chunk) {
+    const int kk = k0 + v * kVec;
+    const Vec in = *reinterpret_cast<const Vec*>(row + kk);
+    QuantizedVector<kVec> q;
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) q.q[i] = quantize_value(to_float(in.v[i]), scale);
+    store_quantized<kFormat, kVec>(qx, row_index, k, kk, q);
+  }
+}
+
+// The largest power of two up to 32 that divides the chunk's vector count: whole runs, no idle tail.
+int lanes_per_chunk(int vectors) {
+  int lanes = 32;
+  while (vectors % lanes) lanes /= 2;
+  return lanes;
+}
+
+template <typename T, int kVec, apex4gen_act_format kFormat>
+int launch(const void* x, int ldx, int m, int k, int group, void* qx, float* sx, cudaStream_t stream) {
+  const int lanes = lanes_per_chunk(group / kVec);
+  const int64_t threads = static_cast<int64_t>(m) * (k / group) * lanes;
+  const int block = kWarpsPerBlock * 32;
+  const int64_t blocks = (threads + block - 1) / block;
+  if (blocks > 0x7FFFFFFF) return APEX4GEN_BAD_SHAPE;
+  quantize_kernel<T, kVec, kFormat><<<static_cast<unsigned>(blocks), block, 0, stream>>>(
+      static_cast<const T*>(x), ldx, m, k, group, lanes, qx, sx);
+  return cudaGetLastError() == cudaSuccess ? APEX4GEN_OK : APEX4GEN_CUDA_ERROR;
+}
+
+template <typename T, apex4gen_act_format kFormat>
+int launch_vectorised(const void* x, int ldx, int m, int k, int group, void* qx, float* sx, cudaStream_t stream) {
+  // 16-byte loads when every chunk starts on a 16-byte boundary (and the s4 stores on 4-byte ones)
+  const bool wide = group % 8 == 0 && ldx % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0 &&
+                    reinterpret_cast<uintptr_t>(qx) % 8 == 0;
+  return wide ? launch<T, 8, kFormat>(x, ldx, m, k, group, qx, sx, stream)
+              : launch<T, 2, kFormat>(x, ldx, m, k, group, qx, sx, stream);
+}
+
+template <typename T>
+int launch_format(apex4gen_act_format format, const void* x, int ldx, int m, int k, int group, void* qx,
+                  float* sx, cudaStream_t stream) {
+  switch (format) {
+    case APEX4GEN_ACT_S4: return launch_vectorised<T, APEX4GEN_ACT_S4>(x, ldx, m, k, group, qx, sx, stream);
+    case APEX4GEN_ACT_S8: return launch_vectorised<T, APEX4GEN_ACT_S8>(x, ldx, m, k, group, qx, sx, stream);
+    case APEX4GEN_ACT_E4M3: return launch_vectorised<T, APEX4GEN_ACT_E4M3>(x, ldx, m, k, group, qx, sx, stream);
+    default: return APEX4GEN_BAD_ARGUMENT;  // RAW is quantized inside the GEMM, not here
+  }
+}
+
+bool aligned(const void* ptr, size_t bytes) { return reinterpret_cast<uintptr_t>(ptr) % bytes == 0; }
+
+}  // namespace
+
+extern "C" APEX4GEN_EXPORT int apex4gen_quantize_act(const void* x, int ldx, apex4gen_dtype x_dtype, int m, int k,
+                                                     int group, apex4gen_act_format format, void* qx, float* sx,
+                                                     cudaStream_t stream) {
+  if (!x || !qx || !sx) return APEX4GEN_BAD_ARGUMENT;
+  if (x_dtype != APEX4GEN_F16 && x_dtype != APEX4GEN_BF16) return APEX4GEN_BAD_ARGUMENT;
+  // pairs of values: one s4 byte, one 4-byte load on the narrow path
+  if (m < 0 || k <= 0 || group <= 0 || group % 2 || k % group || ldx < k || ldx % 2) return APEX4GEN_BAD_SHAPE;
+  if (!aligned(x, 4) || !aligned(sx, 4) || !aligned(qx, 2)) return APEX4GEN_BAD_ARGUMENT;
+  if (m == 0) return APEX4GEN_OK;
+  return x_dtype == APEX4GEN_F16
+             ? launch_format<__half>(format, x, ldx, m, k, group, qx, sx, stream)
+             : launch_format<__nv_bfloat16>(format, x, ldx, m, k, group, qx, sx, stream);
+}
+
+extern "C" APEX4GEN_EXPORT const char* apex4gen_status_string(int status) {
+  switch (status) {
+    case APEX4GEN_OK: return "ok";
+    case APEX4GEN_BAD_SHAPE: return "bad shape: M/N/K/group not supported by this kernel (alignment or divisibility)";
+    case APEX4GEN_BAD_ARGUMENT: return "bad argument: null or misaligned pointer, unknown format or dtype";
+    case APEX4GEN_CUDA_ERROR: return "CUDA error: a launch failed (cudaGetLastError() has the detail)";
+    case APEX4GEN_NO_KERNEL: return "no kernel in this build serves the problem";
+    case APEX4GEN_WORKSPACE: return "workspace too small (see the kernel's workspace size)";
+    default: return "unknown apex4gen status";
+  }
+}

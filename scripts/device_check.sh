@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# On a GPU machine: the GPU tests on prebuilt builds, then `apex4gen bench` on the Hopper builds.
+# Builds are made beforehand (`apex4gen build ...`, also on a machine without a GPU) and passed as arguments:
+#   scripts/device_check.sh TEST_BUILD[:TEST_BUILD...] [BENCH_BUILD...]
+# Logs go to $OUT (or ./device-logs).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-device-logs}
+mkdir -p "$out"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.draw --format=csv | tee "$out/gpu.txt"
+test_builds=$1
+shift
+APEX4GEN_TEST_BUILDS=$test_builds python3 -m pytest -q -ra -m gpu tests 2>&1 | tee "$out/gpu-tests.log" | tail -25
+for b in "$@"; do
+  python3 -m apex4gen bench "$b" --json "$out/bench-$(basename "$b").json" 2>&1 | tee "$out/bench-$(basename "$b").log"
+done

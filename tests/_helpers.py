@@ -1,0 +1,55 @@
+"""Shared test helpers: spec files to break, and kernel families registered only for a test."""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import yaml
+
+from apex4gen.kernels.families import FAMILIES, Family, TileShape
+from apex4gen.paths import specs_dir
+
+
+def shipped(kind: str, name: str) -> dict:
+    return yaml.safe_load((specs_dir() / kind / f"{name}.yaml").read_text())
+
+
+def write_yaml(path: Path, data) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+@contextlib.contextmanager
+def families(*registered: Family):
+    """Replace the registry for the duration of a test (``families()`` = nothing registered)."""
+    saved = dict(FAMILIES)
+    FAMILIES.clear()
+    FAMILIES.update({f.name: f for f in registered})
+    try:
+        yield
+    finally:
+        FAMILIES.clear()
+        FAMILIES.update(saved)
+
+
+def _smem(cfg) -> int:
+    # int4 A and B tiles per stage plus fp32 scales: enough to make some tiles illegal on 99 KB GPUs.
+    return cfg.stages * ((cfg.tile_m + cfg.tile_n) * cfg.tile_k // 2 + (cfg.tile_m + cfg.tile_n) * 4)
+
+
+def make_family(name: str, archs: tuple[str, ...], path: str, granularity: str, max_m: int | None = None,
+                split_k: tuple[int, ...] = (1,), act_format: str = "s4") -> Family:
+    return Family(name=name, archs=archs, path=path, granularity=granularity, template="none.jinja",
+                  act_format=act_format, weight_layout="canonical", align_k=128, align_n=8,
+                  tiles=(TileShape(16, 64, 128, 1, 2), TileShape(128, 128, 128, 2, 2), TileShape(256, 256, 128, 4, 2)),
+                  stages=(2, 4, 6), split_k=split_k, smem_bytes=_smem, render=lambda cfg: {}, max_m=max_m)
+
+
+AMPERE = ("sm_80", "sm_86", "sm_89")
+TEST_FAMILIES = (
+    make_family("t_group", AMPERE, "int4", "group"),
+    make_family("t_channel", AMPERE, "int4", "channel", split_k=(1, 2)),
+    make_family("t_fp8", ("sm_90a",), "fp8", "group", act_format="e4m3"),
+    make_family("t_fp8_decode", ("sm_90a",), "fp8", "group", max_m=64, split_k=(1, 4), act_format="e4m3"),
+    make_family("t_fp8_channel", ("sm_90a",), "fp8", "channel", act_format="e4m3"),
+)

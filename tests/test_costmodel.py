@@ -1,0 +1,93 @@
+"""The cost model: APEX4's direction (ρ decides whether g128 pays), path-dependent dequant, one set of constants."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from apex4gen.costmodel import (DEFAULT_CONSTANTS, CostConstants, fp16_time, speedup, w4a4_bytes, w4a4_time)
+from apex4gen.errors import SpecError
+from apex4gen.kernels.config import KernelConfig
+from apex4gen.specs import load_gpu
+
+BIG = (8192, 8192, 8192)   # compute-bound M, N, K
+
+
+def test_compute_bound_g128_speedup_follows_rho():
+    assert speedup(load_gpu("rtx3090"), *BIG, "g128", "int4") >= 2.0
+    assert speedup(load_gpu("a100-80gb"), *BIG, "g128", "int4") < 1.0
+    assert speedup(load_gpu("a100-80gb"), *BIG, "channel", "int4") > 1.0
+
+
+def test_dequant_time_scales_with_rho_over_group():
+    a100 = load_gpu("a100-80gb")
+    g128, g512 = (w4a4_time(a100, *BIG, g, "int4") for g in ("g128", "g512"))
+    assert g128.bound == "dequant"
+    assert g128.dequant_us == pytest.approx(4 * g512.dequant_us)
+    a40 = w4a4_time(load_gpu("a40"), *BIG, "g128", "int4")
+    assert a40.bound == "tensor"
+    assert w4a4_time(a100, *BIG, "channel", "int4").dequant_us < g512.dequant_us / 4
+
+
+def test_fp8_partials_skip_the_convert():
+    h100 = load_gpu("h100-sxm")
+    int8, fp8 = (w4a4_time(h100, *BIG, "g128", p) for p in ("int8", "fp8"))
+    assert fp8.dequant_us == pytest.approx(int8.dequant_us * 2 / 3)
+
+
+def test_decode_is_memory_bound_and_pays_for_4_bit_weights():
+    gpu = load_gpu("h100-sxm")
+    est = w4a4_time(gpu, 16, 8192, 8192, "g128", "fp8")
+    assert est.bound == "memory"
+    assert 3.0 < fp16_time(gpu, 16, 8192, 8192).us / est.us < 4.2
+
+
+def test_memory_traffic_counts_scales_activations_and_output():
+    base = w4a4_bytes(16, 8192, 8192, 128, "int4")
+    weights = 8192 * 8192 / 2 + 8192 * 64 * 2
+    acts = 16 * 8192 / 2 + 16 * 64 * 4
+    assert base == weights + acts + 16 * 8192 * 2
+    assert w4a4_bytes(16, 8192, 8192, 8192, "int4") < base           # per-channel: fewer scales
+    assert w4a4_bytes(16, 8192, 8192, 128, "fp8") > base              # activations a byte each
+
+
+def test_a_kernel_config_adds_tile_and_wave_effects():
+    gpu = load_gpu("a100-80gb")
+    cfg = KernelConfig("x", "sm_80", "int4", 128, 128, 128, 128, 2, 2, 3, 1, "f16")
+    ideal = w4a4_time(gpu, 100, 8192, 8192, "g128", "int4")
+    tiled = w4a4_time(gpu, 100, 8192, 8192, "g128", "int4", cfg)
+    assert tiled.tensor_us > ideal.tensor_us     # M=100 padded to 128
+    small = dataclasses.replace(cfg, tile_m=16, tile_n=64, warps_m=1)
+    big_m = [w4a4_time(gpu, 4096, 8192, 8192, "g128", "int4", c).tensor_us for c in (small, cfg)]
+    assert big_m[0] > big_m[1]                   # a 16x64 tile reuses operands less than 128x128
+
+
+@pytest.mark.parametrize("args, problem", [
+    ((0, 64, 64, "g128", "int4"), "must be > 0"),
+    ((16, 64, 576, "g128", "int4"), "does not divide"),
+    ((16, 64, 512, "g96", "int4"), "not one of"),
+    ((16, 64, 512, "g128", "fp8"), "no fp8 W4A4 path"),
+])
+def test_bad_problems_are_spec_errors(args, problem):
+    with pytest.raises(SpecError, match=problem):
+        w4a4_time(load_gpu("a40"), *args)
+
+
+def test_constants_live_in_one_replaceable_record():
+    data = DEFAULT_CONSTANTS.to_dict()
+    assert CostConstants.from_dict(data) == DEFAULT_CONSTANTS
+    faster = CostConstants.from_dict({**data, "dequant_slots_sm80": 2.0})
+    a100 = load_gpu("a100-80gb")
+    assert speedup(a100, *BIG, "g128", "int4", faster) > speedup(a100, *BIG, "g128", "int4")
+    with pytest.raises(SpecError, match="'launch_us': must be > 0"):
+        CostConstants.from_dict({**data, "launch_us": 0})
+    with pytest.raises(SpecError, match="unknown field"):
+        CostConstants.from_dict({**data, "launch": 1.0})
+    with pytest.raises(SpecError, match="'mma_m': missing"):
+        CostConstants.from_dict({k: v for k, v in data.items() if k != "mma_m"})
+
+
+def test_every_family_activation_format_has_a_traffic_model():
+    from apex4gen.costmodel import ACT_TRAFFIC
+    from apex4gen.kernels.families import ACT_FORMATS
+    assert set(ACT_FORMATS) <= set(ACT_TRAFFIC)
