@@ -89,11 +89,12 @@ class RotatedInputLinear(nn.Linear):
     """``nn.Linear`` whose input is first multiplied by the orthogonal ``input_transform`` (online rotation)."""
 
     def __init__(self, linear: nn.Linear, transform: torch.Tensor) -> None:
+        """``transform``: fp32 [in_features, in_features], orthogonal."""
         super().__init__(linear.in_features, linear.out_features, bias=linear.bias is not None,
                          device=linear.weight.device, dtype=linear.weight.dtype)
         self.weight = linear.weight
         self.bias = linear.bias
-        self.register_buffer("input_transform", transform.to(torch.float32))
+        self.register_buffer("input_transform", transform)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward((x.float() @ self.input_transform).to(x.dtype))
@@ -145,6 +146,7 @@ def rotate_model(model: nn.Module, seed: int = 0) -> None:
     head_dim = getattr(cfg, "head_dim", None) or d // cfg.num_attention_heads
     q = random_orthogonal(d, seed)
     t = random_orthogonal(ffn, seed + 1)
+    t32 = t.float()  # one tensor shared by every down_proj (the checkpoint stores it once)
     hq = random_orthogonal(head_dim, seed + 2)
 
     inner = model.model
@@ -159,7 +161,7 @@ def rotate_model(model: nn.Module, seed: int = 0) -> None:
         _write_rotated([att.o_proj, mlp.down_proj], q)
         _rotate_heads(att.v_proj, att.o_proj, head_dim, hq)
         _set(mlp.down_proj, mlp.down_proj.weight.detach().double() @ t)
-        mlp.down_proj = RotatedInputLinear(mlp.down_proj, t)
+        mlp.down_proj = RotatedInputLinear(mlp.down_proj, t32)
     _fold_norm(inner.norm, [model.lm_head])
     _read_rotated([model.lm_head], q)
 

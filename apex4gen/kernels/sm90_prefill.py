@@ -78,24 +78,25 @@ def _act_stage_bytes(cfg: KernelConfig) -> int:
     return cfg.tile_m * cfg.tile_k
 
 
-def _kernel_smem_bytes(cfg: KernelConfig, mainloop_tensor_bytes: int, epilogue_tensor_bytes: int) -> int:
-    """Both tensor storages padded to 1024 bytes (the mainloop's also holds empty scale arrays), then the
+def _kernel_smem_bytes(cfg: KernelConfig, mainloop_extra_bytes: int, epilogue_extra_bytes: int) -> int:
+    """CUTLASS pads the mixed-input operand stages (they sit next to empty scale arrays) to 1024 bytes, then
+    our per-stage scales; the epilogue's store staging plus its broadcast vectors likewise; then the
     pipelines' barriers; the whole struct is 1024-byte aligned."""
-    tensors = _round_up(mainloop_tensor_bytes + 1, _ALIGN) + _round_up(epilogue_tensor_bytes, _ALIGN)
-    return _round_up(tensors + cfg.stages * _PIPELINE_BYTES_PER_STAGE + _OTHER_PIPELINE_BYTES, _ALIGN)
+    operands = cfg.stages * (_weight_stage_bytes(cfg) + _act_stage_bytes(cfg))
+    mainloop = _round_up(_round_up(operands + 1, _ALIGN) + mainloop_extra_bytes, _ALIGN)
+    epilogue = _round_up(_EPILOGUE_D_BYTES + epilogue_extra_bytes + 1, _ALIGN)
+    return _round_up(mainloop + epilogue + cfg.stages * _PIPELINE_BYTES_PER_STAGE + _OTHER_PIPELINE_BYTES, _ALIGN)
 
 
 def channel_smem_bytes(cfg: KernelConfig) -> int:
-    """Operand stages; the epilogue keeps its store staging and one fp32 token scale per tile column."""
-    operands = cfg.stages * (_weight_stage_bytes(cfg) + _act_stage_bytes(cfg))
-    return _kernel_smem_bytes(cfg, operands, _EPILOGUE_D_BYTES + cfg.tile_m * 4)
+    """Operand stages; the epilogue also holds one fp32 token scale per tile column (row broadcast)."""
+    return _kernel_smem_bytes(cfg, 0, cfg.tile_m * 4)
 
 
 def group_smem_bytes(cfg: KernelConfig) -> int:
-    """Operand stages plus, per stage, one fp32 token scale per tile row and one 16-bit channel scale per
-    channel (copied by the auxiliary producer warp); the epilogue only adds the bias (no shared memory)."""
-    operands = cfg.stages * (_weight_stage_bytes(cfg) + _act_stage_bytes(cfg) + cfg.tile_m * 4 + cfg.tile_n * 2)
-    return _kernel_smem_bytes(cfg, operands, _EPILOGUE_D_BYTES)
+    """Operand stages plus, per stage, one fp32 token scale per token and one 16-bit channel scale per
+    channel (copied by the auxiliary producer warp); the epilogue's bias needs no shared memory."""
+    return _kernel_smem_bytes(cfg, cfg.stages * (cfg.tile_m * 4 + cfg.tile_n * 2), 0)
 
 
 def _common_values(cfg: KernelConfig) -> dict:
