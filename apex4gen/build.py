@@ -289,7 +289,7 @@ def check_build_dir(build_dir: Path, force: bool) -> None:
 def build(plan, gpu, build_dir: Path, emit_only: bool = False, jobs: int | None = None,
           progress: bool = True, force: bool = False) -> BuildResult:
     """Render, then (unless ``emit_only``) compile a plan's kernels into ``build_dir``."""
-    build_dir = Path(build_dir)
+    build_dir = Path(build_dir).absolute()  # ninja runs in build_dir: every path in a command is absolute
     check_build_dir(build_dir, force)
     check_plan_legal(plan, gpu)
     kernels = list(plan.kernels())
