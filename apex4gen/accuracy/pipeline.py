@@ -33,7 +33,8 @@ _ACT_SAMPLE_TOKENS = 2048  # inputs kept per linear for the activation clipping 
 
 @dataclass
 class QuantConfig:
-    """What to do; ``granularity`` maps each plan layer kind to 'g<size>' or 'channel'."""
+    """What to do; ``granularity`` maps each plan layer kind (or, for unfused plans, each projection such as
+    q_proj) to 'g<size>' or 'channel'."""
 
     granularity: dict[str, str] = field(default_factory=lambda: {k: "g128" for k in PLAN_KINDS})
     rotate: bool = False
@@ -54,8 +55,8 @@ class QuantConfig:
 
     def describe(self) -> str:
         grans = sorted(set(self.granularity.values()))
-        parts = ["/".join(grans) if len(grans) == 1 else
-                 ",".join(f"{k}={self.granularity[k]}" for k in PLAN_KINDS)]
+        parts = [grans[0] if len(grans) == 1 else
+                 ",".join(f"{k}={g}" for k, g in self.granularity.items())]
         parts += [name for name, on in (("rotation", self.rotate), ("gptq", self.gptq),
                                         ("act-order", self.gptq and self.act_order),
                                         ("clip-w", self.clip_weights), ("clip-a", self.clip_acts)) if on]
@@ -73,7 +74,9 @@ def decoder_linears(layer: nn.Module) -> dict[str, tuple[nn.Module, str]]:
 
 
 def group_for(cfg: QuantConfig, proj: str, k: int) -> int | None:
-    return effective_group(parse_granularity(cfg.granularity[KIND_OF[proj]]), k)
+    """A projection's group: its own entry (unfused plans) or its kind's."""
+    gran = cfg.granularity.get(proj) or cfg.granularity[KIND_OF[proj]]
+    return effective_group(parse_granularity(gran), k)
 
 
 @torch.no_grad()
@@ -153,9 +156,14 @@ def _sequential(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor) -> 
         hidden = _run_layer(layer, hidden, kwargs)
 
 
+# projections that read the same activation as another one: their statistics are computed once
+_SAME_INPUT_AS = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}
+
+
 def _collect(layer, linears, hidden, kwargs, cfg):
     """Run the (full-precision) layer on ``hidden``; per linear: input Hessian and a sample of inputs."""
-    stats = {name: (HessianAccumulator(getattr(p, a).in_features), []) for name, (p, a) in linears.items()}
+    readers = {name: getattr(p, a) for name, (p, a) in linears.items() if a not in _SAME_INPUT_AS}
+    stats = {name: (HessianAccumulator(m.in_features), []) for name, m in readers.items()}
 
     def make_hook(name, module):
         def hook(_m, args):
@@ -168,14 +176,18 @@ def _collect(layer, linears, hidden, kwargs, cfg):
                 samples.append(x[: _ACT_SAMPLE_TOKENS - kept].float().clone())
         return hook
 
-    handles = [getattr(p, a).register_forward_pre_hook(make_hook(n, getattr(p, a)))
-               for n, (p, a) in linears.items()]
+    handles = [m.register_forward_pre_hook(make_hook(n, m)) for n, m in readers.items()]
     try:
         _run_layer(layer, hidden, kwargs)
     finally:
         for h in handles:
             h.remove()
-    return {name: (acc, torch.cat(s) if s else None) for name, (acc, s) in stats.items()}
+    out = {}
+    for name, (_parent, attr) in linears.items():
+        source = name.rpartition(".")[0] + "." + _SAME_INPUT_AS[attr] if attr in _SAME_INPUT_AS else name
+        acc, samples = stats[source]
+        out[name] = (acc, torch.cat(samples) if samples else None)
+    return out
 
 
 def _replace_calibrated(parent, attr, cfg: QuantConfig, acc: HessianAccumulator, samples) -> None:

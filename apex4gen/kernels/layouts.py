@@ -71,3 +71,11 @@ def unpack_sm90_decode(qw: torch.Tensor, n: int, k: int) -> torch.Tensor:
     vals = torch.where(both >= 8, both - 16, both).to(torch.int8)
     vals = vals.permute(0, 7, 2, 1, 4, 5, 3, 6)  # [tile, row half, gid, chunk, step, half, t, b]
     return vals.reshape(n, k).contiguous()
+
+
+# --- sm90_group (sm90_prefill_group, g128 prefill): canonical packed int4 weights, scales transposed ------------
+# qw: canonical [N, K/2] (CUTLASS's int4b_t K-major; TMA reads it as is). sw: [K/group, N] contiguous, in the
+# stored dtype, so that one K tile's channel scales are contiguous and copy 16 bytes at a time.
+@layout("sm90_group")
+def pack_sm90_group(w: reference.QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return reference.pack_int4(w.q), w.scales.t().contiguous()

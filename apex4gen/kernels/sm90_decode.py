@@ -44,8 +44,9 @@ class Variant:
         return 16 * self.warps * self.rt
 
 
-# ptxas caps 512-thread blocks at 128 registers: 64 tokens x 2 row tiles (128 accumulator registers) only
-# fits a 256-thread block.
+# ptxas caps 512-thread blocks at 128 registers: 32 and 64 tokens fit with one row tile a warp (64 tokens x
+# 2 row tiles spilled in a 256-thread block). Measured on the H100 (bench/NOTES-sm90-decode.md): faster than
+# cuBLAS FP16 for M <= 16 only; M = 32 is ~0.9x and M = 64 ~0.5x, because each N-block re-quantizes x.
 VARIANTS = (
     Variant(mt=1, warps=16, rt=2, p=4),
     Variant(mt=2, warps=16, rt=2, p=4),

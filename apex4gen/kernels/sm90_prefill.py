@@ -59,44 +59,42 @@ class _SingleGroupFamily(Family):
         return super().configs(arch, group, out_dtype) if group == self.only_group else []
 
 
-# CUTLASS's kernel SharedStorage: {mainloop tensors, epilogue tensors} (each 1024-byte aligned) + pipelines.
+# CUTLASS's kernel SharedStorage, as nvcc lays it out (tests pin values read off the compiler; each template
+# static_asserts its own): {mainloop tensors, epilogue tensors}, each padded to 1024 bytes, then the barriers.
 _ALIGN = 1024
-_EPILOGUE_D_BYTES = 2 * 128 * 32 * 2    # TMA-store staging: 2 buffers of a 128 x 32 subtile of 16-bit output
-_PIPELINE_BYTES_PER_STAGE = 16          # one full + one empty mbarrier per mainloop stage
-_OTHER_PIPELINE_BYTES = 80              # epilogue load pipeline and the kernel's load-order barrier
+_EPILOGUE_TENSOR_BYTES = 17 * 1024      # TMA-store staging (2 x 128 x 32 16-bit) padded; broadcasts fit in it
+_MAINLOOP_BARRIER_BYTES = 16            # one full + one empty mbarrier per mainloop stage
+_EMPTY_SCALE_ARRAYS_BYTES = 16          # the mixed-input storage's unused scale/zero arrays (tail, 16-aligned)
 
 
 def _round_up(x: int, to: int) -> int:
     return -(-x // to) * to
 
 
-def _weight_stage_bytes(cfg: KernelConfig) -> int:
-    return cfg.tile_n * cfg.tile_k // 2
+def _operand_bytes(cfg: KernelConfig) -> int:
+    """All stages of packed int4 weights (tile_n x tile_k / 2) and one-byte activations (tile_m x tile_k)."""
+    return cfg.stages * (cfg.tile_n * cfg.tile_k // 2 + cfg.tile_m * cfg.tile_k)
 
 
-def _act_stage_bytes(cfg: KernelConfig) -> int:
-    return cfg.tile_m * cfg.tile_k
+def _barrier_bytes(cfg: KernelConfig) -> int:
+    """Mainloop stages, the epilogue's pipeline (one stage per 32-token subtile, at most 4) and the kernel's."""
+    return cfg.stages * _MAINLOOP_BARRIER_BYTES + 16 + 16 * min(cfg.tile_m // 32, 4)
 
 
-def _kernel_smem_bytes(cfg: KernelConfig, mainloop_extra_bytes: int, epilogue_extra_bytes: int) -> int:
-    """CUTLASS pads the mixed-input operand stages (they sit next to empty scale arrays) to 1024 bytes, then
-    our per-stage scales; the epilogue's store staging plus its broadcast vectors likewise; then the
-    pipelines' barriers; the whole struct is 1024-byte aligned."""
-    operands = cfg.stages * (_weight_stage_bytes(cfg) + _act_stage_bytes(cfg))
-    mainloop = _round_up(_round_up(operands + 1, _ALIGN) + mainloop_extra_bytes, _ALIGN)
-    epilogue = _round_up(_EPILOGUE_D_BYTES + epilogue_extra_bytes + 1, _ALIGN)
-    return _round_up(mainloop + epilogue + cfg.stages * _PIPELINE_BYTES_PER_STAGE + _OTHER_PIPELINE_BYTES, _ALIGN)
+def _kernel_smem_bytes(cfg: KernelConfig, mainloop_bytes: int) -> int:
+    return _round_up(_round_up(mainloop_bytes, _ALIGN) + _EPILOGUE_TENSOR_BYTES + _barrier_bytes(cfg), _ALIGN)
 
 
 def channel_smem_bytes(cfg: KernelConfig) -> int:
-    """Operand stages; the epilogue also holds one fp32 token scale per tile column (row broadcast)."""
-    return _kernel_smem_bytes(cfg, 0, cfg.tile_m * 4)
+    """The operand stages (the epilogue's token-scale row fits in its padded storage)."""
+    return _kernel_smem_bytes(cfg, _operand_bytes(cfg) + 1)
 
 
 def group_smem_bytes(cfg: KernelConfig) -> int:
-    """Operand stages plus, per stage, one fp32 token scale per token and one 16-bit channel scale per
-    channel (copied by the auxiliary producer warp); the epilogue's bias needs no shared memory."""
-    return _kernel_smem_bytes(cfg, cfg.stages * (cfg.tile_m * 4 + cfg.tile_n * 2), 0)
+    """The operand stages plus, per stage, one fp32 token scale per token and one 16-bit channel scale per
+    channel (copied by the auxiliary producer warp, placed in the base storage's tail padding)."""
+    scales = cfg.stages * (cfg.tile_m * 4 + cfg.tile_n * 2)
+    return _kernel_smem_bytes(cfg, _operand_bytes(cfg) + _EMPTY_SCALE_ARRAYS_BYTES + scales)
 
 
 def _common_values(cfg: KernelConfig) -> dict:

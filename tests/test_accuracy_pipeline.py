@@ -1,0 +1,70 @@
+"""The method pipeline, calibration to the planner's sensitivity format, texts and the CLI, on a tiny model."""
+import pytest
+import torch
+from click.testing import CliRunner
+
+from apex4gen.accuracy import QuantConfig, quantize_model
+from apex4gen.accuracy.data import DataError, join_paragraphs, load_text
+from apex4gen.budget import load_sensitivity
+from apex4gen.calibrate import kind_errors, kind_in_features, layer_errors, sensitivity, write_sensitivity
+from apex4gen.checkpoint import quantized_layers
+from apex4gen.cli import cli
+from tiny_llama import token_batch, tiny_llama
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("cfg", [
+    QuantConfig.uniform("g16"),
+    QuantConfig.uniform("channel", rotate=True),
+    QuantConfig.uniform("g16", rotate=True, gptq=True, clip_weights=True, clip_acts=True),
+    QuantConfig.uniform("g32", gptq=True, act_order=True),
+], ids=lambda c: c.describe())
+def test_every_linear_becomes_w4a4_and_stays_close(cfg):
+    model = tiny_llama(seed=7)
+    ids = token_batch(2, 32, seed=8)
+    ref_logits = model(input_ids=ids).logits
+    quantize_model(model, cfg, token_batch(4, 32, seed=9))
+    layers = quantized_layers(model)
+    assert len(layers) == 7 * len(model.model.layers)
+    logits = model(input_ids=ids).logits
+    rel = float((logits - ref_logits).norm() / ref_logits.norm())
+    assert 0 < rel < 0.5
+
+
+def test_gptq_needs_calibration_tokens():
+    with pytest.raises(ValueError, match="calibration"):
+        quantize_model(tiny_llama(), QuantConfig.uniform("g16", gptq=True))
+
+
+@torch.no_grad()
+def test_calibration_writes_what_the_planner_reads(tmp_path):
+    model = tiny_llama(seed=10, hidden=192, ffn=256)
+    errors = kind_errors(layer_errors(model, token_batch(2, 32, seed=11)))
+    assert set(errors) == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
+    assert set(errors["qkv_proj"]) == {"g64", "channel"}  # K=192: g128 and coarser groups do not divide it
+    assert set(errors["down_proj"]) == {"g64", "g128", "g256", "channel"}  # K=256
+    assert errors["down_proj"]["g64"] < errors["down_proj"]["channel"]
+    sens = sensitivity(errors, kind_in_features(model), "smollm2-135m")
+    # the reference of qkv_proj is g64 (g128 does not divide 192): channel is its only coarser option
+    assert [g for g, _ in dict(sens.layers)["qkv_proj"]] == ["channel"]
+    assert [g for g, _ in dict(sens.layers)["down_proj"]] == ["g256", "channel"]
+    path = write_sensitivity(sens, tmp_path / "sens.yaml", errors)
+    assert load_sensitivity(path) == sens
+
+
+def test_paragraph_lines_are_joined():
+    assert join_paragraphs(["It is a truth", "universally acknowledged.", "", "", "Chapter 2", ""]) == \
+        "It is a truth universally acknowledged.\n\nChapter 2"
+
+
+def test_unknown_text_is_a_one_line_error(tmp_path):
+    with pytest.raises(DataError, match="unknown text"):
+        load_text(str(tmp_path / "missing.txt"))
+    result = CliRunner().invoke(cli, ["eval", "ppl", "--text", str(tmp_path / "missing.txt"),
+                                      "--model-path", str(tmp_path / "nope")])
+    assert result.exit_code == 2 and result.output.count("\n") == 1 and "does not exist" in result.output
+
+
+def test_act_order_without_gptq_is_refused(tmp_path):
+    result = CliRunner().invoke(cli, ["quantize", "--act-order", "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "--gptq" in result.output

