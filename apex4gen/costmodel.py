@@ -151,12 +151,22 @@ def _ideal_tiling(m: int, n: int, c: CostConstants) -> _Tiling:
 
 
 def _config_tiling(m: int, n: int, gpu: GpuSpec, cfg: KernelConfig, c: CostConstants) -> _Tiling:
+    fam = FAMILIES.get(cfg.family)
+    if fam is not None and fam.m_step:
+        return _runtime_tiling(m, n, gpu, cfg, fam.m_step, c)
     tiles_m, tiles_n = math.ceil(m / cfg.tile_m), math.ceil(n / cfg.tile_n)
     ctas = tiles_m * tiles_n * cfg.split_k
     waves = math.ceil(ctas / gpu.sm_count)
     reuse = cfg.tile_m * cfg.tile_n / (cfg.tile_m + cfg.tile_n) / c.full_reuse_tile
     return _Tiling(tiles_m * cfg.tile_m, tiles_n * cfg.tile_n, ctas / (waves * gpu.sm_count),
                    min(1.0, reuse), min(1.0, ctas / gpu.sm_count), cfg.split_k)
+
+
+def _runtime_tiling(m: int, n: int, gpu: GpuSpec, cfg: KernelConfig, m_step: int, c: CostConstants) -> _Tiling:
+    """A launcher that pads M to ``m_step`` and splits K until the GPU is full: whole waves, full bandwidth."""
+    reuse = m_step * cfg.tile_n / (m_step + cfg.tile_n) / c.full_reuse_tile
+    return _Tiling(math.ceil(m / m_step) * m_step, math.ceil(n / cfg.tile_n) * cfg.tile_n, 1.0, min(1.0, reuse),
+                   1.0, 1)
 
 
 def _tiling(m: int, n: int, gpu: GpuSpec, cfg: KernelConfig | None, c: CostConstants) -> _Tiling:

@@ -94,12 +94,16 @@ class _Planner:
         return self._buckets[prob]
 
     def _estimate(self, prob: _Problem, m: int, cfg: KernelConfig | None) -> Estimate:
-        return w4a4_time(self.gpu, m, prob.n, prob.k, granularity_of(prob.group), prob.path, cfg, self.c)
+        path = prob.path if cfg is None else cfg.path
+        return w4a4_time(self.gpu, m, prob.n, prob.k, granularity_of(prob.group), path, cfg, self.c)
 
     def _bucket(self, prob: _Problem, m_max: int | None) -> Bucket:
+        """Each M bucket may compute on any tensor-core path the GPU has (Hopper: int8 decode kernels, fp8
+        prefill kernels); the activation format follows the kernel, the weights stay 4-bit."""
         m = m_max or UNBOUNDED_REPRESENTATIVE_M
-        legal = legal_configs(self.gpu, prob.path, prob.group, prob.n, prob.k, self.model.out_dtype,
-                              m=m_max or _UNBOUNDED_M)
+        legal = sorted(cfg for path in self.gpu.compute_paths
+                       for cfg in legal_configs(self.gpu, path, prob.group, prob.n, prob.k, self.model.out_dtype,
+                                                m=m_max or _UNBOUNDED_M))
         if not legal:
             return Bucket(m_max, None, _us(self._estimate(prob, m, None).us), self._no_kernel_reason(prob, m_max))
         timed = sorted((self._estimate(prob, m, cfg).us, cfg) for cfg in legal)
@@ -147,7 +151,12 @@ class _Planner:
             cost += sum(x.weight * self.model.num_layers * x.w4a4_us / total
                         for x, total in zip(p, self.fp16_totals))
         increase = self.budget.increase(grp.kind_name, granularity, grp.linears[0].k)
-        return _Option(granularity, path, cost, coverage, increase, tuple(preds))
+        return _Option(granularity, self.compute_bound_path(prob), cost, coverage, increase, tuple(preds))
+
+    def compute_bound_path(self, prob: _Problem) -> str:
+        """A layer's path is that of its largest-M (compute-bound) kernel; smaller buckets may use another."""
+        last = self.buckets(prob)[-1].kernel
+        return prob.path if last is None else last.path
 
     def candidates(self, grp: ActivationGroup) -> list[_Option]:
         """Per allowed granularity its best path; only granularities with the best kernel coverage."""

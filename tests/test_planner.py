@@ -1,6 +1,8 @@
 """The planner and the plan file: APEX4's acceptance criteria, determinism, kernels from the legal set, budgets."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import yaml
 
@@ -12,7 +14,7 @@ from apex4gen.plan import BUCKET_BOUNDS, Plan
 from apex4gen.planner import make_plan
 from apex4gen.specs import load_gpu
 
-from _helpers import TEST_FAMILIES, families, write_yaml
+from _helpers import TEST_FAMILIES, families, make_family, write_yaml
 
 PREFILL = "prefill-heavy"
 
@@ -84,8 +86,9 @@ def test_buckets_take_the_fastest_legal_kernel(registry):
         gpu = load_gpu(gpu_name)
         for gemm in plan.gemms:
             for bucket in gemm.buckets:
-                legal = legal_configs(gpu, gemm.path, gemm.group, gemm.n, gemm.k, gemm.out_dtype,
-                                      m=bucket.m_max or 2**31 - 1)
+                legal = [c for path in gpu.compute_paths  # a bucket may use any path the GPU has
+                         for c in legal_configs(gpu, path, gemm.group, gemm.n, gemm.k, gemm.out_dtype,
+                                                m=bucket.m_max or 2**31 - 1)]
                 if not legal:
                     assert bucket.kernel is None and "kernel: null" in bucket.rationale
                     continue
@@ -231,3 +234,18 @@ def test_bad_plan_files_are_spec_errors(tmp_path, mutate, problem):
     with pytest.raises(SpecError) as err:
         Plan.load(path)
     assert str(path) in str(err.value) and problem in str(err.value)
+
+
+def test_buckets_may_compute_on_another_path_than_the_layer(tmp_path):
+    """Hopper: an int8 decode kernel for small M, an fp8 kernel for the compute-bound buckets."""
+    g128 = write_yaml(tmp_path / "b.yaml", {"coarsest": {"default": "g128"}})
+    int8_decode = dataclasses.replace(make_family("t_int8_decode", ("sm_90a",), "int8", "group", max_m=64,
+                                                  act_format="raw"), m_step=8)
+    prefill = make_family("t_fp8", ("sm_90a",), "fp8", "group", act_format="e4m3")
+    with families(int8_decode, prefill):
+        plan = make_plan("h100-sxm", "llama2-70b", "decode", g128)
+    for gemm in plan.gemms:
+        assert gemm.buckets[-1].kernel.path == "fp8" == gemm.path
+    o_proj = plan.gemm_for("o_proj")
+    assert [b.kernel.path for b in o_proj.buckets[:2]] == ["int8", "int8"]  # runtime split-K fills the GPU
+    assert all(lp.path == "fp8" for lp in plan.layers)

@@ -39,6 +39,8 @@ class Family:
     smem_bytes: Callable[[KernelConfig], int]
     render: Callable[[KernelConfig], dict]
     max_m: int | None = None        # a decode-only family serves M <= max_m
+    m_step: int | None = None       # set when the launcher picks an instantiation per M (padding M to a multiple
+                                    # of m_step) and splits K at run time to fill the GPU, ignoring tile_m/split_k
 
     def configs(self, arch: str, group: int, out_dtype: str) -> list[KernelConfig]:
         """Every instance of this family for one arch/group/dtype (legality filters them later)."""
