@@ -1,12 +1,13 @@
 """Check and time the sm90_decode kernels on llama2-70b's GEMMs against cuBLAS FP16 (torch.matmul).
 
-End to end: our time includes the activation quantization (the kernel takes raw x). CUDA events around each
-call, calls queued behind a sleep so launch latency stays out, median of many; weights rotated over enough
-copies (>= 4, >= 200 MB) that L2 (50 MB) never holds them. Bandwidth fraction = bytes moved (weights, scales,
-x, y) / the device-to-device copy bandwidth measured in the same run.
+End to end: our time includes the activation quantization (the launcher runs it and the GEMM). CUDA events
+around each call, calls queued behind a sleep so launch latency stays out, median of many; weights rotated
+over enough copies (>= 4, >= 200 MB) that L2 (50 MB) never holds them. Bandwidth fraction = bytes moved
+(weights, scales, x, y) / the device-to-device copy bandwidth measured in the same run; "bound" = cuBLAS
+FP16's bytes / ours, the speed-up if both streamed at the same efficiency.
 
     python bench/sm90_decode_bench.py --build-dir .devcarry_sm90d            # here: render + nvcc only
-    python bench/sm90_decode_bench.py --lib-dir .devcarry_sm90d --check --bench --out results.json
+    python bench/sm90_decode_bench.py --lib-dir .devcarry_sm90d --check --profile --bench --out results.json
 """
 from __future__ import annotations
 
@@ -26,16 +27,21 @@ from apex4gen import reference as ref  # noqa: E402
 import sm90_decode_native as native  # noqa: E402
 
 LLAMA2_70B = {"qkv": (10240, 8192), "o": (8192, 8192), "gate_up": (57344, 8192), "down": (8192, 28672)}
-CHECK_MS = (1, 3, 16, 17, 64)
-BENCH_MS = (1, 4, 16, 32, 64)
+CHECK_MS = (1, 3, 16, 17, 33, 64)
+BENCH_MS = (1, 4, 16, 32, 48, 64)
 GROUPS = (128, 0)  # 0: per-channel
 L2_CLEAR_BYTES = 200 << 20
 
 
-def build(out_dir: Path) -> None:
+def build(out_dir: Path, variants: str | None = None, dtypes: tuple[str, ...] = ("f16", "bf16")) -> None:
+    """Render + compile every (group, dtype) library; `variants` ("mt,warps,rt,p;...") replaces the family's
+    VARIANTS for a tuning sweep."""
+    from apex4gen.kernels import sm90_decode
+    if variants:
+        sm90_decode.VARIANTS = tuple(sm90_decode.Variant(*map(int, v.split(","))) for v in variants.split(";"))
     libs = {}
     for group in GROUPS:
-        for dtype in ("f16", "bf16"):
+        for dtype in dtypes:
             cfg = native.decode_config(group, dtype)
             lib, report = native.build_library(cfg, out_dir)
             (out_dir / f"{lib.stem}.ptxas.txt").write_text(report)
@@ -81,6 +87,7 @@ def check(kernels, out: dict) -> bool:
         x = -torch.ones(16, k, device="cuda", dtype=torch.float16)
         r = native.check_against_reference(kernels[(group, "f16")], x, worst, qw, sw, None)
         cases.append({"gemm": "o_all_-8", "group": group, "m": 16, "dtype": "f16", **r})
+    cases.append(graph_replay_case(kernels[(128, "f16")]))
     torch.cuda.empty_cache()
     out["check"] = cases
     bad = [c for c in cases if not c["ok"]]
@@ -89,6 +96,31 @@ def check(kernels, out: dict) -> bool:
     for c in bad:
         print("  FAIL", c)
     return not bad
+
+
+def graph_replay_case(kern) -> dict:
+    """Both launches (quantization, then the GEMM under programmatic dependent launch) captured in a CUDA
+    graph: replays onto NaN-poisoned outputs equal the eager result bit for bit, also with new x."""
+    n, k = LLAMA2_70B["o"]
+    w = random_weight(n, k, 128, torch.float16)
+    qw, sw = native.pack_weight(w)
+    ok = True
+    for m in (1, 16):
+        x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+        eager = torch.empty(m, n, device="cuda", dtype=torch.float16)
+        assert kern(x, qw, sw, None, eager) == 0
+        replay = torch.empty_like(eager)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            assert kern(x, qw, sw, None, replay) == 0
+        for _ in range(3):
+            replay.fill_(float("nan"))
+            x.copy_(torch.randn_like(x))
+            graph.replay()
+            assert kern(x, qw, sw, None, eager) == 0
+            torch.cuda.synchronize()
+            ok = ok and torch.equal(replay, eager)
+    return {"gemm": "o_graph_replay", "group": 128, "m": 16, "dtype": "f16", "ok": ok, "worst_err_over_tol": 0.0}
 
 
 # ------------------------------------------------------------------------------------------------- bench
@@ -129,7 +161,9 @@ def bench(kernels, out: dict) -> None:
         for m in BENCH_MS:
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
             t_fp16 = time_calls(lambda i: torch.matmul(x, wf[i % len(wf)].t()))
-            row = {"gemm": name, "n": n, "k": k, "m": m, "cublas_fp16_us": t_fp16}
+            moved_fp16 = 2 * n * k + 2 * m * k + 2 * m * n
+            row = {"gemm": name, "n": n, "k": k, "m": m, "cublas_fp16_us": t_fp16,
+                   "cublas_bw_frac": moved_fp16 / (t_fp16 * 1e-6) / bw}
             for group in GROUPS:
                 nbytes_w = n * k // 2 + n * (k // (group or k)) * 2
                 qws = [torch.randint(0, 256, (n, k // 2), device="cuda", dtype=torch.uint8)
@@ -145,11 +179,14 @@ def bench(kernels, out: dict) -> None:
                 row[f"{tag}_us"] = t
                 row[f"{tag}_speedup"] = t_fp16 / t
                 row[f"{tag}_bw_frac"] = moved / (t * 1e-6) / bw
+                row[f"{tag}_bound"] = moved_fp16 / moved
                 del qws, sws
             rows.append(row)
-            print(f"{name:8s} M={m:3d} fp16 {t_fp16:7.1f} us | g128 {row['g128_us']:6.1f} us "
-                  f"{row['g128_speedup']:4.2f}x {100 * row['g128_bw_frac']:4.0f}% | channel {row['channel_us']:6.1f} us "
-                  f"{row['channel_speedup']:4.2f}x {100 * row['channel_bw_frac']:4.0f}%", flush=True)
+            print(f"{name:8s} M={m:3d} fp16 {t_fp16:7.1f} us {100 * row['cublas_bw_frac']:4.0f}% | g128 "
+                  f"{row['g128_us']:6.1f} us {row['g128_speedup']:4.2f}x (bound {row['g128_bound']:4.2f}) "
+                  f"{100 * row['g128_bw_frac']:4.0f}% | channel {row['channel_us']:6.1f} us "
+                  f"{row['channel_speedup']:4.2f}x (bound {row['channel_bound']:4.2f}) "
+                  f"{100 * row['channel_bw_frac']:4.0f}%", flush=True)
         del wf
         torch.cuda.empty_cache()
     out["bench"] = rows
@@ -160,21 +197,60 @@ def bench(kernels, out: dict) -> None:
         for tag in ("g128", "channel"):
             gm = math.exp(sum(math.log(r[f"{tag}_speedup"]) for r in sel) / len(sel))
             frac = sum(r[f"{tag}_bw_frac"] for r in sel) / len(sel)
-            parts.append(f"{tag} {gm:4.2f}x {100 * frac:3.0f}%")
+            bound = math.exp(sum(math.log(r[f"{tag}_bound"]) for r in sel) / len(sel))
+            parts.append(f"{tag} {gm:4.2f}x (bound {bound:4.2f}) {100 * frac:3.0f}%")
         print(f"  M={m:3d}: " + " | ".join(parts))
+
+
+def profile(kernels, out: dict) -> None:
+    """Per-kernel device time (quantization vs GEMM) and the launch-to-launch span, o_proj g128, from the
+    profiler's trace; each call's kernels overlap under programmatic dependent launch."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    n, k = LLAMA2_70B["o"]
+    kern = kernels[(128, "f16")]
+    qws = [torch.randint(0, 256, (n, k // 2), device="cuda", dtype=torch.uint8) for _ in range(8)]
+    sws = [torch.rand(n, k // 128, device="cuda", dtype=torch.float16) * 0.01 for _ in qws]
+    res = {}
+    for m in (1, 16, 64):
+        x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+        y = torch.empty(m, n, device="cuda", dtype=torch.float16)
+        for i in range(5):
+            kern(x, qws[i % 8], sws[i % 8], None, y)
+        torch.cuda.synchronize()
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            torch.cuda._sleep(5_000_000)
+            for i in range(40):
+                kern(x, qws[i % 8], sws[i % 8], None, y)
+            torch.cuda.synchronize()
+        quant, gemm = [], []
+        for e in prof.events():
+            if e.device_type.name != "CUDA":
+                continue
+            if "quantize_x_kernel" in e.name:
+                quant.append(e)
+            elif "decode_kernel" in e.name:
+                gemm.append(e)
+        span = [g.time_range.end - q.time_range.start for q, g in zip(quant, gemm)]
+        res[m] = {"quant_us": statistics.median(e.time_range.elapsed_us() for e in quant),
+                  "gemm_us": statistics.median(e.time_range.elapsed_us() for e in gemm),
+                  "quant_start_to_gemm_end_us": statistics.median(span)}
+        print(f"profile o_proj g128 M={m}: " + ", ".join(f"{a} {b:.1f}" for a, b in res[m].items()), flush=True)
+    out["profile"] = res
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--build-dir", type=Path, help="render and compile the libraries here (needs nvcc, CUTLASS)")
+    ap.add_argument("--variants", help="tuning sweep: 'mt,warps,rt,p;...' instead of the family's VARIANTS (f16 only)")
     ap.add_argument("--lib-dir", type=Path, help="load prebuilt libraries (manifest.json) from here")
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--bench", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="quantization vs GEMM time from the profiler")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
     if a.build_dir:
-        build(a.build_dir)
-    if not (a.check or a.bench):
+        build(a.build_dir, a.variants, ("f16",) if a.variants else ("f16", "bf16"))
+    if not (a.check or a.bench or a.profile):
         return 0
     kernels = load(a.lib_dir or a.build_dir)
     out: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
@@ -182,6 +258,11 @@ def main() -> int:
     try:
         if a.check:
             ok = check(kernels, out)
+        if a.profile:
+            try:
+                profile(kernels, out)
+            except Exception as e:  # diagnosis only: never lose the check and the bench to it
+                print(f"profile failed: {e!r}")
         if a.bench:
             bench(kernels, out)
     finally:

@@ -88,14 +88,25 @@ class DecodeKernel:
         self.split_fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
         self.split_fn.restype = ctypes.c_int
         self.dtype = _DTYPES[cfg.out_dtype]
+        self._workspace: torch.Tensor | None = None
+
+    def workspace(self, m: int, n: int, k: int, device: torch.device) -> torch.Tensor:
+        """The launcher's workspace, grown on demand and kept, as the loader's caching allocator would: the
+        first call of a shape must come before any graph capture."""
+        need = self.workspace_fn(m, n, k)
+        if self._workspace is None or self._workspace.numel() < need:
+            self._workspace = torch.empty(need, dtype=torch.uint8, device=device)
+        return self._workspace
 
     def args(self, x: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor, bias: torch.Tensor | None,
              y: torch.Tensor) -> GemmArgs:
         m, k = x.shape
         n = y.shape[1]
         group = self.cfg.group or k
+        ws = self.workspace(m, n, k, x.device)
         return GemmArgs(x.data_ptr(), None, qw.data_ptr(), sw.data_ptr(),
-                        bias.data_ptr() if bias is not None else None, y.data_ptr(), m, n, k, group, None, 0)
+                        bias.data_ptr() if bias is not None else None, y.data_ptr(), m, n, k, group,
+                        ws.data_ptr(), ws.numel())
 
     def split(self, m: int, n: int, k: int) -> int:
         """The cluster split of K the launcher picks on the current device (0: the shape is refused)."""

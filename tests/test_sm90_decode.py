@@ -77,11 +77,19 @@ def test_legal_for_llama2_70b_shapes(group, family):
 
 
 def test_smem_mirror_fits_every_llama_slice():
-    """The launcher only uses splits whose slice fits; the 8-way split of each llama K must fit."""
+    """The launcher only uses splits whose slice fits; the 8-way split of each llama K must fit (the
+    occupancy query then says whether two blocks a SM do)."""
     for k in (8192, 28672):
         for v in sm90_decode.VARIANTS:
             for group in (128, 0):
                 assert sm90_decode.variant_smem_bytes(v, group, k // 8) <= 227 * 1024
+
+
+def test_workspace_mirror_follows_the_token_tiles():
+    """int4 x of the variant's padded tokens + fp32 scales [K/group][tokens]."""
+    assert sm90_decode.workspace_bytes(1, 8192, 128) == 8 * 4096 + 64 * 8 * 4
+    assert sm90_decode.workspace_bytes(17, 8192, 0) == 32 * 4096 + 32 * 4
+    assert sm90_decode.workspace_bytes(64, 28672, 128) == 64 * 14336 + 224 * 64 * 4
 
 
 def test_render_rejects_other_groups():
@@ -107,8 +115,14 @@ def test_compiles_for_sm90a_without_spills(tmp_path, group, dtype):
     lib, report = native.build_library(cfg, tmp_path)
     assert lib.is_file()
     kernels = re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", report)
-    assert len(kernels) == len(sm90_decode.VARIANTS)
+    assert len(kernels) == len(sm90_decode.VARIANTS) + 1  # + the activation quantization kernel
     assert all(v == ("0", "0", "0") for v in kernels), report
+    # the launcher's workspace (loadable without a GPU: cudart is linked statically) matches the mirror
+    launcher = native.DecodeKernel(lib, cfg)
+    for m in (1, 8, 9, 17, 33, 64):
+        for k in (256, 8192, 28672):
+            assert launcher.workspace_fn(m, 4096, k) == sm90_decode.workspace_bytes(m, k, group), (m, k)
+    assert launcher.workspace_fn(65, 4096, 8192) == 0
 
 
 # ------------------------------------------------------------------------------------------------- GPU
@@ -169,6 +183,11 @@ def test_bad_shape_is_refused(kernels, gen):
     qw = torch.zeros(64, 512, dtype=torch.uint8).cuda()
     sw = torch.ones(64, 8).half().cuda()
     assert kernel(x, qw, sw, None, y) == 1  # APEX4GEN_BAD_SHAPE: M > 64
+    k = 512 * 8 * sm90_decode.QUANT_ITERS + 256  # past what the quantizing block holds
+    x = torch.randn(1, k).half().cuda()
+    qw = torch.zeros(64, k // 2, dtype=torch.uint8).cuda()
+    sw = torch.ones(64, k // 128).half().cuda()
+    assert kernel(x, qw, sw, None, torch.empty(1, 64).half().cuda()) == 1
 
 
 @pytest.mark.gpu

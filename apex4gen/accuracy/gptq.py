@@ -67,8 +67,9 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, group: int | None, sca
     H += damp * torch.mean(torch.diag(H)) * torch.eye(k, dtype=H.dtype)
     eye = torch.eye(k, dtype=H.dtype)
     hinv = torch.linalg.cholesky(torch.cholesky_solve(eye, torch.linalg.cholesky(H)), upper=True)
+    new_scales = None if static else (lambda cols, imp: _scales_for(cols, g, scale_dtype, clip, imp)[:, 0])
     with _one_thread():
-        Q = _quantize_columns(W, hinv, scales, perm, g, static, scale_dtype, clip, importance, block_size)
+        Q = _quantize_columns(W, hinv, scales, perm, g, new_scales, importance, block_size)
     inverse = torch.argsort(perm)
     return reference.QuantizedTensor(q=Q[:, inverse].contiguous(), scales=scales, group=g)
 
@@ -85,8 +86,10 @@ def _one_thread():
         torch.set_num_threads(saved)
 
 
-def _quantize_columns(W, hinv, scales, perm, g, static, scale_dtype, clip, importance, block_size):
-    """The GPTQ sweep; fills ``scales`` (dynamic groups) and returns the int8 values in ``perm`` order."""
+def _quantize_columns(W: torch.Tensor, hinv: torch.Tensor, scales: torch.Tensor, perm: torch.Tensor, g: int,
+                      new_scales, importance: torch.Tensor, block_size: int) -> torch.Tensor:
+    """The GPTQ sweep over the (permuted) columns of ``W``; returns the int8 values in ``perm`` order.
+    ``new_scales(columns, importance)``, when given, fills a group's ``scales`` as its first column comes."""
     n, k = W.shape
     # a group's scale is taken from the columns still in the current block: blocks hold whole groups
     block = max(block_size // g, 1) * g if g < k else block_size
@@ -98,9 +101,8 @@ def _quantize_columns(W, hinv, scales, perm, g, static, scale_dtype, clip, impor
         hinv1 = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = int(perm[i1 + i])
-            if not static and col % g == 0:
-                scales[:, col // g] = _scales_for(W1[:, i:i + g], g, scale_dtype, clip,
-                                                  importance[i1 + i:i1 + i + g])[:, 0]
+            if new_scales is not None and col % g == 0:
+                scales[:, col // g] = new_scales(W1[:, i:i + g], importance[i1 + i:i1 + i + g])
             s = scales[:, col // g].float().double()
             q = round_to_grid(W1[:, i], s)
             Q[:, i1 + i] = q

@@ -1,14 +1,16 @@
 """Decode (small M) W4A4 kernel families for Hopper (sm_90a): int8 mma.sync on 4-bit storage, memory-bound.
 
-``sm90_decode`` (group-wise, g64 ... g1024) and ``sm90_decode_channel`` (per-channel) read raw activations
-(act format "raw": the kernel quantizes x itself with the reference numerics) and weights packed by
-``apex4gen.kernels.layouts.pack_sm90_decode``. One rendered kernel serves every M <= ``MAX_M``: it holds one
-instantiation per token-tile count (8, 16, 32, 64 tokens) and its launcher picks by M, then picks the
-cluster split of K that fills the GPU (templates/sm90_decode.cu.jinja).
+``sm90_decode`` (group-wise, power-of-two groups >= 64) and ``sm90_decode_channel`` (per-channel) read raw
+activations (act format "raw") and weights packed by ``apex4gen.kernels.layouts.pack_sm90_decode``. The
+launcher quantizes x once (reference numerics) into the workspace, then launches the GEMM with programmatic
+dependent launch so that its weight stream starts while x is still being quantized. One rendered kernel
+serves every M <= ``MAX_M``: it holds one GEMM instantiation per token-tile count (8, 16, 32, 64 tokens) and
+its launcher picks by M, then picks the cluster split of K that fills the GPU (templates/sm90_decode.cu.jinja).
 
-Why these tiles: at M <= 16 a block of 16 warps owns 512 weight rows, so the x slice each block quantizes is
-small next to the weights it streams (x bytes / weight bytes = 4 M / rows); four 64-wide chunks of each of two
-row tiles are in flight per thread (128 B). Larger M needs more accumulator registers, so fewer rows a warp.
+Why these tiles: small blocks, several a SM (<= 128 registers), so one block's start-up (first loads, wait
+for the quantization, copy of the x slice) and cluster reduction overlap the others' weight streams; four or
+eight 64-wide chunks of each row tile are in flight per thread. Larger M needs more accumulator registers, so
+fewer rows a warp.
 """
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ from .families import Family, TileShape, register
 ARCHS = ("sm_90a",)
 MAX_M = 64
 CHUNK_K = 64          # K elements of one 16-byte weight load (two m16n8k32 steps)
-WINDOW_K = 256        # K elements of one token a warp quantizes at once; a K-slice is a multiple of it
+WINDOW_K = 256        # K elements of one token a warp of the quantizing block covers: K is a multiple of it
+QUANT_ITERS = 16      # 8-value units a thread of the 512-thread quantizing block holds: K <= 65536
 ALIGN_N = 16          # one mma row tile
 NOMINAL_SLICE_K = 4096  # footprint reported to legality; the launcher only picks splits whose slice fits
 
@@ -44,14 +47,14 @@ class Variant:
         return 16 * self.warps * self.rt
 
 
-# ptxas caps 512-thread blocks at 128 registers: 32 and 64 tokens fit with one row tile a warp (64 tokens x
-# 2 row tiles spilled in a 256-thread block). Measured on the H100 (bench/NOTES-sm90-decode.md): faster than
-# cuBLAS FP16 for M <= 16 only; M = 32 is ~0.9x and M = 64 ~0.5x, because each N-block re-quantizes x.
+# Blocks a SM = 512 / threads, so registers are capped at 128: 32 and 64 tokens fit with one row tile a warp
+# (v1: 64 tokens x 2 row tiles spilled). Each row picked by the v2 sweep on the H100 (bench/NOTES-sm90-decode.md):
+# M <= 16 fastest with 128-thread blocks (4 a SM), M <= 32 with 8 chunks in flight, M <= 64 with 256 threads x 4.
 VARIANTS = (
-    Variant(mt=1, warps=16, rt=2, p=4),
-    Variant(mt=2, warps=16, rt=2, p=4),
-    Variant(mt=4, warps=16, rt=1, p=4),
-    Variant(mt=8, warps=16, rt=1, p=4),
+    Variant(mt=1, warps=4, rt=2, p=4),
+    Variant(mt=2, warps=4, rt=2, p=4),
+    Variant(mt=4, warps=8, rt=1, p=8),
+    Variant(mt=8, warps=8, rt=1, p=4),
 )
 
 # The nominal tile of the configuration record: the M <= 16 variant (the one the targets are about).
@@ -64,16 +67,21 @@ def _round16(v: int) -> int:
 
 
 def variant_smem_bytes(v: Variant, group: int, slice_k: int) -> int:
-    """Mirrors smem_layout() in the template: int4 x slice, weight scales, unit maxima | reduction buffer,
-    then activation scales and per-token maxima."""
+    """Mirrors smem_layout() in the template: int4 x slice, weight scales | reduction buffer, then the
+    activation scales."""
     groups = slice_k // group if group else 1
     sws = _round16(v.tokens * slice_k // 2)
-    umax = _round16(sws + (groups * v.rows * 2 if group else 0))
-    loop_end = umax + v.tokens * (slice_k // CHUNK_K) * 4
+    loop_end = sws + (groups * v.rows * 2 if group else 0)
     red_end = v.tokens * (v.rows + 4) * 4
     sxs = _round16(max(loop_end, red_end))
-    cmax = _round16(sxs + groups * v.tokens * 4)
-    return _round16(cmax + v.tokens * 4)
+    return _round16(sxs + groups * v.tokens * 4)
+
+
+def workspace_bytes(m: int, k: int, group: int) -> int:
+    """Mirrors the launcher's <name>_workspace(): int4 x in the layout of the variant serving M + fp32 scales."""
+    mt = next(v.mt for v in VARIANTS if (m + 7) // 8 <= v.mt)
+    groups = k // group if group else 1
+    return mt * 8 * k // 2 + _round16(groups * mt * 8 * 4)
 
 
 def smem_bytes(cfg: KernelConfig) -> int:
@@ -97,6 +105,7 @@ def _render(cfg: KernelConfig, channel: bool) -> dict:
         "max_m": MAX_M,
         "align_n": ALIGN_N,
         "align_k": WINDOW_K,
+        "quant_iters": QUANT_ITERS,
         "variants": [{"mt": v.mt, "warps": v.warps, "rt": v.rt, "p": v.p} for v in VARIANTS],
     }
 
