@@ -21,7 +21,11 @@ from .config import KernelConfig
 from .families import Family, TileShape, register
 
 ARCHS = ("sm_90a",)
-MAX_M = 64
+MAX_M = 64            # the launcher serves M <= 64 (exact, tested) ...
+# ... but the planner gets it only up to M = 16: in 2 of 3 H100 runs single shapes at M = 32 and 64 ran ~2x slower
+# than in the other (qkv per-channel M = 64: 0.64x cuBLAS FP16), while every M <= 16 beat cuBLAS FP16 by >= 2.1x
+# in every run (bench/NOTES-sm90-decode.md, v2). Raise once that variance is fixed.
+PLANNER_MAX_M = 16
 CHUNK_K = 64          # K elements of one 16-byte weight load (two m16n8k32 steps)
 WINDOW_K = 256        # K elements of one token a warp of the quantizing block covers: K is a multiple of it
 QUANT_ITERS = 16      # 8-value units a thread of the 512-thread quantizing block holds: K <= 65536
@@ -130,7 +134,7 @@ _COMMON = dict(
     stages=(VARIANTS[1].p,),
     split_k=(1,),
     smem_bytes=smem_bytes,
-    max_m=MAX_M,
+    max_m=PLANNER_MAX_M,
 )
 
 SM90_DECODE = register(Family(name="sm90_decode", granularity="group", render=render_group, **_COMMON))
