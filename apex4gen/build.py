@@ -40,6 +40,7 @@ INT_MAX = 2**31 - 1
 _ACT_FORMAT_VALUE = {name: i for i, name in enumerate(ACT_FORMAT_ENUM)}  # order = the C enum's
 _DTYPE_VALUE = {"f16": 0, "bf16": 1}
 RUNTIME_SOURCES = ("quantize.cu",)
+RUNTIME_HEADERS = ("apex4gen.h",)
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ class CompileUnit:
     obj: Path
     command: tuple[str, ...]
     label: str          # what a failure names: the kernel or the runtime file
+    key: str            # sha256 of what is compiled: names the object here and in the shared cache
 
 
 @dataclass(frozen=True)
@@ -117,7 +119,7 @@ def render_sources(plan, kernels: list[KernelConfig], arch: str, build_dir: Path
     plan_hash = sha256_text(plan.to_yaml())
     written.append(write_if_different(build_dir / "src" / "dispatch.cu",
                                       render_template("dispatch.cu.jinja", context, inputs={"plan": plan_hash})))
-    for name in (*RUNTIME_SOURCES, "apex4gen.h"):
+    for name in (*RUNTIME_SOURCES, *RUNTIME_HEADERS):
         written.append(write_if_different(build_dir / "runtime" / name, (runtime_dir() / name).read_text()))
     written.append(write_if_different(build_dir / "include" / "apex4gen.h", (runtime_dir() / "apex4gen.h").read_text()))
     _remove_stale_sources(build_dir / "src", {w.path.name for w in written})
@@ -131,28 +133,46 @@ def _remove_stale_sources(src_dir: Path, keep: set[str]) -> None:
 
 
 def compile_units(build_dir: Path, kernels: list[KernelConfig], arch: str) -> list[CompileUnit]:
-    flags = toolchain.nvcc_flags(arch, [*toolchain.cutlass_include_dirs(), build_dir / "runtime"])
+    """Commands use paths relative to the build directory (ninja runs there), so the same kernel compiles to
+    the same command, and the same cache key, in every build."""
+    flags = toolchain.nvcc_flags(arch, [*toolchain.cutlass_include_dirs(), Path("runtime")])
     nvcc = toolchain.nvcc_path()
+    headers = "".join((build_dir / "runtime" / name).read_text() for name in RUNTIME_HEADERS)
     sources = [(Path("src") / f"{c.procedural_name()}.cu", c.procedural_name()) for c in kernels]
     sources += [(Path("src") / "dispatch.cu", "dispatch"),
                 *[(Path("runtime") / name, f"runtime/{name}") for name in RUNTIME_SOURCES]]
     units = []
     for source, label in sources:
-        text = (build_dir / source).read_text()
-        key = _cache_key(text, [nvcc, *flags])
+        command = [nvcc, *flags, "-c", str(source)]
+        key = _cache_key((build_dir / source).read_text() + headers, command)
         obj = Path("obj") / f"{source.stem}-{key[:16]}.o"
-        command = (nvcc, *flags, "-c", str(source), "-o", str(obj))
-        units.append(CompileUnit(source, obj, command, label))
+        units.append(CompileUnit(source, obj, (*command, "-o", str(obj)), label, key))
     return units
 
 
-def _cache_key(source_text: str, command: list[str]) -> str:
-    """Hash of what is compiled: rendered source, the full command, the toolchain version."""
+def _cache_key(compiled_text: str, command: list[str]) -> str:
+    """Hash of what is compiled: source and runtime headers, the full command, the toolchain versions."""
     h = hashlib.sha256()
-    for part in (source_text, "\0".join(command), toolchain.nvcc_version()):
+    for part in (compiled_text, "\0".join(command), toolchain.nvcc_version(), toolchain.cutlass_version()):
         h.update(part.encode())
         h.update(b"\1")
     return h.hexdigest()
+
+
+def object_cache_dir() -> Path | None:
+    """Shared object cache (``APEX4GEN_CACHE_DIR``; empty disables it)."""
+    configured = os.environ.get("APEX4GEN_CACHE_DIR")
+    if configured is not None:
+        return Path(configured) if configured else None
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "apex4gen" / "objects"
+
+
+def _unit_command(unit: CompileUnit, cache: Path | None) -> list[str]:
+    if cache is None:
+        return list(unit.command)
+    wrapper = Path(__file__).with_name("objcache.py")
+    return [sys.executable, str(wrapper), str(cache), unit.key, str(unit.obj), "--", *unit.command]
 
 
 def write_ninja(build_dir: Path, units: list[CompileUnit], arch: str) -> Path:
@@ -166,8 +186,10 @@ def write_ninja(build_dir: Path, units: list[CompileUnit], arch: str) -> Path:
         "  command = $cmd",
         "  description = link $out",
     ]
+    cache = object_cache_dir()
     for u in units:
-        lines += [f"build {u.obj}: nvcc {u.source}", f"  cmd = {_shell_join(u.command)}", f"  label = {u.label}"]
+        lines += [f"build {u.obj}: nvcc {u.source}", f"  cmd = {_shell_join(_unit_command(u, cache))}",
+                  f"  label = {u.label}"]
     objs = " ".join(str(u.obj) for u in units)
     link = [toolchain.nvcc_path(), "-shared", *toolchain.gencode_flags(arch, embed_ptx=not arch.endswith("a")),
             *[str(u.obj) for u in units], "-o", LIBRARY, "-lcudart"]

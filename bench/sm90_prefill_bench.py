@@ -122,10 +122,12 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--ms", default=",".join(map(str, MS)))
+    ap.add_argument("--only", default="", help="time only the kernels whose name contains this (e.g. _g128_)")
     args = ap.parse_args()
     dev = "cuda"
     print("device:", torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
-    kernels = [LoadedKernel(config_from_name(p.stem), p) for p in sorted(args.so_dir.glob("apex4gen_sm90_prefill_*.so"))]
+    kernels = [LoadedKernel(config_from_name(p.stem), p) for p in sorted(args.so_dir.glob("apex4gen_sm90_prefill_*.so"))
+               if args.only in p.stem]
     results = []
     for shape in args.shapes.split(","):
         n, k = SHAPES[shape]

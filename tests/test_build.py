@@ -180,3 +180,18 @@ def test_failed_compile_names_the_kernel_and_leaves_no_manifest(tmp_path, full_p
     assert "\n" not in str(err.value)
     assert "error" in capsys.readouterr().err
     assert not (tmp_path / build_stage.MANIFEST).exists() and not (tmp_path / build_stage.LIBRARY).exists()
+
+
+@needs_nvcc
+@pytest.mark.nvcc
+def test_shared_object_cache_serves_another_build_dir(tmp_path, full_plan, monkeypatch):
+    monkeypatch.setenv("APEX4GEN_CACHE_DIR", str(tmp_path / "cache"))
+    plan = one_kernel_plan(full_plan)
+    first = build_stage.build(plan, A40, tmp_path / "a", progress=False)
+    units = json.loads((tmp_path / "a" / build_stage.MANIFEST).read_text())["compile"]
+    cached = sorted(p.name for p in (tmp_path / "cache").glob("*.o"))
+    assert len(cached) == len(units)
+    build_stage.build(plan, A40, tmp_path / "b", progress=False)
+    for unit in units:  # same key in both builds: the command does not depend on the build directory
+        assert (tmp_path / "b" / unit["object"]).read_bytes() == (first.build_dir / unit["object"]).read_bytes()
+    assert (tmp_path / "b" / build_stage.LIBRARY).is_file()

@@ -135,6 +135,7 @@ _COMMON = dict(
     split_k=(1,),
     smem_bytes=smem_bytes,
     max_m=PLANNER_MAX_M,
+    m_step=8,  # one instantiation per 8-token mma tile count; the K split is chosen at launch to fill the GPU
 )
 
 SM90_DECODE = register(Family(name="sm90_decode", granularity="group", render=render_group, **_COMMON))
