@@ -23,7 +23,7 @@ Every constant is in :class:`CostConstants`; a measured set (a later ``apex4gen 
 * ``int4_tensor_efficiency`` 0.25: a group-wise mainloop drains its int32 accumulators every group; with the
   slots below this reproduces APEX4's compute-bound W4A4-g128 speedups (RTX 3090 2.0-2.5x, A100 0.43-0.47x)
   and the ~3x of Atom's g128 kernel over FP16 on the RTX 4090.
-* ``int8/fp8_tensor_efficiency`` 0.47 / 0.62: cuBLAS INT8 921 and FP8 1230 of 1979 TOPS at M=4096 (NOTES.md).
+* ``fp8_tensor_efficiency`` 0.62: cuBLAS FP8 1230 of 1979 TOPS at M=4096 (NOTES.md).
 * ``dequant_slots_sm80`` 8.0 (mma.sync kernels, sm_80/86/89): fitted to APEX4's A100 0.45x at g128.
   ``dequant_slots_sm90`` 5.2 (wgmma kernels): fitted to CUTLASS's FP8 blockwise g128 kernel at 830 TFLOPS on
   the H100 (NOTES.md).
@@ -34,6 +34,12 @@ Without a kernel configuration the estimate assumes ideal tiling (M padded to on
 it pads M and N to the tile, counts waves over the SMs, derates small tiles (operand reuse) and needs one CTA
 per SM to stream DRAM at full rate.
 ``full_reuse_tile`` 32 (a 64x64 tile): below it, operand reuse in shared memory limits the tensor cores.
+``full_reuse_tile_sm90`` 85 (a 256x128 tile): measured on the H100 (bench/sm90_prefill_h100_v1.json), the
+wgmma per-channel kernel ran 1466 TOPS with 256x128 tiles and ~990 with 128x128 at M=4096.
+``partial_tile_bandwidth_sm90`` 0.55: a wgmma kernel whose M tile is mostly padding streamed weights at 54% of
+copy bandwidth at M=1 (gate_up, H100), against 89% for the decode kernel that sizes itself to M
+(bench/results-h100.md).
+``int8_tensor_efficiency`` 0.74 is that 1466 of 1979 TOPS.
 """
 from __future__ import annotations
 
@@ -80,7 +86,7 @@ def fits(granularity: str, k: int) -> bool:
 class CostConstants:
     fp16_tensor_efficiency: float = 0.75
     int4_tensor_efficiency: float = 0.25
-    int8_tensor_efficiency: float = 0.47
+    int8_tensor_efficiency: float = 0.74
     fp8_tensor_efficiency: float = 0.62
     dequant_ops_int: float = 3.0
     dequant_ops_float: float = 2.0
@@ -91,12 +97,23 @@ class CostConstants:
     launch_us: float = 2.0
     mma_m: int = 16                 # rows one MMA computes: smaller M still pays for 16
     full_reuse_tile: float = 32.0   # tm*tn/(tm+tn) of a 64x64 tile: smaller tiles starve the tensor cores
+    full_reuse_tile_sm90: float = 85.0   # ... of a 256x128 tile: wgmma needs larger tiles
+    partial_tile_bandwidth_sm90: float = 0.55  # weight streaming of a wgmma kernel whose M tile is mostly padding
 
     def tensor_efficiency(self, path: str) -> float:
         return getattr(self, f"{path}_tensor_efficiency")
 
     def dequant_slots(self, kernel_arch: str) -> float:
         return self.dequant_slots_sm90 if kernel_arch == "sm_90a" else self.dequant_slots_sm80
+
+    def reuse_tile(self, kernel_arch: str) -> float:
+        return self.full_reuse_tile_sm90 if kernel_arch == "sm_90a" else self.full_reuse_tile
+
+    def partial_tile_bandwidth(self, kernel_arch: str, m: int, tile_m: int) -> float:
+        """Bandwidth derating of a kernel whose M tile is less than a quarter full (sm_90a: measured)."""
+        if kernel_arch != "sm_90a" or 4 * m >= tile_m:
+            return 1.0
+        return self.partial_tile_bandwidth_sm90
 
     def dequant_ops(self, path: str) -> float:
         return self.dequant_ops_float if path == "fp8" else self.dequant_ops_int
@@ -157,14 +174,15 @@ def _config_tiling(m: int, n: int, gpu: GpuSpec, cfg: KernelConfig, c: CostConst
     tiles_m, tiles_n = math.ceil(m / cfg.tile_m), math.ceil(n / cfg.tile_n)
     ctas = tiles_m * tiles_n * cfg.split_k
     waves = math.ceil(ctas / gpu.sm_count)
-    reuse = cfg.tile_m * cfg.tile_n / (cfg.tile_m + cfg.tile_n) / c.full_reuse_tile
+    reuse = cfg.tile_m * cfg.tile_n / (cfg.tile_m + cfg.tile_n) / c.reuse_tile(cfg.arch)
+    share = min(1.0, ctas / gpu.sm_count) * c.partial_tile_bandwidth(cfg.arch, m, cfg.tile_m)
     return _Tiling(tiles_m * cfg.tile_m, tiles_n * cfg.tile_n, ctas / (waves * gpu.sm_count),
-                   min(1.0, reuse), min(1.0, ctas / gpu.sm_count), cfg.split_k)
+                   min(1.0, reuse), share, cfg.split_k)
 
 
 def _runtime_tiling(m: int, n: int, gpu: GpuSpec, cfg: KernelConfig, m_step: int, c: CostConstants) -> _Tiling:
     """A launcher that pads M to ``m_step`` and splits K until the GPU is full: whole waves, full bandwidth."""
-    reuse = m_step * cfg.tile_n / (m_step + cfg.tile_n) / c.full_reuse_tile
+    reuse = m_step * cfg.tile_n / (m_step + cfg.tile_n) / c.reuse_tile(cfg.arch)
     return _Tiling(math.ceil(m / m_step) * m_step, math.ceil(n / cfg.tile_n) * cfg.tile_n, 1.0, min(1.0, reuse),
                    1.0, 1)
 

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.gpu
 
 MS = (1, 3, 16, 17, 100, 1024)
 HOPPER_MS = MS + (4096,)
-N_CHUNK = 4096  # the float64 reference holds [M, N_CHUNK, K/group] partials at a time
+REF_ELEMENTS = 1 << 27  # the float64 reference holds [M, chunk, K/group] partials (1 GiB) at a time
 
 
 def _build_dirs() -> list[Path]:
@@ -66,8 +66,10 @@ def _ms(build) -> tuple[int, ...]:
 def assert_matches_reference(y: torch.Tensor, xq: ref.QuantizedTensor, wq: ref.QuantizedTensor,
                              bias: torch.Tensor | None) -> None:
     assert not torch.isnan(y).any(), "NaN left in the output: some elements were never written"
-    for lo in range(0, wq.q.shape[0], N_CHUNK):
-        hi = min(lo + N_CHUNK, wq.q.shape[0])
+    n, groups = wq.q.shape[0], wq.scales.shape[1]
+    chunk = max(8, REF_ELEMENTS // (y.shape[0] * groups))
+    for lo in range(0, n, chunk):
+        hi = min(lo + chunk, n)
         part = ref.QuantizedTensor(wq.q[lo:hi], wq.scales[lo:hi], wq.group)
         b = None if bias is None else bias[lo:hi]
         want = ref.gemm(xq, part, b, y.dtype).double()

@@ -247,5 +247,5 @@ def test_buckets_may_compute_on_another_path_than_the_layer(tmp_path):
     for gemm in plan.gemms:
         assert gemm.buckets[-1].kernel.path == "fp8" == gemm.path
     o_proj = plan.gemm_for("o_proj")
-    assert [b.kernel.path for b in o_proj.buckets[:2]] == ["int8", "int8"]  # runtime split-K fills the GPU
+    assert o_proj.buckets[0].kernel.path == "int8"  # at M=1 the runtime split-K decode kernel fills the GPU
     assert all(lp.path == "fp8" for lp in plan.layers)
