@@ -37,8 +37,8 @@ per SM to stream DRAM at full rate.
 ``full_reuse_tile_sm90`` 85 (a 256x128 tile): measured on the H100 (bench/sm90_prefill_h100_v1.json), the
 wgmma per-channel kernel ran 1466 TOPS with 256x128 tiles and ~990 with 128x128 at M=4096.
 ``partial_tile_bandwidth_sm90`` 0.55: a wgmma kernel whose M tile is mostly padding streamed weights at 54% of
-copy bandwidth at M=1 (gate_up, H100), against 89% for the decode kernel that sizes itself to M
-(bench/results-h100.md).
+copy bandwidth at M=1 and 4 and 60% at M=16 (gate_up, 64-row tiles, H100), against 89% for the decode kernel
+that sizes itself to M (bench/results-h100.md).
 ``int8_tensor_efficiency`` 0.74 is that 1466 of 1979 TOPS.
 """
 from __future__ import annotations
@@ -110,8 +110,8 @@ class CostConstants:
         return self.full_reuse_tile_sm90 if kernel_arch == "sm_90a" else self.full_reuse_tile
 
     def partial_tile_bandwidth(self, kernel_arch: str, m: int, tile_m: int) -> float:
-        """Bandwidth derating of a kernel whose M tile is less than a quarter full (sm_90a: measured)."""
-        if kernel_arch != "sm_90a" or 4 * m >= tile_m:
+        """Bandwidth derating of a kernel whose M tile is less than half full (sm_90a: measured)."""
+        if kernel_arch != "sm_90a" or 2 * m >= tile_m:
             return 1.0
         return self.partial_tile_bandwidth_sm90
 
