@@ -18,20 +18,10 @@ from apex4gen.kernels import KernelConfig
 from apex4gen.kernels import sm90_decode
 from apex4gen.kernels.layouts import pack
 from apex4gen import reference
+from apex4gen.loader import GemmArgs  # the ABI struct, defined once
 
 _DTYPES = {"f16": torch.float16, "bf16": torch.bfloat16}
 STATUS_OK = 0
-
-
-class GemmArgs(ctypes.Structure):
-    """apex4gen_gemm_args (runtime/apex4gen.h)."""
-
-    _fields_ = [
-        ("qx", ctypes.c_void_p), ("sx", ctypes.c_void_p), ("qw", ctypes.c_void_p), ("sw", ctypes.c_void_p),
-        ("bias", ctypes.c_void_p), ("y", ctypes.c_void_p),
-        ("m", ctypes.c_int), ("n", ctypes.c_int), ("k", ctypes.c_int), ("group", ctypes.c_int),
-        ("workspace", ctypes.c_void_p), ("workspace_bytes", ctypes.c_size_t),
-    ]
 
 
 def decode_config(group: int, out_dtype: str) -> KernelConfig:

@@ -18,6 +18,7 @@ from apex4gen import reference as ref
 from apex4gen.kernels import FAMILIES, KernelConfig, family_of
 from apex4gen.kernels import layouts
 from apex4gen.kernels.sm90_prefill import GROUP, SM90_PREFILL_CHANNEL, SM90_PREFILL_GROUP
+from apex4gen.loader import GemmArgs  # the ABI struct, defined once
 
 H100_SMEM_PER_BLOCK = 227 * 1024
 LLAMA2_70B = [(10240, 8192), (8192, 8192), (57344, 8192), (8192, 28672)]  # (N, K): qkv, o, gate_up, down
@@ -121,14 +122,6 @@ def test_channel_kernel_compiles(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- GPU
-
-class GemmArgs(ctypes.Structure):
-    """runtime/apex4gen.h apex4gen_gemm_args."""
-    _fields_ = [("qx", ctypes.c_void_p), ("sx", ctypes.c_void_p), ("qw", ctypes.c_void_p),
-                ("sw", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("y", ctypes.c_void_p),
-                ("m", ctypes.c_int), ("n", ctypes.c_int), ("k", ctypes.c_int), ("group", ctypes.c_int),
-                ("workspace", ctypes.c_void_p), ("workspace_bytes", ctypes.c_size_t)]
-
 
 class LoadedKernel:
     """One kernel's launcher through ctypes; swap for apex4gen.loader once builds load through it."""
