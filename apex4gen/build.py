@@ -15,11 +15,12 @@ binary serves PyTorch and other engines alike.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
-import shutil
+import shlex
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -37,8 +38,6 @@ from . import toolchain
 MANIFEST = "manifest.json"
 LIBRARY = "lib/libapex4gen.so"
 INT_MAX = 2**31 - 1
-_ACT_FORMAT_VALUE = {name: i for i, name in enumerate(ACT_FORMAT_ENUM)}  # order = the C enum's
-_DTYPE_VALUE = {"f16": 0, "bf16": 1}
 RUNTIME_SOURCES = ("quantize.cu",)
 RUNTIME_HEADERS = ("apex4gen.h",)
 
@@ -198,7 +197,6 @@ def write_ninja(build_dir: Path, units: list[CompileUnit], arch: str) -> Path:
 
 
 def _shell_join(args) -> str:
-    import shlex
     return " ".join(shlex.quote(str(a)) for a in args)
 
 
@@ -221,7 +219,7 @@ def _follow_ninja(proc, progress: bool) -> tuple[list[str], int]:
     steps = 0
     bar = _progress_bar() if progress else None
     task = None
-    with bar or _nullcontext():
+    with bar or contextlib.nullcontext():
         for line in proc.stdout:
             output.append(line.rstrip("\n"))
             m = status.match(line)
@@ -241,14 +239,6 @@ def _progress_bar():
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     transient=True)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _failure_line(output: list[str], units: list[CompileUnit]) -> str:
@@ -342,9 +332,3 @@ def _remove_stale_objects(build_dir: Path, units: list[CompileUnit]) -> None:
 
 def default_build_dir(gpu_name: str, model_name: str, root: Path | None = None) -> Path:
     return (root or Path("generated")) / f"{gpu_name}-{model_name}"
-
-
-def clean(build_dir: Path) -> None:
-    """Remove a build directory that apex4gen made (has a manifest or a build.ninja)."""
-    if (build_dir / "build.ninja").exists() or (build_dir / MANIFEST).exists():
-        shutil.rmtree(build_dir)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from . import reference
-from .build import LIBRARY, MANIFEST
+from .build import MANIFEST
 from .errors import LoadError, ShapeError
 from .kernels import layouts
 

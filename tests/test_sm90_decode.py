@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import re
-import shutil
 import sys
 from pathlib import Path
 from types import SimpleNamespace

@@ -1,7 +1,6 @@
 """`apex4gen bench BUILD_DIR`: time a loaded build's GEMMs against cuBLAS and PyTorch's int4 kernel."""
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
