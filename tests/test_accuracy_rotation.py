@@ -39,3 +39,48 @@ def test_rotation_keeps_the_model_outputs(tie):
     assert isinstance(layer.mlp.down_proj, RotatedInputLinear)
     assert torch.equal(layer.input_layernorm.weight, torch.ones_like(layer.input_layernorm.weight))
     assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
+
+
+@pytest.mark.parametrize("n", [96, 576, 1536, 2048])
+def test_fast_kronecker_transform_is_the_dense_rotation(n):
+    from apex4gen.accuracy.rotation import _fast_transform, apply_transform, hadamard_factors
+
+    factors = hadamard_factors(n)
+    assert len(factors) > 1 and max(f.shape[0] for f in factors) <= 64
+    kron = factors[0]
+    for f in factors[1:]:
+        kron = torch.kron(kron, f)
+    assert torch.equal(kron, hadamard(n))
+    t = random_orthogonal(n, seed=3).float()
+    assert _fast_transform(t) is not None
+    x = torch.randn(2, 5, n)
+    assert torch.allclose(apply_transform(x, t), x @ t, atol=1e-5)
+    assert apply_transform(x.half(), t).dtype == torch.float16
+
+
+def test_dense_orthogonal_falls_back_to_matmul():
+    from apex4gen.accuracy.rotation import _fast_transform, apply_transform
+
+    q, _ = torch.linalg.qr(torch.randn(96, 96))
+    assert _fast_transform(q) is None
+    x = torch.randn(4, 96)
+    assert torch.equal(apply_transform(x, q), x @ q)
+
+
+@torch.no_grad()
+def test_fast_online_rotation_layer_matches_the_plain_layer():
+    from apex4gen.accuracy.rotation import OnlineRotatedW4A4Linear, set_fast_online_rotation
+    from apex4gen.nn import W4A4Linear
+
+    lin = torch.nn.Linear(1536, 64, bias=False)
+    layer = W4A4Linear.from_linear(lin, "g128", act_clip=0.9, input_transform=random_orthogonal(1536, 1).float())
+    model = torch.nn.Sequential(layer)
+    x = torch.randn(8, 1536)
+    dense = model(x)
+    set_fast_online_rotation(model)
+    assert type(layer) is OnlineRotatedW4A4Linear
+    fast = model(x)
+    # same quantized function: inputs agree to fp32 rounding, so nearly all int4 codes agree
+    assert torch.allclose(fast, dense, rtol=1e-2, atol=1e-2 * float(dense.abs().max()))
+    set_fast_online_rotation(model, fast=False)
+    assert type(layer) is W4A4Linear and torch.equal(model(x), dense)

@@ -9,7 +9,10 @@
    :class:`apex4gen.nn.W4A4Linear`, and its quantized outputs feed the next layer;
 3. otherwise plain RTN of every linear.
 
-lm_head and the embeddings stay in full precision (as in QuaRot and Atom). Granularity is chosen per
+lm_head and the embeddings stay in full precision (as in QuaRot and Atom). The online Hadamard before
+down_proj runs as a fast Kronecker transform while calibrating (:func:`rotation.apply_transform`); the
+returned model holds plain :class:`W4A4Linear` layers (call :func:`rotation.set_fast_online_rotation` to
+evaluate it fast: same function up to fp32 rounding). Granularity is chosen per
 layer kind with the plan's names: qkv_proj (q, k, v), o_proj, gate_up_proj (gate, up), down_proj.
 """
 from __future__ import annotations
@@ -92,19 +95,26 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor |
         for layer in progress(model.model.layers, "RTN"):
             for parent, attr in decoder_linears(layer).values():
                 _replace_rtn(parent, attr, cfg)
-    return model
+    # calibration ran the online Hadamard fast; the result is plain W4A4Linear, bit-identical to a saved and
+    # reloaded checkpoint (rotation.set_fast_online_rotation switches evaluation to the fast transform)
+    return rotation.set_fast_online_rotation(model, fast=False)
 
 
 def _replace_rtn(parent: nn.Module, attr: str, cfg: QuantConfig) -> None:
     lin = getattr(parent, attr)
     group = group_for(cfg, attr, lin.in_features)
     w = rtn_quantize(lin.weight.detach(), group, _scale_dtype(lin))
-    setattr(parent, attr, W4A4Linear.from_quantized(w, lin.bias, input_transform=_transform(lin)))
+    setattr(parent, attr, _w4a4(lin).from_quantized(w, lin.bias, input_transform=_transform(lin)))
 
 
 def _scale_dtype(lin: nn.Linear) -> torch.dtype:
     dt = lin.weight.dtype
     return dt if dt in (torch.float16, torch.bfloat16) else torch.float16
+
+
+def _w4a4(lin: nn.Module) -> type[W4A4Linear]:
+    """W4A4Linear, or its subclass applying the online Hadamard as a fast Kronecker transform."""
+    return W4A4Linear if _transform(lin) is None else rotation.OnlineRotatedW4A4Linear
 
 
 def _transform(lin: nn.Module) -> torch.Tensor | None:
@@ -201,5 +211,5 @@ def _replace_calibrated(parent, attr, cfg: QuantConfig, acc: HessianAccumulator,
         importance = torch.diag(acc.hessian()).float() if cfg.clip_weights else None
         wq = rtn_quantize(w, group, _scale_dtype(lin), clip=cfg.clip_weights, importance=importance)
     act_clip = search_act_clip(samples, w, wq) if cfg.clip_acts else 1.0
-    setattr(parent, attr, W4A4Linear.from_quantized(wq, lin.bias, act_clip=act_clip,
+    setattr(parent, attr, _w4a4(lin).from_quantized(wq, lin.bias, act_clip=act_clip,
                                                     input_transform=_transform(lin)))

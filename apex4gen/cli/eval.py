@@ -39,6 +39,7 @@ def ppl_cmd(model_path, plan_path, granularity, rotate, gptq, act_order, clip_we
     `fp_ppl=<x> quant_ppl=<y> ratio=<y/x>`."""
     from ..accuracy.data import load_text
     from ..accuracy.models import load_model
+    from ..accuracy.rotation import set_fast_online_rotation
     from ..checkpoint import load_quantized
     from ..evaluation import perplexity, tokenize
 
@@ -57,6 +58,7 @@ def ppl_cmd(model_path, plan_path, granularity, rotate, gptq, act_order, clip_we
                                       calib_seq_len)
         what = f"W4A4 {cfg.describe()}"
     del model
+    set_fast_online_rotation(quant_model)  # the online Hadamard as a Kronecker transform, not a dense matmul
     quant = perplexity(quant_model, ids, window, "perplexity (W4A4)")
     calib = f"; calibration {calib_samples}x{calib_seq_len} tokens of {calib_text}" \
         if checkpoint is None and cfg.needs_calibration else ""
