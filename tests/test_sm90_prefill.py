@@ -7,6 +7,7 @@ set (the device machine has no CUTLASS headers), else build them with nvcc into 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import os
 import subprocess
 from pathlib import Path
@@ -307,3 +308,13 @@ def test_cuda_graph_replay_matches_eager(cfg, gen, tmp_path):
     torch.cuda.synchronize()
     assert torch.equal(y, eager)
 
+
+
+def test_legality_names_an_unserved_group_size():
+    from apex4gen.kernels.legality import violations
+    from apex4gen.specs import load_gpu
+
+    gpu = load_gpu("h100-sxm")
+    assert SM90_PREFILL_GROUP.configs("sm_90a", 256, "f16") == []
+    cfg = dataclasses.replace(SM90_PREFILL_GROUP.configs("sm_90a", GROUP, "f16")[0], group=256)
+    assert any("serves group sizes (128,), not 256" in r for r in violations(cfg, gpu, 8192, 8192))

@@ -39,16 +39,23 @@ class Family:
     smem_bytes: Callable[[KernelConfig], int]
     render: Callable[[KernelConfig], dict]
     max_m: int | None = None        # a decode-only family serves M <= max_m
+    groups: tuple[int, ...] | None = None  # the group sizes a group-wise template serves (None: any)
     m_step: int | None = None       # set when the launcher picks an instantiation per M (padding M to a multiple
                                     # of m_step) and splits K at run time to fill the GPU, ignoring tile_m/split_k
 
     def configs(self, arch: str, group: int, out_dtype: str) -> list[KernelConfig]:
         """Every instance of this family for one arch/group/dtype (legality filters them later)."""
+        if not self.serves_group(group):
+            return []
         return [
             KernelConfig(self.name, arch, self.path, group, t.tile_m, t.tile_n, t.tile_k, t.warps_m, t.warps_n,
                          s, k, out_dtype)
             for t in self.tiles for s in self.stages for k in self.split_k
         ]
+
+
+    def serves_group(self, group: int) -> bool:
+        return self.groups is None or group in self.groups
 
 
 FAMILIES: dict[str, Family] = {}

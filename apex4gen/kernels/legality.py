@@ -17,6 +17,8 @@ def violations(cfg: KernelConfig, gpu, n: int | None = None, k: int | None = Non
         out.append(f"{fam.name} is not built for {cfg.arch}")
     if cfg.arch != gpu.kernel_arch:
         out.append(f"{cfg.arch} code does not target {gpu.name} ({gpu.kernel_arch})")
+    if not fam.serves_group(cfg.group):
+        out.append(f"{fam.name} serves group sizes {fam.groups}, not {cfg.group}")
     smem = fam.smem_bytes(cfg)
     if smem > gpu.smem_per_block_bytes:
         out.append(f"needs {smem} B shared memory per block, {gpu.name} allows {gpu.smem_per_block_bytes} B")

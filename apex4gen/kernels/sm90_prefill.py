@@ -25,7 +25,6 @@ static_asserts that it equals the value it is given, so legality against a GPU's
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 from . import cpp_names
 from .config import KernelConfig
@@ -47,16 +46,6 @@ CHANNEL_TILES = tuple(TileShape(tm, 128, TILE_K, *CONSUMER_WARPS) for tm in (64,
 # Largest stage count that fits 227 KB with the epilogue, for each tile: the planner may pick fewer.
 GROUP_STAGES = (4, 6)
 CHANNEL_STAGES = (4, 5)
-
-
-@dataclass(frozen=True)
-class _SingleGroupFamily(Family):
-    """A family that serves exactly one group size: other groups get no configurations."""
-
-    only_group: int = GROUP
-
-    def configs(self, arch: str, group: int, out_dtype: str) -> list[KernelConfig]:
-        return super().configs(arch, group, out_dtype) if group == self.only_group else []
 
 
 # CUTLASS's kernel SharedStorage, as nvcc lays it out (tests pin values read off the compiler; each template
@@ -144,7 +133,7 @@ SM90_PREFILL_CHANNEL = register(Family(
     render=render_channel,
 ))
 
-SM90_PREFILL_GROUP = register(_SingleGroupFamily(
+SM90_PREFILL_GROUP = register(Family(
     name="sm90_prefill_group",
     archs=ARCHS,
     path="fp8",
@@ -159,4 +148,5 @@ SM90_PREFILL_GROUP = register(_SingleGroupFamily(
     split_k=(1,),
     smem_bytes=group_smem_bytes,
     render=render_group,
+    groups=(GROUP,),
 ))
