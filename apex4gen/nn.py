@@ -68,6 +68,11 @@ def clip_activation(x: torch.Tensor, group: int, ratio: float) -> torch.Tensor:
     return torch.maximum(torch.minimum(xg, bound), -bound).reshape(m, k)
 
 
+def fake_quant_activation(x: torch.Tensor, group: int | None) -> torch.Tensor:
+    """``x`` [M, K] quantized per (token, group) by the contract and dequantized (fp32)."""
+    return reference.dequantize(reference.quantize_activation(x, group))
+
+
 class W4A4Linear(nn.Module):
     """y = x W^T + b with W int4 (symmetric, per group or per channel) and x quantized to int4 on the fly."""
 
@@ -143,7 +148,7 @@ class W4A4Linear(nn.Module):
         return self.backend.linear(x, self._packed, bias)
 
     def _fake_quant_linear(self, x: torch.Tensor) -> torch.Tensor:
-        xq = reference.dequantize(reference.quantize_activation(x, self.group))
+        xq = fake_quant_activation(x, self.group)
         y = xq @ self._dequantized_weight(x.device).t()
         if self.bias is not None:
             y = y + self.bias.float()

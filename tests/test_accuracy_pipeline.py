@@ -68,3 +68,21 @@ def test_unknown_text_is_a_one_line_error(tmp_path):
 def test_act_order_without_gptq_is_refused(tmp_path):
     result = CliRunner().invoke(cli, ["quantize", "--act-order", "-o", str(tmp_path / "out")])
     assert result.exit_code == 2 and "--gptq" in result.output
+
+
+def test_table_rows_are_method_sets_and_plan_columns_are_the_planners():
+    from apex4gen.accuracy.pipeline import KIND_OF, PLAN_KINDS
+    from apex4gen.cli.eval import column_granularities, parse_method
+    from apex4gen.errors import SpecError
+    from apex4gen.planner import make_plan
+
+    assert not any(parse_method("rtn").values())
+    on = {flag for flag, value in parse_method("rotation+gptq+act-aware").items() if value}
+    assert on == {"rotate", "gptq", "act_aware"}
+    for bad in ("gptq+sparsity", "rotation+act-order"):
+        with pytest.raises(SpecError, match="--methods"):
+            parse_method(bad)
+    assert column_granularities("channel", "smollm2-135m") == dict.fromkeys(PLAN_KINDS, "channel")
+    grans = column_granularities("plan:rtx3090", "smollm2-135m")
+    assert grans == {lp.name: lp.granularity for lp in make_plan("rtx3090", "smollm2-135m").layers}
+    assert all(kind in grans or KIND_OF[kind] in grans for kind in KIND_OF)

@@ -22,9 +22,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..nn import W4A4Linear, effective_group, parse_granularity
+from .. import reference
+from ..nn import W4A4Linear, clip_activation, effective_group, fake_quant_activation, parse_granularity
 from . import rotation
-from .gptq import HessianAccumulator, gptq_quantize
+from .gptq import HessianAccumulator, act_aware_weight, gptq_quantize
 from .progress import progress
 from .rtn import rtn_quantize, search_act_clip
 
@@ -43,6 +44,7 @@ class QuantConfig:
     rotate: bool = False
     gptq: bool = False
     act_order: bool = False
+    act_aware: bool = False
     clip_weights: bool = False
     clip_acts: bool = False
     seed: int = 0
@@ -62,6 +64,7 @@ class QuantConfig:
                  ",".join(f"{k}={g}" for k, g in self.granularity.items())]
         parts += [name for name, on in (("rotation", self.rotate), ("gptq", self.gptq),
                                         ("act-order", self.gptq and self.act_order),
+                                        ("act-aware", self.gptq and self.act_aware),
                                         ("clip-w", self.clip_weights), ("clip-a", self.clip_acts)) if on]
         return " + ".join(parts) if len(parts) > 1 else parts[0] + " + rtn"
 
@@ -160,9 +163,15 @@ def _sequential(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor) -> 
     hidden, kwargs = _capture_first_layer_inputs(model, calib_ids)
     for layer in progress(model.model.layers, "calibrate+quantize layers"):
         linears = decoder_linears(layer)
-        stats = _collect(layer, linears, hidden, kwargs, cfg)
-        for name, (parent, attr) in linears.items():
-            _replace_calibrated(parent, attr, cfg, *stats[name])
+        inputs = _shared_inputs(linears, cfg)
+        hessians, samples = _collect(layer, linears, hidden, kwargs, cfg)
+        clips = {key: _act_clip(cfg, [linears[n] for n in names], samples.get(key[0]), key[1])
+                 for key, names in inputs.items()}
+        targets = _collect_quantized(layer, linears, hidden, kwargs, inputs, clips) if cfg.act_aware else {}
+        for key, names in inputs.items():
+            for name in names:
+                parent, attr = linears[name]
+                _replace_calibrated(parent, attr, cfg, hessians.get(key[0]), targets.get(key), clips[key])
         hidden = _run_layer(layer, hidden, kwargs)
 
 
@@ -170,46 +179,103 @@ def _sequential(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor) -> 
 _SAME_INPUT_AS = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}
 
 
+def _source(name: str, attr: str) -> str:
+    """The projection whose input hook sees ``name``'s input."""
+    return name.rpartition(".")[0] + "." + _SAME_INPUT_AS[attr] if attr in _SAME_INPUT_AS else name
+
+
+def _shared_inputs(linears, cfg: QuantConfig) -> dict[tuple[str, int], list[str]]:
+    """``{(source, group): [projections]}``: one activation, quantized one way, read by fused projections
+    (q, k, v; gate, up), which therefore share one activation clipping ratio, as a fused kernel must."""
+    inputs: dict[tuple[str, int], list[str]] = {}
+    for name, (parent, attr) in linears.items():
+        k = getattr(parent, attr).in_features
+        group = reference.resolve_group(group_for(cfg, attr, k), k)
+        inputs.setdefault((_source(name, attr), group), []).append(name)
+    return inputs
+
+
 def _collect(layer, linears, hidden, kwargs, cfg):
-    """Run the (full-precision) layer on ``hidden``; per linear: input Hessian and a sample of inputs."""
+    """Run the (full-precision) layer on ``hidden``; per input source: the Hessian (when GPTQ or the weight
+    clipping uses it) and a sample of inputs (for the activation clipping search)."""
+    keep_hessian = (cfg.gptq or cfg.clip_weights) and not cfg.act_aware
     readers = {name: getattr(p, a) for name, (p, a) in linears.items() if a not in _SAME_INPUT_AS}
-    stats = {name: (HessianAccumulator(m.in_features), []) for name, m in readers.items()}
+    hessians = {name: HessianAccumulator(m.in_features) for name, m in readers.items()} if keep_hessian else {}
+    samples: dict[str, list[torch.Tensor]] = {name: [] for name in readers}
+    if not keep_hessian and not cfg.clip_acts:
+        return hessians, {}
 
     def make_hook(name, module):
         def hook(_m, args):
             x = rotation.linear_input(module, args[0]).reshape(-1, module.in_features)
-            acc, samples = stats[name]
-            if cfg.gptq or cfg.clip_weights:
-                acc.add(x)
-            kept = sum(s.shape[0] for s in samples)
+            if keep_hessian:
+                hessians[name].add(x)
+            kept = sum(s.shape[0] for s in samples[name])
             if cfg.clip_acts and kept < _ACT_SAMPLE_TOKENS:
-                samples.append(x[: _ACT_SAMPLE_TOKENS - kept].float().clone())
+                samples[name].append(x[: _ACT_SAMPLE_TOKENS - kept].float().clone())
         return hook
 
+    _run_hooked(layer, readers, make_hook, hidden, kwargs)
+    return hessians, {name: torch.cat(s) for name, s in samples.items() if s}
+
+
+def _collect_quantized(layer, linears, hidden, kwargs, inputs, clips):
+    """Per shared input: the Hessian of its quantized version and the cross term (the activation-aware
+    target, :func:`gptq.act_aware_weight`)."""
+    readers = {source: getattr(*linears[source]) for source, _group in inputs}
+    targets = {key: (HessianAccumulator(readers[key[0]].in_features),
+                     HessianAccumulator(readers[key[0]].in_features)) for key in inputs}
+
+    def make_hook(name, module):
+        def hook(_m, args):
+            x = rotation.linear_input(module, args[0]).reshape(-1, module.in_features).float()
+            for (source, group), (hess_q, cross) in targets.items():
+                if source == name:
+                    xq = fake_quant_activation(_clipped(x, group, clips[source, group]), group)
+                    hess_q.add(xq)
+                    cross.add(x, xq)
+        return hook
+
+    _run_hooked(layer, readers, make_hook, hidden, kwargs)
+    return targets
+
+
+def _run_hooked(layer, readers, make_hook, hidden, kwargs) -> None:
     handles = [m.register_forward_pre_hook(make_hook(n, m)) for n, m in readers.items()]
     try:
         _run_layer(layer, hidden, kwargs)
     finally:
         for h in handles:
             h.remove()
-    out = {}
-    for name, (_parent, attr) in linears.items():
-        source = name.rpartition(".")[0] + "." + _SAME_INPUT_AS[attr] if attr in _SAME_INPUT_AS else name
-        acc, samples = stats[source]
-        out[name] = (acc, torch.cat(samples) if samples else None)
-    return out
 
 
-def _replace_calibrated(parent, attr, cfg: QuantConfig, acc: HessianAccumulator, samples) -> None:
+def _clipped(x: torch.Tensor, group: int, ratio: float) -> torch.Tensor:
+    return clip_activation(x, group, ratio) if ratio < 1.0 else x
+
+
+def _act_clip(cfg: QuantConfig, readers: list[tuple[nn.Module, str]], samples, group: int) -> float:
+    """One clipping ratio for an activation, searched against its readers' RTN weights (stacked)."""
+    if not cfg.clip_acts:
+        return 1.0
+    lins = [getattr(parent, attr) for parent, attr in readers]
+    w = torch.cat([lin.weight.detach() for lin in lins])
+    return search_act_clip(samples, w, rtn_quantize(w, group, _scale_dtype(lins[0])))
+
+
+def _replace_calibrated(parent, attr, cfg: QuantConfig, hessian: HessianAccumulator | None, target,
+                        act_clip: float) -> None:
     lin = getattr(parent, attr)
     group = group_for(cfg, attr, lin.in_features)
     w = lin.weight.detach()
     if cfg.gptq:
-        wq = gptq_quantize(w, acc.hessian(), group, _scale_dtype(lin), act_order=cfg.act_order,
-                           clip=cfg.clip_weights)
+        if target is not None:
+            hess_q, cross = target
+            w, h = act_aware_weight(w, cross.hessian(), hess_q.hessian()), hess_q.hessian()
+        else:
+            h = hessian.hessian()
+        wq = gptq_quantize(w, h, group, _scale_dtype(lin), act_order=cfg.act_order, clip=cfg.clip_weights)
     else:
-        importance = torch.diag(acc.hessian()).float() if cfg.clip_weights else None
+        importance = torch.diag(hessian.hessian()).float() if cfg.clip_weights else None
         wq = rtn_quantize(w, group, _scale_dtype(lin), clip=cfg.clip_weights, importance=importance)
-    act_clip = search_act_clip(samples, w, wq) if cfg.clip_acts else 1.0
     setattr(parent, attr, _w4a4(lin).from_quantized(wq, lin.bias, act_clip=act_clip,
                                                     input_transform=_transform(lin)))

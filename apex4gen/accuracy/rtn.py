@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from ..nn import clip_activation
+from ..nn import clip_activation, fake_quant_activation
 
 WEIGHT_CLIP_GRID = tuple(round(1.0 - 0.025 * i, 3) for i in range(17))  # 1.0 .. 0.6
 ACT_CLIP_GRID = tuple(round(1.0 - 0.05 * i, 2) for i in range(7))  # 1.0 .. 0.7
@@ -69,6 +69,6 @@ def search_act_clip(x: torch.Tensor, w: torch.Tensor, wq: reference.QuantizedTen
     errs = []
     for ratio in grid:
         xc = clip_activation(x, wq.group, ratio) if ratio < 1.0 else x
-        y = reference.dequantize(reference.quantize_activation(xc, wq.group)) @ wdq.t()
+        y = fake_quant_activation(xc, wq.group) @ wdq.t()
         errs.append(float(((y - target) ** 2).sum()))
     return grid[min(range(len(grid)), key=errs.__getitem__)]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from ..errors import SpecError
 from .quantize import build_config, method_options, quantize_loaded
 
 
@@ -33,8 +34,8 @@ def fetch_cmd() -> None:
 @click.option("--window", default=1024, show_default=True, type=click.IntRange(2), help="tokens per window")
 @click.option("--checkpoint", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="evaluate this saved W4A4 checkpoint (apex4gen quantize) instead of quantizing here")
-def ppl_cmd(model_path, plan_path, granularity, rotate, gptq, act_order, clip_weights, clip_acts, calib_text,
-            calib_samples, calib_seq_len, seed, text, tokens, window, checkpoint) -> None:
+def ppl_cmd(model_path, plan_path, granularity, calib_text, calib_samples, calib_seq_len, text, tokens, window,
+            checkpoint, **methods) -> None:
     """Perplexity of the FP model and of its W4A4 variant; the last line is
     `fp_ppl=<x> quant_ppl=<y> ratio=<y/x>`."""
     from ..accuracy.data import load_text
@@ -43,7 +44,7 @@ def ppl_cmd(model_path, plan_path, granularity, rotate, gptq, act_order, clip_we
     from ..checkpoint import load_quantized
     from ..evaluation import perplexity, tokenize
 
-    cfg = build_config(plan_path, granularity, rotate, gptq, act_order, clip_weights, clip_acts, seed)
+    cfg = build_config(plan_path, granularity, **methods)
     start = time.perf_counter()
     model, tokenizer = load_model(model_path)
     try:
@@ -65,6 +66,88 @@ def ppl_cmd(model_path, plan_path, granularity, rotate, gptq, act_order, clip_we
     click.echo(f"{what}: {ids.numel()} tokens of {text}, {window}-token windows{calib}; "
                f"{time.perf_counter() - start:.0f} s", err=True)
     click.echo(f"fp_ppl={fp:.3f} quant_ppl={quant:.3f} ratio={quant / fp:.4f}")
+
+
+METHOD_FLAGS = {"rotation": "rotate", "gptq": "gptq", "act-order": "act_order", "act-aware": "act_aware",
+                "clip-weights": "clip_weights", "clip-acts": "clip_acts"}
+
+
+def parse_method(text: str) -> dict[str, bool]:
+    """'rotation+gptq+clip-acts' -> the method options; 'rtn' is none of them."""
+    names = [] if text == "rtn" else text.split("+")
+    unknown = [n for n in names if n not in METHOD_FLAGS]
+    if unknown:
+        raise SpecError(f"--methods: unknown method {unknown[0]!r} in {text!r}: use 'rtn' or a '+'-joined "
+                        f"subset of {', '.join(METHOD_FLAGS)}")
+    flags = dict.fromkeys(METHOD_FLAGS.values(), False)
+    flags.update(dict.fromkeys((METHOD_FLAGS[n] for n in names), True))
+    if (flags["act_order"] or flags["act_aware"]) and not flags["gptq"]:
+        raise SpecError(f"--methods: {text!r}: act-order and act-aware are GPTQ options: add gptq")
+    return flags
+
+
+def column_granularities(column: str, model_spec: str):
+    """'g128' / 'channel' -> that granularity everywhere; 'plan:<gpu>' -> the planner's per-layer choice for
+    ``model_spec`` on that GPU (default workload and budget)."""
+    from ..accuracy.pipeline import PLAN_KINDS
+    from ..planner import make_plan
+    from .quantize import granularities_of
+
+    if column.startswith("plan:"):
+        gpu = column.removeprefix("plan:")
+        return granularities_of(make_plan(gpu, model_spec), f"plan for {gpu}")
+    return {kind: column for kind in PLAN_KINDS}
+
+
+@eval_group.command("table")
+@click.option("--model-path", default=None, help="as for `eval ppl` [default: SmolLM2-135M-Instruct]")
+@click.option("--model-spec", default="smollm2-135m", show_default=True,
+              help="the model's spec, for the plan columns")
+@click.option("--methods", default="rtn,rotation,gptq,rotation+gptq,"
+              "rotation+gptq+act-order+act-aware+clip-weights+clip-acts", show_default=True,
+              help="rows: comma-separated; each 'rtn' or a '+'-joined set of " + ", ".join(METHOD_FLAGS))
+@click.option("--columns", default="g128,channel,plan:a100-80gb,plan:rtx3090", show_default=True,
+              help="comma-separated: a granularity, or plan:<gpu> for the planner's mixed plan")
+@click.option("--text", default="prideprejudice", show_default=True)
+@click.option("--tokens", default=8192, show_default=True, type=click.IntRange(2))
+@click.option("--window", default=1024, show_default=True, type=click.IntRange(2))
+@click.option("--calib-text", default="emma", show_default=True)
+@click.option("--calib-samples", default=32, show_default=True, type=click.IntRange(1))
+@click.option("--calib-seq-len", default=512, show_default=True, type=click.IntRange(16))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="also write the markdown table here (refuses an existing file)")
+def table_cmd(model_path, model_spec, methods, columns, text, tokens, window, calib_text, calib_samples,
+              calib_seq_len, output) -> None:
+    """Perplexity of every (method, granularity) cell, FP model once, as a markdown table."""
+    from ..accuracy.data import load_text
+    from ..accuracy.models import load_model
+    from ..accuracy.pipeline import QuantConfig
+    from ..accuracy.rotation import set_fast_online_rotation
+    from ..evaluation import perplexity, tokenize
+
+    if output is not None and output.exists():
+        raise click.UsageError(f"{output} exists: remove it or pass another --output")
+    rows = [(m, parse_method(m)) for m in methods.split(",")]
+    cols = [(c, column_granularities(c, model_spec)) for c in columns.split(",")]
+    model, tokenizer = load_model(model_path)
+    ids = tokenize(tokenizer, load_text(text), tokens)
+    fp = perplexity(model, ids, window, "perplexity (FP)")
+    lines = [f"| W4A4 | {' | '.join(c for c, _ in cols)} |", "|" + " --- |" * (len(cols) + 1),
+             f"| FP | {' | '.join(f'{fp:.2f}' for _ in cols)} |"]
+    for name, flags in rows:
+        cells = []
+        for col, grans in cols:
+            start = time.perf_counter()
+            quant = quantize_loaded(copy.deepcopy(model), tokenizer, QuantConfig(granularity=grans, **flags),
+                                    calib_text, calib_samples, calib_seq_len)
+            ppl = perplexity(set_fast_online_rotation(quant), ids, window, f"{name} / {col}")
+            cells.append(f"{ppl:.2f} ({ppl / fp:.2f}x)")
+            click.echo(f"{name} / {col}: {ppl:.3f} ({time.perf_counter() - start:.0f} s)", err=True)
+        lines.append(f"| {name} | {' | '.join(cells)} |")
+    table = "\n".join(lines) + "\n"
+    click.echo(table, nl=False)
+    if output is not None:
+        output.write_text(table)
 
 
 COMMANDS = [eval_group]

@@ -27,6 +27,9 @@ def method_options(fn):
                      help="QuaRot-style Hadamard rotation (exact in full precision)"),
         click.option("--gptq/--no-gptq", default=False, show_default=True, help="GPTQ for the weights"),
         click.option("--act-order", is_flag=True, help="GPTQ columns in decreasing Hessian-diagonal order"),
+        click.option("--act-aware", is_flag=True,
+                     help="GPTQ against the quantized activations: fit the weights to the full-precision outputs "
+                          "from 4-bit inputs (asymmetric calibration)"),
         click.option("--clip-weights", is_flag=True, help="search a clipping ratio per weight group"),
         click.option("--clip-acts", is_flag=True, help="search an activation clipping ratio per layer"),
         click.option("--calib-text", default="emma", show_default=True,
@@ -40,12 +43,11 @@ def method_options(fn):
     return functools.reduce(lambda f, opt: opt(f), reversed(options), fn)
 
 
-def build_config(plan_path: Path | None, granularity: str, rotate: bool, gptq: bool, act_order: bool,
-                 clip_weights: bool, clip_acts: bool, seed: int) -> QuantConfig:
-    methods = dict(rotate=rotate, gptq=gptq, act_order=act_order, clip_weights=clip_weights,
-                   clip_acts=clip_acts, seed=seed)
-    if act_order and not gptq:
-        raise SpecError("--act-order is a GPTQ option: add --gptq")
+def build_config(plan_path: Path | None, granularity: str, **methods) -> QuantConfig:
+    """``methods``: the method options by name (rotate, gptq, act_order, act_aware, clip_weights, ...)."""
+    for gptq_option in ("act_order", "act_aware"):
+        if methods[gptq_option] and not methods["gptq"]:
+            raise SpecError(f"--{gptq_option.replace('_', '-')} is a GPTQ option: add --gptq")
     if plan_path is None:
         return QuantConfig.uniform(granularity, **methods)
     return QuantConfig(granularity=plan_granularities(plan_path), **methods)
@@ -55,14 +57,17 @@ def plan_granularities(plan_path: Path) -> dict[str, str]:
     """Per layer kind (fused plans) or projection (unfused plans) the plan's granularity."""
     from ..plan import Plan
 
-    plan = Plan.load(plan_path)
+    return granularities_of(Plan.load(plan_path), str(plan_path))
+
+
+def granularities_of(plan, where: str) -> dict[str, str]:
     grans = {lp.name: lp.granularity for lp in plan.layers}
     unknown = sorted(set(grans) - set(PLAN_KINDS) - set(KIND_OF))
     if unknown:
-        raise SpecError(f"{plan_path}: layers {', '.join(unknown)} are not LLaMA projections")
+        raise SpecError(f"{where}: layers {', '.join(unknown)} are not LLaMA projections")
     missing = [p for p in KIND_OF if p not in grans and KIND_OF[p] not in grans]
     if missing:
-        raise SpecError(f"{plan_path}: no granularity for {', '.join(missing)}")
+        raise SpecError(f"{where}: no granularity for {', '.join(missing)}")
     return grans
 
 
@@ -88,13 +93,13 @@ def quantize_loaded(model, tokenizer, cfg: QuantConfig, calib_text: str, calib_s
 @method_options
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="output checkpoint directory")
-def quantize_cmd(model_path, plan_path, granularity, rotate, gptq, act_order, clip_weights, clip_acts,
-                 calib_text, calib_samples, calib_seq_len, seed, output: Path) -> None:
+def quantize_cmd(model_path, plan_path, granularity, calib_text, calib_samples, calib_seq_len, output: Path,
+                 **methods) -> None:
     """Quantize a LLaMA-family model to W4A4 and save a compressed-tensors (pack-quantized) checkpoint."""
     from ..accuracy.models import load_model
     from ..checkpoint import save_quantized
 
-    cfg = build_config(plan_path, granularity, rotate, gptq, act_order, clip_weights, clip_acts, seed)
+    cfg = build_config(plan_path, granularity, **methods)
     start = time.perf_counter()
     model, tokenizer = load_model(model_path)
     quantize_loaded(model, tokenizer, cfg, calib_text, calib_samples, calib_seq_len)
