@@ -9,20 +9,25 @@ through the kernels (``W4A4Linear.attach(build)``).
 * Each W4A4Linear, on the activations it really sees in the model: kernel output within
   ``reference.gemm_tolerance`` of the reference GEMM (integer partials exact, fp32 promotion, one rounding
   to the output dtype).
-* The logits: the two paths differ by far less than W4A4 differs from the FP model. They are not bitwise
-  equal: the fake-quant path sums in fp32 in another order, which moves some outputs by one 16-bit ulp, and a
-  later layer's activation quantization can round such a value to a neighbouring level.
+* The logits: the two paths are not bitwise equal, and need not be: the fake-quant path sums in fp32 in
+  another order, which moves some 16-bit outputs by one ulp, and the next layer's activation quantization
+  rounds such a value to the neighbouring level now and then (a whole quantization step). Over a few layers
+  this reaches tens of percent of the W4A4 error itself in bf16 (measured: fp64 instead of fp32 summation in
+  the fake-quant path moves the logits of a random 2-layer llama3-8b by 0.21 where W4A4 moves them by 0.79).
+  So the kernel path must be as close to fake-quant as that other legal summation order is (the noise floor,
+  measured in the test on the same tokens), and well inside the W4A4 error.
 """
 from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
 
 from apex4gen import reference as ref
-from apex4gen.nn import W4A4Linear
+from apex4gen.nn import W4A4Linear, fake_quant_activation
 from test_kernels_gpu import _build_dirs, assert_matches_reference
 
 pytestmark = pytest.mark.gpu
@@ -99,6 +104,19 @@ def test_every_layer_on_its_real_inputs(quantized, tokens):
         assert_matches_reference(y, ref.quantize_activation(x2, lin.group), lin.quantized_weight(), bias)
 
 
+def _fake_quant_linear_f64(self, x: torch.Tensor) -> torch.Tensor:
+    """The fake-quant GEMM summed in float64: the same contract, another summation order."""
+    xq = fake_quant_activation(x, self.group).double()
+    y = xq @ self._dequantized_weight(x.device).double().t()
+    if self.bias is not None:
+        y = y + self.bias.double()
+    return y.to(x.dtype)
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
 @pytest.mark.parametrize("tokens", TOKENS)
 @torch.no_grad()
 def test_logits_kernel_path_matches_fake_quant(quantized, tokens):
@@ -106,6 +124,8 @@ def test_logits_kernel_path_matches_fake_quant(quantized, tokens):
     ids = torch.randint(0, VOCAB, (2, tokens), device="cuda")
     want_fp = fp(input_ids=ids).logits.float()
     fake = model(input_ids=ids).logits.float()
+    with mock.patch.object(W4A4Linear, "_fake_quant_linear", _fake_quant_linear_f64):
+        fake_f64 = model(input_ids=ids).logits.float()
     _attach(model, build)
     try:
         kernel = model(input_ids=ids).logits.float()
@@ -113,6 +133,6 @@ def test_logits_kernel_path_matches_fake_quant(quantized, tokens):
         for lin in _linears(model):
             lin.attach(None)
     assert torch.isfinite(kernel).all()
-    quant_error = float((fake - want_fp).norm() / want_fp.norm())
-    path_error = float((kernel - fake).norm() / fake.norm())
-    assert path_error < 0.1 * quant_error, (path_error, quant_error)
+    quant_error, floor = _relative(fake, want_fp), _relative(fake_f64, fake)
+    path_error = _relative(kernel, fake)
+    assert path_error < 2 * floor + 0.01 and path_error < 0.5 * quant_error, (path_error, floor, quant_error)
