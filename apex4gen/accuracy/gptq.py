@@ -10,11 +10,6 @@ reached, from the already-updated weights (as in the reference implementation). 
 ("static groups"), since a group's columns are then no longer quantized together. Optional clipping-ratio
 search chooses each scale (see :mod:`.rtn`). The result is a :class:`reference.QuantizedTensor`: the kernels
 compute exactly this quantized weight.
-
-Activation-aware target (``act_aware_weight``): at inference the layer multiplies the *quantized* input
-``X~``, not ``X``. Minimising ``||X W^T - X~ Wq^T||`` splits, with ``W' = W C H~^-1`` the least-squares weight
-for ``X~`` (``C = X^T X~``, ``H~ = X~^T X~``), into ``||X W^T - X~ W'^T||`` (fixed) plus ``||X~ (W' - Wq)^T||``,
-which is plain GPTQ of ``W'`` with the Hessian of ``X~`` (the asymmetric calibration of GPTAQ, Li et al. 2025).
 """
 from __future__ import annotations
 
@@ -27,31 +22,19 @@ from .rtn import clip_groups, round_to_grid, search_weight_clip
 
 
 class HessianAccumulator:
-    """Running ``2/n A^T B`` over calibration inputs [*, K]: the Hessian ``2/n X^T X`` with ``add(x)``, the
-    cross term ``2/n X^T X~`` of the activation-aware target with ``add(x, x_quantized)``."""
+    """Running ``2/n X^T X`` over calibration inputs [*, K]."""
 
     def __init__(self, k: int) -> None:
         self.h = torch.zeros(k, k, dtype=torch.float32)
         self.n = 0
 
-    def add(self, a: torch.Tensor, b: torch.Tensor | None = None) -> None:
-        a = a.reshape(-1, a.shape[-1]).float()
-        b = a if b is None else b.reshape(-1, b.shape[-1]).float()
-        self.h.addmm_(a.t(), b)  # fp32 sums of a few thousand tokens a call; GPTQ then works in float64
-        self.n += a.shape[0]
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        self.h.addmm_(x.t(), x)  # fp32 sums of a few thousand tokens a call; GPTQ then works in float64
+        self.n += x.shape[0]
 
     def hessian(self) -> torch.Tensor:
         return (2.0 / max(self.n, 1)) * self.h.double()
-
-
-def act_aware_weight(w: torch.Tensor, cross: torch.Tensor, hessian_q: torch.Tensor,
-                     damp: float = 0.01) -> torch.Tensor:
-    """``W' = W C H~^-1``: the weight that best maps the quantized inputs to the full-precision outputs
-    (``cross`` = ``2/n X^T X~``, ``hessian_q`` = ``2/n X~^T X~``), damped as GPTQ damps its Hessian."""
-    h = hessian_q.double().clone()
-    h += damp * torch.mean(torch.diag(h)) * torch.eye(h.shape[0], dtype=h.dtype)
-    # W C H~^-1 = (H~^-1 C^T W^T)^T, H~ symmetric positive definite after damping
-    return torch.cholesky_solve(cross.double().t() @ w.double().t(), torch.linalg.cholesky(h)).t()
 
 
 def _scales_for(w: torch.Tensor, group: int, scale_dtype: torch.dtype, clip: bool,

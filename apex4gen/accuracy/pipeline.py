@@ -23,9 +23,9 @@ import torch
 from torch import nn
 
 from .. import reference
-from ..nn import W4A4Linear, clip_activation, effective_group, fake_quant_activation, parse_granularity
+from ..nn import W4A4Linear, effective_group, parse_granularity
 from . import rotation
-from .gptq import HessianAccumulator, act_aware_weight, gptq_quantize
+from .gptq import HessianAccumulator, gptq_quantize
 from .progress import progress
 from .rtn import rtn_quantize, search_act_clip
 
@@ -44,7 +44,6 @@ class QuantConfig:
     rotate: bool = False
     gptq: bool = False
     act_order: bool = False
-    act_aware: bool = False
     clip_weights: bool = False
     clip_acts: bool = False
     seed: int = 0
@@ -64,7 +63,6 @@ class QuantConfig:
                  ",".join(f"{k}={g}" for k, g in self.granularity.items())]
         parts += [name for name, on in (("rotation", self.rotate), ("gptq", self.gptq),
                                         ("act-order", self.gptq and self.act_order),
-                                        ("act-aware", self.gptq and self.act_aware),
                                         ("clip-w", self.clip_weights), ("clip-a", self.clip_acts)) if on]
         return " + ".join(parts) if len(parts) > 1 else parts[0] + " + rtn"
 
@@ -167,11 +165,10 @@ def _sequential(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor) -> 
         hessians, samples = _collect(layer, linears, hidden, kwargs, cfg)
         clips = {key: _act_clip(cfg, [linears[n] for n in names], samples.get(key[0]), key[1])
                  for key, names in inputs.items()}
-        targets = _collect_quantized(layer, linears, hidden, kwargs, inputs, clips) if cfg.act_aware else {}
         for key, names in inputs.items():
             for name in names:
                 parent, attr = linears[name]
-                _replace_calibrated(parent, attr, cfg, hessians.get(key[0]), targets.get(key), clips[key])
+                _replace_calibrated(parent, attr, cfg, hessians.get(key[0]), clips[key])
         hidden = _run_layer(layer, hidden, kwargs)
 
 
@@ -198,7 +195,7 @@ def _shared_inputs(linears, cfg: QuantConfig) -> dict[tuple[str, int], list[str]
 def _collect(layer, linears, hidden, kwargs, cfg):
     """Run the (full-precision) layer on ``hidden``; per input source: the Hessian (when GPTQ or the weight
     clipping uses it) and a sample of inputs (for the activation clipping search)."""
-    keep_hessian = (cfg.gptq or cfg.clip_weights) and not cfg.act_aware
+    keep_hessian = cfg.gptq or cfg.clip_weights
     readers = {name: getattr(p, a) for name, (p, a) in linears.items() if a not in _SAME_INPUT_AS}
     hessians = {name: HessianAccumulator(m.in_features) for name, m in readers.items()} if keep_hessian else {}
     samples: dict[str, list[torch.Tensor]] = {name: [] for name in readers}
@@ -219,27 +216,6 @@ def _collect(layer, linears, hidden, kwargs, cfg):
     return hessians, {name: torch.cat(s) for name, s in samples.items() if s}
 
 
-def _collect_quantized(layer, linears, hidden, kwargs, inputs, clips):
-    """Per shared input: the Hessian of its quantized version and the cross term (the activation-aware
-    target, :func:`gptq.act_aware_weight`)."""
-    readers = {source: getattr(*linears[source]) for source, _group in inputs}
-    targets = {key: (HessianAccumulator(readers[key[0]].in_features),
-                     HessianAccumulator(readers[key[0]].in_features)) for key in inputs}
-
-    def make_hook(name, module):
-        def hook(_m, args):
-            x = rotation.linear_input(module, args[0]).reshape(-1, module.in_features).float()
-            for (source, group), (hess_q, cross) in targets.items():
-                if source == name:
-                    xq = fake_quant_activation(_clipped(x, group, clips[source, group]), group)
-                    hess_q.add(xq)
-                    cross.add(x, xq)
-        return hook
-
-    _run_hooked(layer, readers, make_hook, hidden, kwargs)
-    return targets
-
-
 def _run_hooked(layer, readers, make_hook, hidden, kwargs) -> None:
     handles = [m.register_forward_pre_hook(make_hook(n, m)) for n, m in readers.items()]
     try:
@@ -247,10 +223,6 @@ def _run_hooked(layer, readers, make_hook, hidden, kwargs) -> None:
     finally:
         for h in handles:
             h.remove()
-
-
-def _clipped(x: torch.Tensor, group: int, ratio: float) -> torch.Tensor:
-    return clip_activation(x, group, ratio) if ratio < 1.0 else x
 
 
 def _act_clip(cfg: QuantConfig, readers: list[tuple[nn.Module, str]], samples, group: int) -> float:
@@ -262,18 +234,13 @@ def _act_clip(cfg: QuantConfig, readers: list[tuple[nn.Module, str]], samples, g
     return search_act_clip(samples, w, rtn_quantize(w, group, _scale_dtype(lins[0])))
 
 
-def _replace_calibrated(parent, attr, cfg: QuantConfig, hessian: HessianAccumulator | None, target,
+def _replace_calibrated(parent, attr, cfg: QuantConfig, hessian: HessianAccumulator | None,
                         act_clip: float) -> None:
     lin = getattr(parent, attr)
     group = group_for(cfg, attr, lin.in_features)
     w = lin.weight.detach()
     if cfg.gptq:
-        if target is not None:
-            hess_q, cross = target
-            w, h = act_aware_weight(w, cross.hessian(), hess_q.hessian()), hess_q.hessian()
-        else:
-            h = hessian.hessian()
-        wq = gptq_quantize(w, h, group, _scale_dtype(lin), act_order=cfg.act_order, clip=cfg.clip_weights)
+        wq = gptq_quantize(w, hessian.hessian(), group, _scale_dtype(lin), act_order=cfg.act_order, clip=cfg.clip_weights)
     else:
         importance = torch.diag(hessian.hessian()).float() if cfg.clip_weights else None
         wq = rtn_quantize(w, group, _scale_dtype(lin), clip=cfg.clip_weights, importance=importance)

@@ -68,8 +68,8 @@ def ppl_cmd(model_path, plan_path, granularity, calib_text, calib_samples, calib
     click.echo(f"fp_ppl={fp:.3f} quant_ppl={quant:.3f} ratio={quant / fp:.4f}")
 
 
-METHOD_FLAGS = {"rotation": "rotate", "gptq": "gptq", "act-order": "act_order", "act-aware": "act_aware",
-                "clip-weights": "clip_weights", "clip-acts": "clip_acts"}
+METHOD_FLAGS = {"rotation": "rotate", "gptq": "gptq", "act-order": "act_order", "clip-weights": "clip_weights",
+                "clip-acts": "clip_acts"}
 
 
 def parse_method(text: str) -> dict[str, bool]:
@@ -81,8 +81,8 @@ def parse_method(text: str) -> dict[str, bool]:
                         f"subset of {', '.join(METHOD_FLAGS)}")
     flags = dict.fromkeys(METHOD_FLAGS.values(), False)
     flags.update(dict.fromkeys((METHOD_FLAGS[n] for n in names), True))
-    if (flags["act_order"] or flags["act_aware"]) and not flags["gptq"]:
-        raise SpecError(f"--methods: {text!r}: act-order and act-aware are GPTQ options: add gptq")
+    if flags["act_order"] and not flags["gptq"]:
+        raise SpecError(f"--methods: {text!r}: act-order is a GPTQ option: add gptq")
     return flags
 
 
@@ -104,7 +104,7 @@ def column_granularities(column: str, model_spec: str):
 @click.option("--model-spec", default="smollm2-135m", show_default=True,
               help="the model's spec, for the plan columns")
 @click.option("--methods", default="rtn,rotation,gptq,rotation+gptq,"
-              "rotation+gptq+act-order+act-aware+clip-weights+clip-acts", show_default=True,
+              "rotation+gptq+act-order+clip-weights+clip-acts", show_default=True,
               help="rows: comma-separated; each 'rtn' or a '+'-joined set of " + ", ".join(METHOD_FLAGS))
 @click.option("--columns", default="g128,channel,plan:a100-80gb,plan:rtx3090", show_default=True,
               help="comma-separated: a granularity, or plan:<gpu> for the planner's mixed plan")

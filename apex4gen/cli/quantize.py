@@ -27,9 +27,6 @@ def method_options(fn):
                      help="QuaRot-style Hadamard rotation (exact in full precision)"),
         click.option("--gptq/--no-gptq", default=False, show_default=True, help="GPTQ for the weights"),
         click.option("--act-order", is_flag=True, help="GPTQ columns in decreasing Hessian-diagonal order"),
-        click.option("--act-aware", is_flag=True,
-                     help="GPTQ against the quantized activations: fit the weights to the full-precision outputs "
-                          "from 4-bit inputs (asymmetric calibration)"),
         click.option("--clip-weights", is_flag=True, help="search a clipping ratio per weight group"),
         click.option("--clip-acts", is_flag=True, help="search an activation clipping ratio per layer"),
         click.option("--calib-text", default="emma", show_default=True,
@@ -44,10 +41,9 @@ def method_options(fn):
 
 
 def build_config(plan_path: Path | None, granularity: str, **methods) -> QuantConfig:
-    """``methods``: the method options by name (rotate, gptq, act_order, act_aware, clip_weights, ...)."""
-    for gptq_option in ("act_order", "act_aware"):
-        if methods[gptq_option] and not methods["gptq"]:
-            raise SpecError(f"--{gptq_option.replace('_', '-')} is a GPTQ option: add --gptq")
+    """``methods``: the method options by name (rotate, gptq, act_order, clip_weights, clip_acts, seed)."""
+    if methods["act_order"] and not methods["gptq"]:
+        raise SpecError("--act-order is a GPTQ option: add --gptq")
     if plan_path is None:
         return QuantConfig.uniform(granularity, **methods)
     return QuantConfig(granularity=plan_granularities(plan_path), **methods)
