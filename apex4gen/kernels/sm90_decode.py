@@ -4,8 +4,9 @@
 activations (act format "raw") and weights packed by ``apex4gen.kernels.layouts.pack_sm90_decode``. The
 launcher quantizes x once (reference numerics) into the workspace, then launches the GEMM with programmatic
 dependent launch so that its weight stream starts while x is still being quantized. One rendered kernel
-serves every M <= ``MAX_M``: it holds one GEMM instantiation per token-tile count (8, 16, 32, 64 tokens) and
-its launcher picks by M, then picks the cluster split of K that fills the GPU (templates/sm90_decode.cu.jinja).
+serves every M <= ``MAX_M``: it holds one GEMM instantiation per token-tile count (8, 16, 32, 64 tokens) and K
+class (``variants``) and its launcher picks by M and K, then picks the cluster split of K that fills the GPU
+(templates/sm90_decode.cu.jinja).
 
 Why these tiles: small blocks, several a SM (<= 128 registers), so one block's start-up (first loads, wait
 for the quantization, copy of the x slice) and cluster reduction overlap the others' weight streams; four or
@@ -21,10 +22,10 @@ from .config import KernelConfig
 from .families import Family, TileShape, register
 
 ARCHS = ("sm_90a",)
-MAX_M = 64            # the launcher serves M <= 64 (exact, tested) ...
-# ... but the planner gets it only up to M = 16: in 2 of 3 H100 runs single shapes at M = 32 and 64 ran ~2x slower
-# than in the other (qkv per-channel M = 64: 0.64x cuBLAS FP16), while every M <= 16 beat cuBLAS FP16 by >= 2.1x
-# in every run (bench/NOTES-sm90-decode.md, v2). Raise once that variance is fixed.
+MAX_M = 64            # the launcher serves M <= 64 (exact, tested)
+# The planner may route every M <= 64 here; the cost model picks it or the prefill kernel per GEMM at the 64-token
+# bucket. The ~2-3x slow sets seen at M >= 32 (v2) came on one machine with and without programmatic dependent
+# launch, and on another machine 0 of 144 sets (clock probed) were slow (bench/NOTES-sm90-decode.md, v3).
 PLANNER_MAX_M = 64
 CHUNK_K = 64          # K elements of one 16-byte weight load (two m16n8k32 steps)
 WINDOW_K = 256        # K elements of one token a warp of the quantizing block covers: K is a multiple of it
