@@ -38,7 +38,15 @@ per SM to stream DRAM at full rate.
 wgmma per-channel kernel ran 1466 TOPS with 256x128 tiles and ~990 with 128x128 at M=4096.
 ``partial_tile_bandwidth_sm90`` 0.55: a wgmma kernel whose M tile is mostly padding streamed weights at 54% of
 copy bandwidth at M=1 and 4 and 60% at M=16 (gate_up, 64-row tiles, H100), against 89% for the decode kernel
-that sizes itself to M (bench/results-h100.md).
+that sizes itself to M (bench/results-h100.md). It applies up to ``small_m_sm90`` 64 tokens as well: at M=64
+(full 64-row tiles) the wgmma kernels streamed 20-33% of copy bandwidth on qkv, o and down and 50% on gate_up
+(bench/h100/*.json, run 15), 1.3-1.9x the time predicted without it, 0.8-1.3x with it.
+
+Runtime-tiled families (``m_step``: the sm90 decode kernels) issue warp-level ``mma.sync`` with the tokens as the
+8-wide operand, so their operand reuse follows ``full_reuse_tile`` (the mma.sync constant), not the wgmma one,
+and they promote group partials in the warps that issue the MMAs, between them: compute is tensor + dequant.
+Measured at M=64 (bench/NOTES-sm90-decode.md, v3): per-channel 30.5-177.7 us for predictions of 27-177 us,
+group-wise 37.1-233.1 us for 43-286 us; at M <= 16 they are memory-bound as before.
 ``int8_tensor_efficiency`` 0.74 is that 1466 of 1979 TOPS.
 """
 from __future__ import annotations
@@ -99,6 +107,7 @@ class CostConstants:
     full_reuse_tile: float = 32.0   # tm*tn/(tm+tn) of a 64x64 tile: smaller tiles starve the tensor cores
     full_reuse_tile_sm90: float = 85.0   # ... of a 256x128 tile: wgmma needs larger tiles
     partial_tile_bandwidth_sm90: float = 0.55  # weight streaming of a wgmma kernel whose M tile is mostly padding
+    small_m_sm90: int = 64          # ... or whose M is at most this (one row of 64-row tiles, under a wave of CTAs)
 
     def tensor_efficiency(self, path: str) -> float:
         return getattr(self, f"{path}_tensor_efficiency")
@@ -110,8 +119,9 @@ class CostConstants:
         return self.full_reuse_tile_sm90 if kernel_arch == "sm_90a" else self.full_reuse_tile
 
     def partial_tile_bandwidth(self, kernel_arch: str, m: int, tile_m: int) -> float:
-        """Bandwidth derating of a kernel whose M tile is less than half full (sm_90a: measured)."""
-        if kernel_arch != "sm_90a" or 2 * m >= tile_m:
+        """Bandwidth derating of a kernel whose M tile is less than half full or whose M is small (sm_90a:
+        measured)."""
+        if kernel_arch != "sm_90a" or (2 * m >= tile_m and m > self.small_m_sm90):
             return 1.0
         return self.partial_tile_bandwidth_sm90
 
@@ -161,6 +171,7 @@ class _Tiling:
     reuse_efficiency: float
     bandwidth_share: float
     split_k: int
+    serial_dequant: bool = False  # promotion issued by the MMA warps between their MMAs (no overlap)
 
 
 def _ideal_tiling(m: int, n: int, c: CostConstants) -> _Tiling:
@@ -181,10 +192,11 @@ def _config_tiling(m: int, n: int, gpu: GpuSpec, cfg: KernelConfig, c: CostConst
 
 
 def _runtime_tiling(m: int, n: int, gpu: GpuSpec, cfg: KernelConfig, m_step: int, c: CostConstants) -> _Tiling:
-    """A launcher that pads M to ``m_step`` and splits K until the GPU is full: whole waves, full bandwidth."""
-    reuse = m_step * cfg.tile_n / (m_step + cfg.tile_n) / c.reuse_tile(cfg.arch)
+    """A launcher that pads M to ``m_step`` and splits K until the GPU is full: whole waves, full bandwidth;
+    warp-level mma.sync with the tokens as the narrow operand, group promotion between the MMAs."""
+    reuse = m_step * cfg.tile_n / (m_step + cfg.tile_n) / c.full_reuse_tile
     return _Tiling(math.ceil(m / m_step) * m_step, math.ceil(n / cfg.tile_n) * cfg.tile_n, 1.0, min(1.0, reuse),
-                   1.0, 1)
+                   1.0, 1, serial_dequant=True)
 
 
 def _tiling(m: int, n: int, gpu: GpuSpec, cfg: KernelConfig | None, c: CostConstants) -> _Tiling:
@@ -239,7 +251,8 @@ def w4a4_time(gpu: GpuSpec, m: int, n: int, k: int, granularity: str, path: str,
     slots = c.dequant_ops(path) * c.dequant_slots(gpu.kernel_arch)
     dequant_us = partials * slots / (gpu.fp32_tflops * 1e6 / 2.0 * t.wave_efficiency)
     memory_us = _memory_us(w4a4_bytes(m, n, k, group, path, cfg), gpu, t.bandwidth_share, c)
-    us = max(_compute_us(tensor_us, dequant_us, c), memory_us) + c.launch_us * (1 + (t.split_k > 1))
+    compute_us = tensor_us + dequant_us if t.serial_dequant else _compute_us(tensor_us, dequant_us, c)
+    us = max(compute_us, memory_us) + c.launch_us * (1 + (t.split_k > 1))
     return Estimate(us, tensor_us, dequant_us, memory_us)
 
 

@@ -34,11 +34,12 @@ L2_CLEAR_BYTES = 200 << 20
 
 
 def build(out_dir: Path, variants: str | None = None, dtypes: tuple[str, ...] = ("f16", "bf16")) -> None:
-    """Render + compile every (group, dtype) library; `variants` ("mt,warps,rt,p;...") replaces the family's
-    VARIANTS for a tuning sweep."""
+    """Render + compile every (group, dtype) library; `variants` ("mt,warps,rt,p;...") replaces every
+    variant table of the family (both K classes) for a tuning sweep."""
     from apex4gen.kernels import sm90_decode
     if variants:
-        sm90_decode.VARIANTS = tuple(sm90_decode.Variant(*map(int, v.split(","))) for v in variants.split(";"))
+        table = tuple(sm90_decode.Variant(*map(int, v.split(","))) for v in variants.split(";"))
+        sm90_decode.VARIANTS_GROUP = sm90_decode.VARIANTS_CHANNEL = sm90_decode.VARIANTS_LARGE_K = table
     libs = {}
     for group in GROUPS:
         for dtype in dtypes:
@@ -76,7 +77,7 @@ def check(kernels, out: dict) -> bool:
         n, k = LLAMA2_70B["o"]
         w = random_weight(n, k, group, torch.bfloat16)
         qw, sw = native.pack_weight(w)
-        for m in (5, 16, 64):
+        for m in (5, 16, 64) if (group, "bf16") in kernels else ():  # sweep builds are f16 only
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             r = native.check_against_reference(kernels[(group, "bf16")], x, w, qw, sw, None)
             cases.append({"gemm": "o", "group": group, "m": m, "dtype": "bf16", **r})
@@ -151,14 +152,14 @@ def copies_for(nbytes: int) -> int:
     return max(4, math.ceil(L2_CLEAR_BYTES / nbytes))
 
 
-def bench(kernels, out: dict) -> None:
+def bench(kernels, out: dict, ms=BENCH_MS) -> None:
     bw = copy_bandwidth()
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s")
     out["copy_bandwidth"] = bw
     rows = []
     for name, (n, k) in LLAMA2_70B.items():
         wf = [torch.randn(n, k, device="cuda", dtype=torch.float16) for _ in range(copies_for(2 * n * k))]
-        for m in BENCH_MS:
+        for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
             t_fp16 = time_calls(lambda i: torch.matmul(x, wf[i % len(wf)].t()))
             moved_fp16 = 2 * n * k + 2 * m * k + 2 * m * n
@@ -191,7 +192,7 @@ def bench(kernels, out: dict) -> None:
         torch.cuda.empty_cache()
     out["bench"] = rows
     print("\ngeomean speedup over cuBLAS FP16 (4 GEMMs) / mean bandwidth fraction:")
-    for m in BENCH_MS:
+    for m in ms:
         sel = [r for r in rows if r["m"] == m]
         parts = []
         for tag in ("g128", "channel"):
@@ -200,6 +201,84 @@ def bench(kernels, out: dict) -> None:
             bound = math.exp(sum(math.log(r[f"{tag}_bound"]) for r in sel) / len(sel))
             parts.append(f"{tag} {gm:4.2f}x (bound {bound:4.2f}) {100 * frac:3.0f}%")
         print(f"  M={m:3d}: " + " | ".join(parts))
+
+
+def _nvml_clocks():
+    """(SM MHz, memory MHz, throttle-reason bits) from NVML, or None where it cannot be read."""
+    try:
+        import pynvml
+        pynvml.nvmlInit()
+        h = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+        return (pynvml.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_SM),
+                pynvml.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_MEM),
+                pynvml.nvmlDeviceGetCurrentClocksEventReasons(h))
+    except Exception:  # diagnosis only
+        return None
+
+
+def variance(kernels, out: dict, calls: int = 60) -> None:
+    """M >= 32 outliers. Each call is preceded by an elementwise kernel of a varying block count (moves where the
+    block scheduler places the next blocks); the calls queue behind either a GPU sleep (``sleep``, as
+    time_calls does) or ~8 ms of FP16 GEMMs (``warm``). A clock probe (a timed 200k-cycle sleep kernel) runs just
+    before and after the calls: SM MHz = cycles / time. Median per perturbation; max/min ~2-3 = outliers."""
+    scratch = torch.zeros(132 * 512 * 64, device="cuda")
+    big = torch.randn(4096, 4096, device="cuda", dtype=torch.float16)
+    probe_cycles = 200_000
+    rows = []
+
+    def probe():
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        torch.cuda._sleep(probe_cycles)
+        b.record()
+        return a, b
+
+    for mode in ("sleep", "warm"):
+        for name in ("qkv", "o", "down"):
+            n, k = LLAMA2_70B[name]
+            for group in GROUPS:
+                nbytes_w = n * k // 2 + n * (k // (group or k)) * 2
+                qws = [torch.randint(0, 256, (n, k // 2), device="cuda", dtype=torch.uint8)
+                       for _ in range(copies_for(nbytes_w))]
+                sws = [torch.rand(n, k // (group or k), device="cuda", dtype=torch.float16) * 0.01 for _ in qws]
+                kern = kernels[(group, "f16")]
+                for m in (32, 64):
+                    x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+                    y = torch.empty(m, n, device="cuda", dtype=torch.float16)
+                    meds, clocks = [], []
+                    for pert in (1, 5, 17, 33, 50, 64):
+                        ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                              for _ in range(calls)]
+                        kern(x, qws[0], sws[0], None, y)
+                        torch.cuda.synchronize()
+                        if mode == "sleep":
+                            torch.cuda._sleep(20_000_000)
+                        else:
+                            for _ in range(40):
+                                torch.matmul(big, big)
+                        p0 = probe()
+                        for i, (a, b) in enumerate(ev):
+                            scratch[: pert * 512 * (1 + i % 3)].add_(1.0)
+                            a.record()
+                            kern(x, qws[i % len(qws)], sws[i % len(qws)], None, y)
+                            b.record()
+                        p1 = probe()
+                        torch.cuda.synchronize()
+                        nv = _nvml_clocks()
+                        times = sorted(a.elapsed_time(b) * 1e3 for a, b in ev)
+                        mhz = [probe_cycles / (a.elapsed_time(b) * 1e3) for a, b in (p0, p1)]
+                        meds.append(statistics.median(times))
+                        clocks.append(mhz)
+                        rows.append({"mode": mode, "gemm": name, "group": group, "m": m, "perturb": pert,
+                                     "median_us": meds[-1], "p10_us": times[len(times) // 10],
+                                     "p90_us": times[9 * len(times) // 10], "max_us": times[-1],
+                                     "probe_mhz_before_after": mhz, "nvml_sm_mem_reasons": nv})
+                    tag = f"g{group}" if group else "channel"
+                    print(f"variance {mode:5s} {name:5s} {tag:7s} M={m:3d}: medians "
+                          + " ".join(f"{t:6.1f}" for t in meds) + f" | max/min {max(meds) / min(meds):4.2f} | MHz "
+                          + " ".join(f"{c[0]:.0f}/{c[1]:.0f}" for c in clocks), flush=True)
+                del qws, sws
+    out["variance"] = rows
 
 
 def profile(kernels, out: dict) -> None:
@@ -241,16 +320,18 @@ def profile(kernels, out: dict) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--build-dir", type=Path, help="render and compile the libraries here (needs nvcc, CUTLASS)")
-    ap.add_argument("--variants", help="tuning sweep: 'mt,warps,rt,p;...' instead of the family's VARIANTS (f16 only)")
+    ap.add_argument("--variants", help="tuning sweep: 'mt,warps,rt,p;...' instead of the family's variant tables (f16 only)")
     ap.add_argument("--lib-dir", type=Path, help="load prebuilt libraries (manifest.json) from here")
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--bench", action="store_true")
     ap.add_argument("--profile", action="store_true", help="quantization vs GEMM time from the profiler")
+    ap.add_argument("--variance", action="store_true", help="M >= 32 outliers under perturbed block placement")
+    ap.add_argument("--ms", default=",".join(map(str, BENCH_MS)), help="M values of --bench")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
     if a.build_dir:
         build(a.build_dir, a.variants, ("f16",) if a.variants else ("f16", "bf16"))
-    if not (a.check or a.bench or a.profile):
+    if not (a.check or a.bench or a.profile or a.variance):
         return 0
     kernels = load(a.lib_dir or a.build_dir)
     out: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
@@ -263,8 +344,10 @@ def main() -> int:
                 profile(kernels, out)
             except Exception as e:  # diagnosis only: never lose the check and the bench to it
                 print(f"profile failed: {e!r}")
+        if a.variance:
+            variance(kernels, out)
         if a.bench:
-            bench(kernels, out)
+            bench(kernels, out, tuple(int(m) for m in a.ms.split(",")))
     finally:
         if a.out:
             a.out.write_text(json.dumps(out, indent=1))

@@ -29,7 +29,7 @@ def decode_config(group: int, out_dtype: str) -> KernelConfig:
     t = sm90_decode.TILES[0]
     family = "sm90_decode_channel" if group == 0 else "sm90_decode"
     return KernelConfig(family, "sm_90a", "int8", group, t.tile_m, t.tile_n, t.tile_k, t.warps_m, t.warps_n,
-                        sm90_decode.VARIANTS[1].p, 1, out_dtype)
+                        sm90_decode.VARIANTS_GROUP[1].p, 1, out_dtype)
 
 
 def build_library(cfg: KernelConfig, out_dir: Path) -> tuple[Path, str]:

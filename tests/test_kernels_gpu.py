@@ -18,7 +18,7 @@ from apex4gen.errors import ShapeError
 pytestmark = pytest.mark.gpu
 
 MS = (1, 3, 16, 17, 100, 1024)
-HOPPER_MS = MS + (4096,)
+HOPPER_MS = MS + (33, 64, 4096)  # 33, 64: the sm90 decode kernels' 64-token instantiation (routed up to M = 64)
 REF_ELEMENTS = 1 << 27  # the float64 reference holds [M, chunk, K/group] partials (1 GiB) at a time
 
 

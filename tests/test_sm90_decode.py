@@ -80,8 +80,8 @@ def test_smem_mirror_fits_every_llama_slice():
     """The launcher only uses splits whose slice fits; the 8-way split of each llama K must fit (the
     occupancy query then says whether two blocks a SM do)."""
     for k in (8192, 28672):
-        for v in sm90_decode.VARIANTS:
-            for group in (128, 0):
+        for group in (128, 0):
+            for v in sm90_decode.variants(group, k >= sm90_decode.LARGE_K):
                 assert sm90_decode.variant_smem_bytes(v, group, k // 8) <= 227 * 1024
 
 
@@ -115,7 +115,8 @@ def test_compiles_for_sm90a_without_spills(tmp_path, group, dtype):
     lib, report = native.build_library(cfg, tmp_path)
     assert lib.is_file()
     kernels = re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", report)
-    assert len(kernels) == len(sm90_decode.VARIANTS) + 1  # + the activation quantization kernel
+    distinct = {v for large_k in (False, True) for v in sm90_decode.variants(group, large_k)}
+    assert len(kernels) == len(distinct) + 1  # + the activation quantization kernel
     assert all(v == ("0", "0", "0") for v in kernels), report
     # the launcher's workspace (loadable without a GPU: cudart is linked statically) matches the mirror
     launcher = native.DecodeKernel(lib, cfg)

@@ -4,8 +4,9 @@
 activations (act format "raw") and weights packed by ``apex4gen.kernels.layouts.pack_sm90_decode``. The
 launcher quantizes x once (reference numerics) into the workspace, then launches the GEMM with programmatic
 dependent launch so that its weight stream starts while x is still being quantized. One rendered kernel
-serves every M <= ``MAX_M``: it holds one GEMM instantiation per token-tile count (8, 16, 32, 64 tokens) and
-its launcher picks by M, then picks the cluster split of K that fills the GPU (templates/sm90_decode.cu.jinja).
+serves every M <= ``MAX_M``: it holds one GEMM instantiation per token-tile count (8, 16, 32, 64 tokens) and K
+class (``variants``) and its launcher picks by M and K, then picks the cluster split of K that fills the GPU
+(templates/sm90_decode.cu.jinja).
 
 Why these tiles: small blocks, several a SM (<= 128 registers), so one block's start-up (first loads, wait
 for the quantization, copy of the x slice) and cluster reduction overlap the others' weight streams; four or
@@ -21,11 +22,11 @@ from .config import KernelConfig
 from .families import Family, TileShape, register
 
 ARCHS = ("sm_90a",)
-MAX_M = 64            # the launcher serves M <= 64 (exact, tested) ...
-# ... but the planner gets it only up to M = 16: in 2 of 3 H100 runs single shapes at M = 32 and 64 ran ~2x slower
-# than in the other (qkv per-channel M = 64: 0.64x cuBLAS FP16), while every M <= 16 beat cuBLAS FP16 by >= 2.1x
-# in every run (bench/NOTES-sm90-decode.md, v2). Raise once that variance is fixed.
-PLANNER_MAX_M = 16
+MAX_M = 64            # the launcher serves M <= 64 (exact, tested)
+# The planner may route every M <= 64 here; the cost model picks it or the prefill kernel per GEMM at the 64-token
+# bucket. The ~2-3x slow sets seen at M >= 32 (v2) came on one machine with and without programmatic dependent
+# launch, and on another machine 0 of 144 sets (clock probed) were slow (bench/NOTES-sm90-decode.md, v3).
+PLANNER_MAX_M = 64
 CHUNK_K = 64          # K elements of one 16-byte weight load (two m16n8k32 steps)
 WINDOW_K = 256        # K elements of one token a warp of the quantizing block covers: K is a multiple of it
 QUANT_ITERS = 16      # 8-value units a thread of the 512-thread quantizing block holds: K <= 65536
@@ -51,19 +52,36 @@ class Variant:
         return 16 * self.warps * self.rt
 
 
-# Blocks a SM = 512 / threads, so registers are capped at 128: 32 and 64 tokens fit with one row tile a warp
-# (v1: 64 tokens x 2 row tiles spilled). Each row picked by the v2 sweep on the H100 (bench/NOTES-sm90-decode.md):
-# M <= 16 fastest with 128-thread blocks (4 a SM), M <= 32 with 8 chunks in flight, M <= 64 with 256 threads x 4.
-VARIANTS = (
+# Blocks a SM = 512 / threads, so registers are capped at 128 (v1: 64 tokens x 2 row tiles spilled). One variant a
+# token-tile count (mt = 1, 2, 4, 8 in order), picked per granularity and K class from H100 sweeps
+# (bench/NOTES-sm90-decode.md, v2 and v3): M <= 16 fastest with 128-thread blocks (4 a SM); M <= 32 per-channel
+# with two row tiles a warp (27.7-105 us vs 33-125 us for qkv, o, gate_up; its group-wise build spills), group-wise
+# with 8 chunks in flight; M <= 64 with 256 threads. K >= LARGE_K (down_proj, K = 28672): larger blocks at
+# M >= 9 (M = 16: 58 vs 79 us group-wise, 57 vs 64 us per-channel; M = 64: 148 vs 159 / 110 vs 116 us).
+VARIANTS_GROUP = (
     Variant(mt=1, warps=4, rt=2, p=4),
     Variant(mt=2, warps=4, rt=2, p=4),
     Variant(mt=4, warps=8, rt=1, p=8),
     Variant(mt=8, warps=8, rt=1, p=4),
 )
+VARIANTS_CHANNEL = VARIANTS_GROUP[:2] + (Variant(mt=4, warps=4, rt=2, p=4),) + VARIANTS_GROUP[3:]
+LARGE_K = 16384
+VARIANTS_LARGE_K = (
+    Variant(mt=1, warps=4, rt=2, p=4),
+    Variant(mt=2, warps=8, rt=2, p=4),
+    Variant(mt=4, warps=8, rt=1, p=8),
+    Variant(mt=8, warps=16, rt=1, p=4),
+)
+
+
+def variants(group: int, large_k: bool) -> tuple[Variant, ...]:
+    """The launcher's instantiations for one granularity (group 0: per-channel) and K class, by token tiles."""
+    return VARIANTS_LARGE_K if large_k else (VARIANTS_CHANNEL if group == 0 else VARIANTS_GROUP)
+
 
 # The nominal tile of the configuration record: the M <= 16 variant (the one the targets are about).
-TILES = (TileShape(tile_m=MAX_M, tile_n=VARIANTS[1].rows, tile_k=CHUNK_K * VARIANTS[1].p, warps_m=1,
-                   warps_n=VARIANTS[1].warps),)
+TILES = (TileShape(tile_m=MAX_M, tile_n=VARIANTS_GROUP[1].rows, tile_k=CHUNK_K * VARIANTS_GROUP[1].p, warps_m=1,
+                   warps_n=VARIANTS_GROUP[1].warps),)
 
 
 def _round16(v: int) -> int:
@@ -83,13 +101,14 @@ def variant_smem_bytes(v: Variant, group: int, slice_k: int) -> int:
 
 def workspace_bytes(m: int, k: int, group: int) -> int:
     """Mirrors the launcher's <name>_workspace(): int4 x in the layout of the variant serving M + fp32 scales."""
-    mt = next(v.mt for v in VARIANTS if (m + 7) // 8 <= v.mt)
+    mt = next(v.mt for v in VARIANTS_GROUP if (m + 7) // 8 <= v.mt)  # every table has the same token tiles
     groups = k // group if group else 1
     return mt * 8 * k // 2 + _round16(groups * mt * 8 * 4)
 
 
 def smem_bytes(cfg: KernelConfig) -> int:
-    return max(variant_smem_bytes(v, cfg.group, NOMINAL_SLICE_K) for v in VARIANTS)
+    return max(variant_smem_bytes(v, cfg.group, NOMINAL_SLICE_K)
+               for large_k in (False, True) for v in variants(cfg.group, large_k))
 
 
 def _check_group(cfg: KernelConfig, channel: bool) -> None:
@@ -101,6 +120,11 @@ def _check_group(cfg: KernelConfig, channel: bool) -> None:
         raise ValueError(f"{cfg.family} picks its K split at run time; configure split_k=1, got {cfg.split_k}")
 
 
+def _args(v: Variant) -> str:
+    """The template arguments <MT, WARPS, RT, P> of one instantiation."""
+    return f"{v.mt}, {v.warps}, {v.rt}, {v.p}"
+
+
 def _render(cfg: KernelConfig, channel: bool) -> dict:
     _check_group(cfg, channel)
     return {
@@ -110,7 +134,9 @@ def _render(cfg: KernelConfig, channel: bool) -> dict:
         "align_n": ALIGN_N,
         "align_k": WINDOW_K,
         "quant_iters": QUANT_ITERS,
-        "variants": [{"mt": v.mt, "warps": v.warps, "rt": v.rt, "p": v.p} for v in VARIANTS],
+        "large_k": LARGE_K,
+        "variants": [{"mt": small.mt, "small": _args(small), "large": _args(large)}
+                     for small, large in zip(variants(cfg.group, False), variants(cfg.group, True))],
     }
 
 
@@ -131,7 +157,7 @@ _COMMON = dict(
     align_k=WINDOW_K,
     align_n=ALIGN_N,
     tiles=TILES,
-    stages=(VARIANTS[1].p,),
+    stages=(VARIANTS_GROUP[1].p,),
     split_k=(1,),
     smem_bytes=smem_bytes,
     max_m=PLANNER_MAX_M,
