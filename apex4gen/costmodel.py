@@ -25,8 +25,9 @@ Every constant is in :class:`CostConstants`; a measured set (a later ``apex4gen 
   and the ~3x of Atom's g128 kernel over FP16 on the RTX 4090.
 * ``fp8_tensor_efficiency`` 0.62: cuBLAS FP8 1230 of 1979 TOPS at M=4096 (NOTES.md).
 * ``dequant_slots_sm80`` 8.0 (mma.sync kernels, sm_80/86/89): fitted to APEX4's A100 0.45x at g128.
-  ``dequant_slots_sm90`` 5.2 (wgmma kernels): fitted to CUTLASS's FP8 blockwise g128 kernel at 830 TFLOPS on
-  the H100 (NOTES.md).
+  ``dequant_slots_sm90`` 7.0 (wgmma kernels): fitted to apex4gen's ``sm90_prefill_group`` on the H100, whose
+  measured time at M=256..4096 was 1.32-1.36x the prediction of the earlier 5.2 (that one fitted to CUTLASS's
+  FP8 blockwise g128 kernel at 830 TFLOPS, NOTES.md); bench/NOTES-sm90-prefill.md, session 2.
 * ``dram_efficiency`` 0.70: cuBLAS FP16 at M=16 streams weights at 2.26 of 3.35 TB/s (NOTES.md).
 * ``launch_us`` 2.0: launch and tail of one kernel.
 
@@ -91,7 +92,7 @@ class CostConstants:
     dequant_ops_int: float = 3.0
     dequant_ops_float: float = 2.0
     dequant_slots_sm80: float = 8.0
-    dequant_slots_sm90: float = 5.2
+    dequant_slots_sm90: float = 7.0
     dequant_overlap: float = 1.0
     dram_efficiency: float = 0.70
     launch_us: float = 2.0
