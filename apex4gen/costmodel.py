@@ -25,14 +25,15 @@ Every constant is in :class:`CostConstants`; a measured set (a later ``apex4gen 
   and the ~3x of Atom's g128 kernel over FP16 on the RTX 4090.
 * ``fp8_tensor_efficiency`` 0.62: cuBLAS FP8 1230 of 1979 TOPS at M=4096 (NOTES.md).
 * ``dequant_slots_sm80`` 8.0 (mma.sync kernels, sm_80/86/89): fitted to APEX4's A100 0.45x at g128.
-  ``dequant_slots_sm90`` 5.2 (wgmma kernels): fitted to CUTLASS's FP8 blockwise g128 kernel at 830 TFLOPS on
-  the H100 (NOTES.md).
+  ``dequant_slots_sm90`` 7.0 (wgmma kernels): fitted to apex4gen's ``sm90_prefill_group`` on the H100, whose
+  measured time at M=256..4096 was 1.32-1.36x the prediction of the earlier 5.2 (that one fitted to CUTLASS's
+  FP8 blockwise g128 kernel at 830 TFLOPS, NOTES.md); bench/NOTES-sm90-prefill.md, session 2.
 * ``dram_efficiency`` 0.70: cuBLAS FP16 at M=16 streams weights at 2.26 of 3.35 TB/s (NOTES.md).
 * ``launch_us`` 2.0: launch and tail of one kernel.
 
 Without a kernel configuration the estimate assumes ideal tiling (M padded to one MMA, full waves); with one,
-it pads M and N to the tile, counts waves over the SMs, derates small tiles (operand reuse) and needs one CTA
-per SM to stream DRAM at full rate.
+it pads M and N to the tile, counts waves over the SMs (a stream-K family's waves are whole), derates small
+tiles (operand reuse) and needs one CTA per SM to stream DRAM at full rate.
 ``full_reuse_tile`` 32 (a 64x64 tile): below it, operand reuse in shared memory limits the tensor cores.
 ``full_reuse_tile_sm90`` 85 (a 256x128 tile): measured on the H100 (bench/sm90_prefill_h100_v1.json), the
 wgmma per-channel kernel ran 1466 TOPS with 256x128 tiles and ~990 with 128x128 at M=4096.
@@ -99,7 +100,7 @@ class CostConstants:
     dequant_ops_int: float = 3.0
     dequant_ops_float: float = 2.0
     dequant_slots_sm80: float = 8.0
-    dequant_slots_sm90: float = 5.2
+    dequant_slots_sm90: float = 7.0
     dequant_overlap: float = 1.0
     dram_efficiency: float = 0.70
     launch_us: float = 2.0
@@ -186,9 +187,12 @@ def _config_tiling(m: int, n: int, gpu: GpuSpec, cfg: KernelConfig, c: CostConst
     ctas = tiles_m * tiles_n * cfg.split_k
     waves = math.ceil(ctas / gpu.sm_count)
     reuse = cfg.tile_m * cfg.tile_n / (cfg.tile_m + cfg.tile_n) / c.reuse_tile(cfg.arch)
-    share = min(1.0, ctas / gpu.sm_count) * c.partial_tile_bandwidth(cfg.arch, m, cfg.tile_m)
-    return _Tiling(tiles_m * cfg.tile_m, tiles_n * cfg.tile_n, ctas / (waves * gpu.sm_count),
-                   min(1.0, reuse), share, cfg.split_k)
+    # Stream-K spreads the K iterations of a partial wave over every SM: whole waves, every SM streams.
+    busy = 1.0 if fam is not None and fam.stream_k else min(1.0, ctas / gpu.sm_count)
+    wave_efficiency = 1.0 if fam is not None and fam.stream_k else ctas / (waves * gpu.sm_count)
+    share = busy * c.partial_tile_bandwidth(cfg.arch, m, cfg.tile_m)
+    return _Tiling(tiles_m * cfg.tile_m, tiles_n * cfg.tile_n, wave_efficiency, min(1.0, reuse), share,
+                   cfg.split_k)
 
 
 def _runtime_tiling(m: int, n: int, gpu: GpuSpec, cfg: KernelConfig, m_step: int, c: CostConstants) -> _Tiling:

@@ -42,6 +42,8 @@ class Family:
     groups: tuple[int, ...] | None = None  # the group sizes a group-wise template serves (None: any)
     m_step: int | None = None       # set when the launcher picks an instantiation per M (padding M to a multiple
                                     # of m_step) and splits K at run time to fill the GPU, ignoring tile_m/split_k
+    stream_k: bool = False          # persistent stream-K scheduler: a partial last wave's K iterations are spread
+                                    # over every SM (whole waves; every SM streams operands)
 
     def configs(self, arch: str, group: int, out_dtype: str) -> list[KernelConfig]:
         """Every instance of this family for one arch/group/dtype (legality filters them later)."""

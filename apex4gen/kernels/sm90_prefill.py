@@ -18,7 +18,10 @@ EVT epilogue ``y = (P * sw[n]) * sx[m] + bias[n]``. Activations: ``s8``.
 (DeepGEMM's scheme), while the other consumer warpgroup keeps the tensor cores busy. An auxiliary producer
 warp copies each K tile's scales into shared memory with cp.async, next to the TMA-loaded operands.
 Activations: ``e4m3``. Weight scales are repacked transposed, [K/g, N] (layout ``sm90_group``), so that one
-K tile's scales are contiguous for 16-byte copies.
+K tile's scales are contiguous for 16-byte copies. The next K tile's weights are widened while the current
+tile's wgmmas run (two register buffers). Its scheduler is stream-K (CUTLASS's heuristic decomposition,
+deterministic reduction through the workspace): grids of fewer tiles than whole waves (qkv/o/down at
+M <= 256) keep every SM busy.
 
 Shared memory per block is CUTLASS's ``GemmKernel::SharedStorage`` as computed below; each template
 static_asserts that it equals the value it is given, so legality against a GPU's limit is exact.
@@ -149,4 +152,5 @@ SM90_PREFILL_GROUP = register(Family(
     smem_bytes=group_smem_bytes,
     render=render_group,
     groups=(GROUP,),
+    stream_k=True,
 ))
