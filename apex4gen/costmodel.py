@@ -49,6 +49,13 @@ and they promote group partials in the warps that issue the MMAs, between them: 
 Measured at M=64 (bench/NOTES-sm90-decode.md, v3): per-channel 30.5-177.7 us for predictions of 27-177 us,
 group-wise 37.1-233.1 us for 43-286 us; at M <= 16 they are memory-bound as before.
 ``int8_tensor_efficiency`` 0.74 is that 1466 of 1979 TOPS.
+``streamk_efficiency_sm90`` 0.90: a stream-K kernel (``scheduler: streamk``) keeps every SM busy whatever the
+tile count, at this fraction of a full data-parallel wave's speed (partial tiles summed through the workspace,
+uneven K shares). Measured on the H100 (bench/NOTES-sm90-prefill.md, probe run of 2026-11-22): the per-channel
+256x128 kernel stream-K against data-parallel where the data-parallel grid was >= 97% full (M = 1024, 4096;
+o, gate_up, down, and qkv at 4096): 0.84-1.0, mean 0.91. Its split tiles also move partial sums: at most one
+int32 tile written and read per SM. (A family whose every kernel is stream-K, ``Family.stream_k``, is counted as
+whole waves, as fitted by its owner.)
 """
 from __future__ import annotations
 
@@ -109,6 +116,7 @@ class CostConstants:
     full_reuse_tile_sm90: float = 85.0   # ... of a 256x128 tile: wgmma needs larger tiles
     partial_tile_bandwidth_sm90: float = 0.55  # weight streaming of a wgmma kernel whose M tile is mostly padding
     small_m_sm90: int = 64          # ... or whose M is at most this (one row of 64-row tiles, under a wave of CTAs)
+    streamk_efficiency_sm90: float = 0.90   # stream-K against a full data-parallel wave (H100, measured)
 
     def tensor_efficiency(self, path: str) -> float:
         return getattr(self, f"{path}_tensor_efficiency")
@@ -134,10 +142,13 @@ class CostConstants:
 
     @classmethod
     def from_dict(cls, data: object, file: str = "cost constants") -> "CostConstants":
-        """Strictly read a measured set (what ``probe`` writes): every field, each > 0 (overlap may be 0)."""
+        """Strictly read a measured set (what ``probe`` writes): every field, each > 0 (overlap may be 0).
+        Constants added after plans were first written (:data:`_LATER_FIELDS`) may be absent: the default."""
         names = [f.name for f in fields(cls)]
         reader = Fields(data, file, "", names)
-        values = {f.name: reader.take(f.name, int if f.type == "int" else float) for f in fields(cls)}
+        values = {f.name: reader.take(f.name, int if f.type == "int" else float,
+                                      *((f.default,) if f.name in _LATER_FIELDS else ()))
+                  for f in fields(cls)}
         for name, value in values.items():
             if value < 0 or (value == 0 and name != "dequant_overlap"):
                 raise reader.error(name, f"must be > 0, got {value}")
@@ -145,6 +156,9 @@ class CostConstants:
 
 
 DEFAULT_CONSTANTS = CostConstants()
+# Read as their default from plans written before they existed (the small-M derating and the per-config sm90
+# stream-K scheduler came later).
+_LATER_FIELDS = frozenset({"small_m_sm90", "streamk_efficiency_sm90"})
 
 
 @dataclass(frozen=True)
@@ -187,6 +201,9 @@ def _config_tiling(m: int, n: int, gpu: GpuSpec, cfg: KernelConfig, c: CostConst
     ctas = tiles_m * tiles_n * cfg.split_k
     waves = math.ceil(ctas / gpu.sm_count)
     reuse = cfg.tile_m * cfg.tile_n / (cfg.tile_m + cfg.tile_n) / c.reuse_tile(cfg.arch)
+    if cfg.scheduler == "streamk":  # per-config stream-K: every SM streams an equal share of all K iterations
+        return _Tiling(tiles_m * cfg.tile_m, tiles_n * cfg.tile_n, c.streamk_efficiency_sm90, min(1.0, reuse),
+                       c.partial_tile_bandwidth(cfg.arch, m, cfg.tile_m), cfg.split_k)
     # Stream-K spreads the K iterations of a partial wave over every SM: whole waves, every SM streams.
     busy = 1.0 if fam is not None and fam.stream_k else min(1.0, ctas / gpu.sm_count)
     wave_efficiency = 1.0 if fam is not None and fam.stream_k else ctas / (waves * gpu.sm_count)
@@ -214,13 +231,17 @@ def _act_traffic(path: str, cfg: KernelConfig | None) -> tuple[float, bool]:
     return ACT_TRAFFIC[_PATH_ACT_FORMAT[path]]
 
 
-def w4a4_bytes(m: int, n: int, k: int, group: int, path: str, cfg: KernelConfig | None = None) -> float:
+def w4a4_bytes(m: int, n: int, k: int, group: int, path: str, cfg: KernelConfig | None = None,
+               sm_count: int = 0) -> float:
+    """DRAM bytes; a stream-K kernel (``sm_count`` given) adds one int32 tile written and read per SM."""
     groups = k // group
     weights = n * k * 0.5 + n * groups * _WEIGHT_SCALE_BYTES
     act_bytes, act_scales = _act_traffic(path, cfg)
     acts = m * k * act_bytes + (m * groups * _ACT_SCALE_BYTES if act_scales else 0)
     split_k = cfg.split_k if cfg is not None else 1
     partials = 2 * m * n * _SPLITK_BYTES * split_k if split_k > 1 else 0
+    if cfg is not None and cfg.scheduler == "streamk":
+        partials += 2 * sm_count * cfg.tile_m * cfg.tile_n * _SPLITK_BYTES
     return weights + acts + m * n * _OUT_BYTES + partials
 
 
@@ -254,7 +275,7 @@ def w4a4_time(gpu: GpuSpec, m: int, n: int, k: int, granularity: str, path: str,
     partials = t.m * t.n * (k // group)
     slots = c.dequant_ops(path) * c.dequant_slots(gpu.kernel_arch)
     dequant_us = partials * slots / (gpu.fp32_tflops * 1e6 / 2.0 * t.wave_efficiency)
-    memory_us = _memory_us(w4a4_bytes(m, n, k, group, path, cfg), gpu, t.bandwidth_share, c)
+    memory_us = _memory_us(w4a4_bytes(m, n, k, group, path, cfg, gpu.sm_count), gpu, t.bandwidth_share, c)
     compute_us = tensor_us + dequant_us if t.serial_dequant else _compute_us(tensor_us, dequant_us, c)
     us = max(compute_us, memory_us) + c.launch_us * (1 + (t.split_k > 1))
     return Estimate(us, tensor_us, dequant_us, memory_us)

@@ -100,3 +100,26 @@ def test_every_family_activation_format_has_a_traffic_model():
     from apex4gen.costmodel import ACT_TRAFFIC
     from apex4gen.kernels.families import ACT_FORMATS
     assert set(ACT_FORMATS) <= set(ACT_TRAFFIC)
+
+
+def test_streamk_fills_an_underfilled_grid_and_loses_to_a_full_wave():
+    """H100 per-channel prefill (bench/NOTES-sm90-prefill.md): 64 tiles at M=64 leave half the SMs idle, so
+    stream-K wins; at M=4096 the data-parallel grid is 97% full and stream-K's fixed cost loses."""
+    gpu = load_gpu("h100-sxm")
+
+    def cfg(tile_m, scheduler):
+        return KernelConfig("sm90_prefill_channel", "sm_90a", "int8", 0, tile_m, 128, 128, 1, 8, 4, 1, "f16",
+                            scheduler)
+    o = (8192, 8192)
+    small = {s: w4a4_time(gpu, 64, *o, "channel", "int8", cfg(64, s)).us for s in ("persistent", "streamk")}
+    large = {s: w4a4_time(gpu, 4096, *o, "channel", "int8", cfg(256, s)).us for s in ("persistent", "streamk")}
+    assert small["streamk"] < small["persistent"]
+    assert large["persistent"] < large["streamk"]
+
+
+def test_plans_written_before_the_streamk_constant_still_load():
+    data = DEFAULT_CONSTANTS.to_dict()
+    del data["streamk_efficiency_sm90"]
+    assert CostConstants.from_dict(data) == DEFAULT_CONSTANTS
+    with pytest.raises(SpecError):
+        CostConstants.from_dict({k: v for k, v in data.items() if k != "launch_us"})

@@ -139,7 +139,10 @@ def _load_activations(qx: torch.Tensor, fmt: str) -> torch.Tensor:
 @pytest.mark.parametrize("fmt", ["s4", "s8", "e4m3"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_activation_quantization_is_exact(build, gen, fmt, dtype):
-    for m, k, group in ((1, 4096, 128), (3, 8192, 64), (100, 1024, 1024), (17, 2048, 2048)):
+    # runtime/quantize.cu's kernels: warps per chunk (g64..g1024, and chunks over 32K values), a block per chunk
+    # holding it in registers (2048..32K values: per-channel rows of K=8192 and 28672), 4-byte loads (1030)
+    for m, k, group in ((1, 4096, 128), (3, 8192, 64), (100, 1024, 1024), (17, 2048, 2048), (64, 8192, 8192),
+                        (5, 28672, 28672), (3, 1030, 1030), (2, 40960, 40960)):
         x = torch.randn(m, k, device="cuda", dtype=dtype, generator=gen) * 3
         x[0, :group] = 0  # a zero group: scale 0, values 0
         qx, sx = build.quantize_act(x, group, fmt)
@@ -164,7 +167,7 @@ def test_unplanned_shape_and_bad_group_get_clear_errors(build):
 def test_cuda_graph_replay_matches_eager(build, gen):
     n, k, group, dname = problems(build)[0]
     dtype = _dtype(dname)
-    for m in (1, 64):
+    for m in (1, 64, 1024):  # Hopper channel builds: decode, stream-K, and dependent-launch (PDL) kernels
         x, wq, bias = _random_problem(n, k, group, dtype, m, gen)
         packed = build.pack(wq)
         eager = build.linear(x, packed, bias)

@@ -60,6 +60,19 @@ def test_smem_bytes_match_values_read_off_the_compiler():
     assert SM90_PREFILL_GROUP.smem_bytes(config("sm90_prefill_group")) == 120832
 
 
+def test_streamk_only_where_the_template_implements_it():
+    from apex4gen.kernels.legality import violations
+    from apex4gen.specs import load_gpu
+    h100 = load_gpu("h100-sxm")
+    channel = {c.scheduler for c in SM90_PREFILL_CHANNEL.configs("sm_90a", 0, "f16")}
+    assert channel == {"persistent", "streamk"}
+    group = dataclasses.replace(config("sm90_prefill_group"), scheduler="streamk")
+    assert any("no streamk scheduler" in v for v in violations(group, h100, 8192, 8192))
+    streamk = dataclasses.replace(config("sm90_prefill_channel"), scheduler="streamk")
+    assert violations(streamk, h100, 8192, 8192) == []
+    assert streamk.procedural_name().endswith("_k1_streamk_f16")
+
+
 def test_sm90_group_layout_transposes_scales_and_keeps_canonical_weights():
     gen = torch.Generator().manual_seed(torch.seed() % 2**31)
     w = ref.quantize_weight(torch.randn(48, 512, generator=gen).half(), GROUP)

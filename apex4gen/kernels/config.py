@@ -4,11 +4,15 @@ A configuration is shape-generic (M, N, K are run-time arguments); the plan maps
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 
 ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90a")
 PATHS = ("int4", "int8", "fp8")
 OUT_DTYPES = ("f16", "bf16")
+# How a kernel's CTAs walk the output tiles: "persistent" (CUTLASS's data-parallel persistent scheduler, or a
+# family's own grid), "streamk" (CUTLASS's stream-K: every SM takes an equal share of all K iterations, tiles cut
+# across SMs summed through a workspace; fills the GPU when there are fewer tiles than SMs or a partial wave).
+SCHEDULERS = ("persistent", "streamk")
 
 
 @dataclass(frozen=True, order=True)
@@ -27,6 +31,7 @@ class KernelConfig:
     stages: int
     split_k: int
     out_dtype: str
+    scheduler: str = "persistent"   # trailing, with a default: plans and names written before it stay valid
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
@@ -35,6 +40,8 @@ class KernelConfig:
             raise ValueError(f"kernel path {self.path!r} is not one of {', '.join(PATHS)}")
         if self.out_dtype not in OUT_DTYPES:
             raise ValueError(f"kernel out_dtype {self.out_dtype!r} is not one of {', '.join(OUT_DTYPES)}")
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"kernel scheduler {self.scheduler!r} is not one of {', '.join(SCHEDULERS)}")
 
     @property
     def granularity(self) -> str:
@@ -45,11 +52,13 @@ class KernelConfig:
         return 32 * self.warps_m * self.warps_n
 
     def procedural_name(self) -> str:
-        """Every field, in a fixed order, so two configs share a name only if they are equal."""
+        """Every field, in a fixed order, so two configs share a name only if they are equal. The default
+        scheduler adds nothing (names from before the field are unchanged); any other adds ``_<scheduler>``."""
+        scheduler = "" if self.scheduler == "persistent" else f"_{self.scheduler}"
         return (
             f"apex4gen_{self.family}_{self.arch.replace('_', '')}_{self.path}_{self.granularity}"
             f"_{self.tile_m}x{self.tile_n}x{self.tile_k}_w{self.warps_m}x{self.warps_n}"
-            f"_s{self.stages}_k{self.split_k}_{self.out_dtype}"
+            f"_s{self.stages}_k{self.split_k}{scheduler}_{self.out_dtype}"
         )
 
     def to_dict(self) -> dict:
@@ -58,8 +67,9 @@ class KernelConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "KernelConfig":
         names = {f.name for f in fields(cls)}
+        optional = {f.name for f in fields(cls) if f.default is not MISSING}
         unknown = set(d) - names
-        missing = names - set(d)
+        missing = names - optional - set(d)
         if unknown or missing:
             raise ValueError(f"kernel config: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}")
         return cls(**d)

@@ -19,3 +19,6 @@ GENCODE = {"sm_80": ("compute_80", "sm_80"), "sm_86": ("compute_86", "sm_86"),
 SM_NUMBER = {"sm_80": 80, "sm_86": 86, "sm_89": 89, "sm_90a": 90}
 # fp32 math of the epilogues (scales, bias) for each tensor-core path
 ELEMENT_COMPUTE = {"int4": "float", "int8": "float", "fp8": "float"}
+# CUTLASS 3 tile schedulers (sm90 kernels) for KernelConfig.scheduler, and the stream-K scheduler's mode
+TILE_SCHEDULER = {"persistent": "cutlass::gemm::PersistentScheduler", "streamk": "cutlass::gemm::StreamKScheduler"}
+STREAMK_DECOMPOSITION = "cutlass::gemm::kernel::detail::DecompositionMode::StreamK"

@@ -40,6 +40,7 @@ class Family:
     render: Callable[[KernelConfig], dict]
     max_m: int | None = None        # a decode-only family serves M <= max_m
     groups: tuple[int, ...] | None = None  # the group sizes a group-wise template serves (None: any)
+    schedulers: tuple[str, ...] = ("persistent",)  # KernelConfig.scheduler values the template implements
     m_step: int | None = None       # set when the launcher picks an instantiation per M (padding M to a multiple
                                     # of m_step) and splits K at run time to fill the GPU, ignoring tile_m/split_k
     stream_k: bool = False          # persistent stream-K scheduler: a partial last wave's K iterations are spread
@@ -51,8 +52,8 @@ class Family:
             return []
         return [
             KernelConfig(self.name, arch, self.path, group, t.tile_m, t.tile_n, t.tile_k, t.warps_m, t.warps_n,
-                         s, k, out_dtype)
-            for t in self.tiles for s in self.stages for k in self.split_k
+                         s, k, out_dtype, sched)
+            for t in self.tiles for s in self.stages for k in self.split_k for sched in self.schedulers
         ]
 
 

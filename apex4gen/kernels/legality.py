@@ -17,6 +17,8 @@ def violations(cfg: KernelConfig, gpu, n: int | None = None, k: int | None = Non
         out.append(f"{fam.name} is not built for {cfg.arch}")
     if cfg.arch != gpu.kernel_arch:
         out.append(f"{cfg.arch} code does not target {gpu.name} ({gpu.kernel_arch})")
+    if cfg.scheduler not in fam.schedulers:
+        out.append(f"{fam.name} has no {cfg.scheduler} scheduler (it has {', '.join(fam.schedulers)})")
     if not fam.serves_group(cfg.group):
         out.append(f"{fam.name} serves group sizes {fam.groups}, not {cfg.group}")
     smem = fam.smem_bytes(cfg)

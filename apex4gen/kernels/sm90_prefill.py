@@ -90,8 +90,6 @@ def group_smem_bytes(cfg: KernelConfig) -> int:
 
 
 def _common_values(cfg: KernelConfig) -> dict:
-    if cfg.split_k != 1:
-        raise ValueError(f"{cfg.family} has no split-K; got split_k={cfg.split_k}")
     if (cfg.warps_m, cfg.warps_n) != CONSUMER_WARPS or cfg.tile_k != TILE_K:
         raise ValueError(f"{cfg.family}: warps must be {CONSUMER_WARPS} and tile_k {TILE_K}")
     return {
@@ -107,13 +105,31 @@ def _common_values(cfg: KernelConfig) -> dict:
     }
 
 
+def _channel_schedule(cfg: KernelConfig) -> dict:
+    """persistent: CUTLASS's data-parallel persistent scheduler, launched with programmatic dependent launch (its
+    prologue overlaps the activation quantizer's tail). streamk: CUTLASS's stream-K scheduler forced to stream-K
+    decomposition (its heuristic keeps data-parallel when the tiles fill more than half a wave): each SM takes an
+    equal share of all tiles' K iterations, a tile cut across SMs is summed in int32 through the workspace. No
+    dependent launch there: CUTLASS zeroes the workspace's locks with a memset between the quantizer and the
+    GEMM, and CUTLASS 4.2's stream-K scheduler does not compile with its griddepcontrol hooks enabled."""
+    if cfg.split_k != 1:
+        raise ValueError(f"{cfg.family} has no split-K (stream-K instead); got split_k={cfg.split_k}")
+    if cfg.scheduler == "persistent":
+        return {"scheduler": cpp_names.TILE_SCHEDULER["persistent"], "decomposition": "", "pdl": True}
+    return {"scheduler": cpp_names.TILE_SCHEDULER["streamk"], "decomposition": cpp_names.STREAMK_DECOMPOSITION,
+            "pdl": False}
+
+
 def render_channel(cfg: KernelConfig) -> dict:
     if cfg.group != 0:
         raise ValueError(f"sm90_prefill_channel is per-channel (group 0); got group={cfg.group}")
-    return {**_common_values(cfg), "max_k": MAX_CHANNEL_K, "smem_bytes": channel_smem_bytes(cfg)}
+    return {**_common_values(cfg), **_channel_schedule(cfg), "max_k": MAX_CHANNEL_K,
+            "smem_bytes": channel_smem_bytes(cfg)}
 
 
 def render_group(cfg: KernelConfig) -> dict:
+    if cfg.split_k != 1 or cfg.scheduler != "persistent":
+        raise ValueError(f"{cfg.family} has no split-K or stream-K; got split_k={cfg.split_k} {cfg.scheduler}")
     if cfg.group != GROUP:
         raise ValueError(f"sm90_prefill_group serves group={GROUP} only; got group={cfg.group}")
     return {**_common_values(cfg), "group": GROUP, "smem_bytes": group_smem_bytes(cfg)}
@@ -134,6 +150,7 @@ SM90_PREFILL_CHANNEL = register(Family(
     split_k=(1,),
     smem_bytes=channel_smem_bytes,
     render=render_channel,
+    schedulers=("persistent", "streamk"),
 ))
 
 SM90_PREFILL_GROUP = register(Family(
