@@ -3,7 +3,8 @@ alone for several kernel variants, and quantizer + GEMM end to end; in one run, 
 activations rotated over enough copies to overflow L2 (apex4gen.bench.time_graph / copies_for).
 
 Inputs (all prebuilt, the device has no CUTLASS):
-  --so-dir DIR: q_old.so / q_new.so (runtime/quantize.cu before / after, exporting apex4gen_quantize_act) and
+  --so-dir DIR: q_old.so / q_new.so / q_<other>.so (runtime/quantize.cu before / after / other versions, each
+                exporting apex4gen_quantize_act; every one is checked bit for bit against q_old) and
                 variant GEMMs <name>.so exporting probe_<name> / probe_<name>_workspace (the channel template
                 rendered with the variant's values under the kernel name probe_<name>);
   --build DIR:  an apex4gen build whose sm90_prefill_channel kernels are timed as they are (the "before");
@@ -92,10 +93,12 @@ def probe_quantizer(qs: dict, ms, out: list) -> None:
                 out.append({"what": "quantize", "impl": name, "m": m, "k": k, "group": group, "fmt": fmt,
                             "us": t, "gbs": gbs})
                 print(f"quantize {name} {fmt} g{group} M={m} K={k}: {t:.2f} us {gbs:.0f} GB/s", flush=True)
-            (qa, sa), (qb, sb) = results["old"], results["new"]
-            same = torch.equal(qa, qb) and torch.equal(sa, sb)
-            out.append({"what": "quantize_equal", "m": m, "k": k, "group": group, "fmt": fmt, "equal": same})
-            print(f"quantize old == new: {same}", flush=True)
+            qa, sa = results["old"]
+            for name, (qb, sb) in results.items():
+                same = torch.equal(qa, qb) and torch.equal(sa, sb)
+                out.append({"what": "quantize_equal", "impl": name, "m": m, "k": k, "group": group, "fmt": fmt,
+                            "equal": same})
+                print(f"quantize old == {name}: {same}", flush=True)
 
 
 def useful(variant: str, m: int) -> bool:
@@ -166,7 +169,7 @@ def main() -> None:
     a = ap.parse_args()
     ms = [int(v) for v in a.ms.split(",")]
     so_dir = Path(a.so_dir)
-    qs = {"old": Quantizer(so_dir / "q_old.so"), "new": Quantizer(so_dir / "q_new.so")}
+    qs = {p.stem[2:]: Quantizer(p) for p in sorted(so_dir.glob("q_*.so"))}  # q_old.so, q_new.so, ...
     names = a.variants.split(",") if a.variants else sorted(p.stem for p in so_dir.glob("*.so")
                                                               if not p.stem.startswith("q_"))
     names = names if a.build else []

@@ -3,10 +3,12 @@
 // division), q = clamp(rint(x / s), -8, 7), s == 0 -> q = 0. Must be compiled without fast-math; the
 // divisions are spelled __fdiv_rn so that a stray -use_fast_math cannot change them.
 //
-// Two kernels, by the size of a (token, group) chunk:
+// Kernels, by the size of a (token, group) chunk:
 // - chunks of up to kBlockMaxVectors vectors from kBlockMinVectors up (per-channel: one chunk per token row):
-//   one block per chunk, each thread holding its few vectors in registers, so x is read from DRAM once and the
-//   row's loads are all in flight at once (a warp per row, looping over K, left M <= 256 latency-bound);
+//   one block per chunk, so x is read from DRAM once and the row's loads are all in flight at once (a warp per
+//   row, looping over K, left M <= 256 latency-bound). 16-byte vectors are staged in shared memory by cp.async
+//   (nothing held in registers across the wait: as many blocks per SM as shared memory allows, which overlap
+//   one another's load, reduce and store phases); 4-byte vectors are held in registers;
 // - smaller chunks (g64..g1024) and huge ones: a run of T lanes per chunk, T a power of two up to 32 that
 //   divides the chunk's vectors. Pass 1 reduces absmax with shuffles; pass 2 re-reads the chunk (an L1/L2 hit).
 // Both let the dependent GEMM launch at once (programmatic dependent launch, sm_90): it waits for this grid's
@@ -16,6 +18,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
+#include <cuda_pipeline.h>
 
 #include <algorithm>
 
@@ -26,11 +29,12 @@ constexpr float kQuantMax = 7.0f;
 constexpr int kBlockMinVectors = 256;     // 2048 values of 16 bits (vectors of 8): smaller chunks go to warps
 constexpr int kVectorsPerThread = 4;      // target loads in flight per thread in the block kernel
 constexpr int kMaxBlockThreads = 512;
-// Vectors a thread holds in registers: 4 up to 2048 vectors a chunk (the registers of 8 cost occupancy, and
-// with it loads in flight: 1.7 TB/s measured at K = 8192), 8 (no spills at 512 threads) up to 4096.
+// 4-byte vectors a thread holds in registers (the register kernel): 4 up to 2048 vectors a chunk (holding 8
+// costs occupancy, and with it loads in flight), 8 (no spills at 512 threads) up to 4096.
 constexpr int kHeldFew = 4;
 constexpr int kHeldMost = 8;
 constexpr int kBlockMaxVectors = kHeldMost * kMaxBlockThreads;
+constexpr int kStagedThreads = 256;       // the staged kernel: a chunk of 32K 16-bit values is 64 KB of shared memory
 
 // Programmatic dependent launch: let the next grid in the stream (the GEMM) start its prologue now.
 __device__ __forceinline__ void allow_dependents() {
@@ -139,6 +143,52 @@ quantize_kernel(const T* __restrict__ x, int ldx, int m, int k, int group, int l
   }
 }
 
+// One block per chunk of 16-byte vectors staged in shared memory; thread t copies and later reads back its own
+// vectors t, t + blockDim.x, ... (coalesced), so cp.async's wait makes them visible without a block barrier.
+template <typename T, apex4gen_act_format kFormat>
+__global__ void __launch_bounds__(kStagedThreads)
+quantize_chunk_staged_kernel(const T* __restrict__ x, int ldx, int k, int group, void* __restrict__ qx,
+                             float* __restrict__ sx) {
+  allow_dependents();
+  using Vec = Vector<T, 8>;
+  extern __shared__ __align__(16) unsigned char staged_bytes[];
+  Vec* staged = reinterpret_cast<Vec*>(staged_bytes);
+  __shared__ float warp_absmax[kStagedThreads / 32];
+  const int groups = k / group;
+  const int64_t row_index = blockIdx.x / groups;
+  const int k0 = static_cast<int>(blockIdx.x % groups) * group;
+  const T* row = x + row_index * ldx + k0;
+  const int vectors = group / 8;
+
+  for (int v = threadIdx.x; v < vectors; v += blockDim.x) {
+    __pipeline_memcpy_async(staged + v, row + v * 8, sizeof(Vec));
+  }
+  __pipeline_commit();
+  __pipeline_wait_prior(0);
+  float absmax = 0.f;
+  for (int v = threadIdx.x; v < vectors; v += blockDim.x) {
+    const Vec in = staged[v];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) absmax = fmaxf(absmax, fabsf(to_float(in.v[j])));
+  }
+  for (int offset = 16; offset > 0; offset /= 2) absmax = fmaxf(absmax, __shfl_xor_sync(0xFFFFFFFFu, absmax, offset));
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  if (lane == 0) warp_absmax[warp] = absmax;
+  __syncthreads();
+  absmax = lane < warps ? warp_absmax[lane] : 0.f;
+  for (int offset = 16; offset > 0; offset /= 2) absmax = fmaxf(absmax, __shfl_xor_sync(0xFFFFFFFFu, absmax, offset));
+  const float scale = __fdiv_rn(absmax, kQuantMax);
+  if (threadIdx.x == 0) sx[row_index * groups + k0 / group] = scale;
+
+  for (int v = threadIdx.x; v < vectors; v += blockDim.x) {
+    const Vec in = staged[v];
+    QuantizedVector<8> q;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) q.q[j] = quantize_value(to_float(in.v[j]), scale);
+    store_quantized<kFormat, 8>(qx, row_index, k, k0 + v * 8, q);
+  }
+}
+
 // One block per chunk; thread t holds vectors t, t + blockDim.x, ... (coalesced), at most kHeld.
 template <typename T, int kVec, int kHeld, apex4gen_act_format kFormat>
 __global__ void __launch_bounds__(kMaxBlockThreads)
@@ -196,15 +246,27 @@ template <typename T, int kVec, apex4gen_act_format kFormat>
 int launch(const void* x, int ldx, int m, int k, int group, void* qx, float* sx, cudaStream_t stream) {
   const int vectors = group / kVec;
   if (vectors >= kBlockMinVectors && vectors <= kBlockMaxVectors) {
-    // threads: a multiple of 32 giving ~kVectorsPerThread vectors each (at most kHeld by the bounds)
-    const int per_thread = (vectors + kVectorsPerThread - 1) / kVectorsPerThread;
-    const int threads = std::min(kMaxBlockThreads, (per_thread + 31) / 32 * 32);
     const int64_t blocks = static_cast<int64_t>(m) * (k / group);
     if (blocks > 0x7FFFFFFF) return APEX4GEN_BAD_SHAPE;
-    const auto kernel = vectors <= kHeldFew * kMaxBlockThreads
-                            ? quantize_chunk_per_block_kernel<T, kVec, kHeldFew, kFormat>
-                            : quantize_chunk_per_block_kernel<T, kVec, kHeldMost, kFormat>;
-    kernel<<<static_cast<unsigned>(blocks), threads, 0, stream>>>(static_cast<const T*>(x), ldx, k, group, qx, sx);
+    if constexpr (kVec == 8) {
+      const int smem = group * static_cast<int>(sizeof(T));
+      const auto kernel = quantize_chunk_staged_kernel<T, kFormat>;
+      if (smem > 48 * 1024 &&
+          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess) {
+        return APEX4GEN_CUDA_ERROR;
+      }
+      kernel<<<static_cast<unsigned>(blocks), kStagedThreads, smem, stream>>>(static_cast<const T*>(x), ldx, k,
+                                                                              group, qx, sx);
+    } else {
+      // threads: a multiple of 32 giving ~kVectorsPerThread vectors each (at most kHeld by the bounds)
+      const int per_thread = (vectors + kVectorsPerThread - 1) / kVectorsPerThread;
+      const int threads = std::min(kMaxBlockThreads, (per_thread + 31) / 32 * 32);
+      const auto kernel = vectors <= kHeldFew * kMaxBlockThreads
+                              ? quantize_chunk_per_block_kernel<T, kVec, kHeldFew, kFormat>
+                              : quantize_chunk_per_block_kernel<T, kVec, kHeldMost, kFormat>;
+      kernel<<<static_cast<unsigned>(blocks), threads, 0, stream>>>(static_cast<const T*>(x), ldx, k, group, qx,
+                                                                    sx);
+    }
     return cudaGetLastError() == cudaSuccess ? APEX4GEN_OK : APEX4GEN_CUDA_ERROR;
   }
   const int lanes = lanes_per_chunk(group / kVec);
