@@ -42,6 +42,10 @@ copy bandwidth at M=1 and 4 and 60% at M=16 (gate_up, 64-row tiles, H100), again
 that sizes itself to M (bench/results-h100.md). It applies up to ``small_m_sm90`` 64 tokens as well: at M=64
 (full 64-row tiles) the wgmma kernels streamed 20-33% of copy bandwidth on qkv, o and down and 50% on gate_up
 (bench/h100/*.json, run 15), 1.3-1.9x the time predicted without it, 0.8-1.3x with it.
+``small_m_bandwidth_sm90`` 0.70 replaces it there for full tiles since the per-channel kernel's quantizer was
+rewritten (run 15's channel times at M=64 were mostly that quantizer): per-channel at M=64 end to end (stream-K
+qkv/o/down, data-parallel gate_up; bench/h100/h3/bench-channel-c.json) 36.1/33.4/84.1/125.9 us for predictions
+of 34/29/81/150 at 0.70 (at 0.55: 43/36/102/190). Half-empty tiles (M <= 16) keep 0.55.
 
 Runtime-tiled families (``m_step``: the sm90 decode kernels) issue warp-level ``mma.sync`` with the tokens as the
 8-wide operand, so their operand reuse follows ``full_reuse_tile`` (the mma.sync constant), not the wgmma one,
@@ -116,6 +120,7 @@ class CostConstants:
     full_reuse_tile_sm90: float = 85.0   # ... of a 256x128 tile: wgmma needs larger tiles
     partial_tile_bandwidth_sm90: float = 0.55  # weight streaming of a wgmma kernel whose M tile is mostly padding
     small_m_sm90: int = 64          # ... or whose M is at most this (one row of 64-row tiles, under a wave of CTAs)
+    small_m_bandwidth_sm90: float = 0.70  # ... the latter with full tiles (H100, per-channel, measured)
     streamk_efficiency_sm90: float = 0.90   # stream-K against a full data-parallel wave (H100, measured)
 
     def tensor_efficiency(self, path: str) -> float:
@@ -130,9 +135,11 @@ class CostConstants:
     def partial_tile_bandwidth(self, kernel_arch: str, m: int, tile_m: int) -> float:
         """Bandwidth derating of a kernel whose M tile is less than half full or whose M is small (sm_90a:
         measured)."""
-        if kernel_arch != "sm_90a" or (2 * m >= tile_m and m > self.small_m_sm90):
+        if kernel_arch != "sm_90a":
             return 1.0
-        return self.partial_tile_bandwidth_sm90
+        if 2 * m < tile_m:
+            return self.partial_tile_bandwidth_sm90
+        return self.small_m_bandwidth_sm90 if m <= self.small_m_sm90 else 1.0
 
     def dequant_ops(self, path: str) -> float:
         return self.dequant_ops_float if path == "fp8" else self.dequant_ops_int
@@ -156,9 +163,9 @@ class CostConstants:
 
 
 DEFAULT_CONSTANTS = CostConstants()
-# Read as their default from plans written before they existed (the small-M derating and the per-config sm90
+# Read as their default from plans written before they existed (the small-M deratings and the per-config sm90
 # stream-K scheduler came later).
-_LATER_FIELDS = frozenset({"small_m_sm90", "streamk_efficiency_sm90"})
+_LATER_FIELDS = frozenset({"small_m_sm90", "small_m_bandwidth_sm90", "streamk_efficiency_sm90"})
 
 
 @dataclass(frozen=True)

@@ -117,9 +117,22 @@ def test_streamk_fills_an_underfilled_grid_and_loses_to_a_full_wave():
     assert large["persistent"] < large["streamk"]
 
 
-def test_plans_written_before_the_streamk_constant_still_load():
+def test_plans_written_before_the_later_constants_still_load():
     data = DEFAULT_CONSTANTS.to_dict()
-    del data["streamk_efficiency_sm90"]
+    for name in ("small_m_sm90", "small_m_bandwidth_sm90", "streamk_efficiency_sm90"):
+        del data[name]
     assert CostConstants.from_dict(data) == DEFAULT_CONSTANTS
     with pytest.raises(SpecError):
         CostConstants.from_dict({k: v for k, v in data.items() if k != "launch_us"})
+
+
+def test_wgmma_bandwidth_deratings_half_empty_and_small_full_tiles():
+    """M <= 16 in 64-row tiles: 0.55 (run 15); full tiles up to M=64: 0.70, fitted to the per-channel kernel at
+    M=64 (bench/h100/h3/bench-channel-c.json: down 84.1 us measured, stream-K 64x128 s5)."""
+    c = DEFAULT_CONSTANTS
+    assert c.partial_tile_bandwidth("sm_90a", 16, 64) == c.partial_tile_bandwidth_sm90
+    assert c.partial_tile_bandwidth("sm_90a", 64, 64) == c.small_m_bandwidth_sm90
+    assert c.partial_tile_bandwidth("sm_90a", 65, 64) == 1.0
+    assert c.partial_tile_bandwidth("sm_80", 16, 64) == 1.0
+    down = KernelConfig("sm90_prefill_channel", "sm_90a", "int8", 0, 64, 128, 128, 1, 8, 5, 1, "f16", "streamk")
+    assert w4a4_time(load_gpu("h100-sxm"), 64, 8192, 28672, "channel", "int8", down).us == pytest.approx(84.1, rel=0.1)

@@ -131,8 +131,9 @@ def render_channel(cfg: KernelConfig) -> dict:
 
 
 def render_group(cfg: KernelConfig) -> dict:
-    if cfg.split_k != 1 or cfg.scheduler != "persistent":
-        raise ValueError(f"{cfg.family} has no split-K or stream-K; got split_k={cfg.split_k} {cfg.scheduler}")
+    if cfg.split_k != 1 or cfg.scheduler != "persistent":  # its template fixes its scheduler (Family.stream_k)
+        raise ValueError(f"{cfg.family} takes split_k=1 and the default scheduler; got split_k={cfg.split_k} "
+                         f"scheduler={cfg.scheduler}")
     if cfg.group != GROUP:
         raise ValueError(f"sm90_prefill_group serves group={GROUP} only; got group={cfg.group}")
     return {**_common_values(cfg), "group": GROUP, "smem_bytes": group_smem_bytes(cfg)}
