@@ -58,8 +58,8 @@ tile count, at this fraction of a full data-parallel wave's speed (partial tiles
 uneven K shares). Measured on the H100 (bench/NOTES-sm90-prefill.md, probe run of 2026-11-22): the per-channel
 256x128 kernel stream-K against data-parallel where the data-parallel grid was >= 97% full (M = 1024, 4096;
 o, gate_up, down, and qkv at 4096): 0.84-1.0, mean 0.91. Its split tiles also move partial sums: at most one
-int32 tile written and read per SM. (A family whose every kernel is stream-K, ``Family.stream_k``, is counted as
-whole waves, as fitted by its owner.)
+int32 tile written and read per SM. ``scheduler: hybrid`` (stream-K only for a partial last wave) is counted as
+whole waves at full speed, as measured for the g128 family (bench/NOTES-sm90-prefill.md, v3).
 """
 from __future__ import annotations
 
@@ -211,9 +211,9 @@ def _config_tiling(m: int, n: int, gpu: GpuSpec, cfg: KernelConfig, c: CostConst
     if cfg.scheduler == "streamk":  # per-config stream-K: every SM streams an equal share of all K iterations
         return _Tiling(tiles_m * cfg.tile_m, tiles_n * cfg.tile_n, c.streamk_efficiency_sm90, min(1.0, reuse),
                        c.partial_tile_bandwidth(cfg.arch, m, cfg.tile_m), cfg.split_k)
-    # Stream-K spreads the K iterations of a partial wave over every SM: whole waves, every SM streams.
-    busy = 1.0 if fam is not None and fam.stream_k else min(1.0, ctas / gpu.sm_count)
-    wave_efficiency = 1.0 if fam is not None and fam.stream_k else ctas / (waves * gpu.sm_count)
+    # hybrid stream-K spreads the K iterations of a partial wave over every SM: whole waves, every SM streams.
+    busy = 1.0 if cfg.scheduler == "hybrid" else min(1.0, ctas / gpu.sm_count)
+    wave_efficiency = 1.0 if cfg.scheduler == "hybrid" else ctas / (waves * gpu.sm_count)
     share = busy * c.partial_tile_bandwidth(cfg.arch, m, cfg.tile_m)
     return _Tiling(tiles_m * cfg.tile_m, tiles_n * cfg.tile_n, wave_efficiency, min(1.0, reuse), share,
                    cfg.split_k)

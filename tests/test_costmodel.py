@@ -62,12 +62,12 @@ def test_a_kernel_config_adds_tile_and_wave_effects():
     assert big_m[0] > big_m[1]                   # a 16x64 tile reuses operands less than 128x128
 
 
-def test_a_stream_k_family_has_whole_waves():
+def test_a_hybrid_stream_k_kernel_has_whole_waves():
     """qkv at M=256 is 160 tiles of 128x128 on 132 SMs: two waves data-parallel, ~1.2 with stream-K."""
     gpu = load_gpu("h100-sxm")
-    cfg = KernelConfig("sm90_prefill_group", "sm_90a", "fp8", 128, 128, 128, 128, 1, 8, 4, 1, "f16")
+    cfg = KernelConfig("sm90_prefill_group", "sm_90a", "fp8", 128, 128, 128, 128, 1, 8, 4, 1, "f16", "hybrid")
     streamk = w4a4_time(gpu, 256, 10240, 8192, "g128", "fp8", cfg)
-    data_parallel = w4a4_time(gpu, 256, 10240, 8192, "g128", "fp8", dataclasses.replace(cfg, family="x"))
+    data_parallel = w4a4_time(gpu, 256, 10240, 8192, "g128", "fp8", dataclasses.replace(cfg, scheduler="persistent"))
     assert streamk.dequant_us == pytest.approx(data_parallel.dequant_us * 160 / 264)
 
 

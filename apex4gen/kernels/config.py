@@ -11,8 +11,10 @@ PATHS = ("int4", "int8", "fp8")
 OUT_DTYPES = ("f16", "bf16")
 # How a kernel's CTAs walk the output tiles: "persistent" (CUTLASS's data-parallel persistent scheduler, or a
 # family's own grid), "streamk" (CUTLASS's stream-K: every SM takes an equal share of all K iterations, tiles cut
-# across SMs summed through a workspace; fills the GPU when there are fewer tiles than SMs or a partial wave).
-SCHEDULERS = ("persistent", "streamk")
+# across SMs summed through a workspace; fills the GPU when there are fewer tiles than SMs or a partial wave),
+# "hybrid" (CUTLASS's stream-K scheduler in its heuristic mode: whole waves data-parallel, only a partial last
+# wave's K iterations spread over every SM).
+SCHEDULERS = ("persistent", "streamk", "hybrid")
 
 
 @dataclass(frozen=True, order=True)

@@ -20,5 +20,7 @@ SM_NUMBER = {"sm_80": 80, "sm_86": 86, "sm_89": 89, "sm_90a": 90}
 # fp32 math of the epilogues (scales, bias) for each tensor-core path
 ELEMENT_COMPUTE = {"int4": "float", "int8": "float", "fp8": "float"}
 # CUTLASS 3 tile schedulers (sm90 kernels) for KernelConfig.scheduler, and the stream-K scheduler's mode
-TILE_SCHEDULER = {"persistent": "cutlass::gemm::PersistentScheduler", "streamk": "cutlass::gemm::StreamKScheduler"}
-STREAMK_DECOMPOSITION = "cutlass::gemm::kernel::detail::DecompositionMode::StreamK"
+TILE_SCHEDULER = {"persistent": "cutlass::gemm::PersistentScheduler", "streamk": "cutlass::gemm::StreamKScheduler",
+                  "hybrid": "cutlass::gemm::StreamKScheduler"}
+STREAMK_DECOMPOSITION = {"streamk": "cutlass::gemm::kernel::detail::DecompositionMode::StreamK",
+                         "hybrid": "cutlass::gemm::kernel::detail::DecompositionMode::Heuristic"}

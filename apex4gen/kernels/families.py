@@ -43,8 +43,6 @@ class Family:
     schedulers: tuple[str, ...] = ("persistent",)  # KernelConfig.scheduler values the template implements
     m_step: int | None = None       # set when the launcher picks an instantiation per M (padding M to a multiple
                                     # of m_step) and splits K at run time to fill the GPU, ignoring tile_m/split_k
-    stream_k: bool = False          # persistent stream-K scheduler: a partial last wave's K iterations are spread
-                                    # over every SM (whole waves; every SM streams operands)
 
     def configs(self, arch: str, group: int, out_dtype: str) -> list[KernelConfig]:
         """Every instance of this family for one arch/group/dtype (legality filters them later)."""

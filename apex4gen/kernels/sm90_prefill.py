@@ -119,8 +119,8 @@ def _channel_schedule(cfg: KernelConfig) -> dict:
         raise ValueError(f"{cfg.family} has no split-K (stream-K instead); got split_k={cfg.split_k}")
     if cfg.scheduler == "persistent":
         return {"scheduler": cpp_names.TILE_SCHEDULER["persistent"], "decomposition": "", "pdl": True}
-    return {"scheduler": cpp_names.TILE_SCHEDULER["streamk"], "decomposition": cpp_names.STREAMK_DECOMPOSITION,
-            "pdl": False}
+    return {"scheduler": cpp_names.TILE_SCHEDULER[cfg.scheduler],
+            "decomposition": cpp_names.STREAMK_DECOMPOSITION[cfg.scheduler], "pdl": False}
 
 
 def render_channel(cfg: KernelConfig) -> dict:
@@ -131,12 +131,12 @@ def render_channel(cfg: KernelConfig) -> dict:
 
 
 def render_group(cfg: KernelConfig) -> dict:
-    if cfg.split_k != 1 or cfg.scheduler != "persistent":  # its template fixes its scheduler (Family.stream_k)
-        raise ValueError(f"{cfg.family} takes split_k=1 and the default scheduler; got split_k={cfg.split_k} "
-                         f"scheduler={cfg.scheduler}")
+    if cfg.split_k != 1:
+        raise ValueError(f"{cfg.family} has no split-K (stream-K instead); got split_k={cfg.split_k}")
     if cfg.group != GROUP:
         raise ValueError(f"sm90_prefill_group serves group={GROUP} only; got group={cfg.group}")
-    return {**_common_values(cfg), "group": GROUP, "smem_bytes": group_smem_bytes(cfg)}
+    return {**_common_values(cfg), "group": GROUP, "smem_bytes": group_smem_bytes(cfg),
+            "scheduler": cpp_names.TILE_SCHEDULER[cfg.scheduler]}
 
 
 SM90_PREFILL_CHANNEL = register(Family(
@@ -173,5 +173,5 @@ SM90_PREFILL_GROUP = register(Family(
     smem_bytes=group_smem_bytes,
     render=render_group,
     groups=(GROUP,),
-    stream_k=True,
+    schedulers=("hybrid",),
 ))
