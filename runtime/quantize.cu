@@ -143,6 +143,18 @@ quantize_kernel(const T* __restrict__ x, int ldx, int m, int k, int group, int l
   }
 }
 
+// The block's absmax from each thread's: warp shuffles, then one warp over the per-warp maxima (every thread
+// gets it). warp_absmax: shared, one float per warp.
+__device__ float block_absmax(float absmax, float* warp_absmax) {
+  for (int offset = 16; offset > 0; offset /= 2) absmax = fmaxf(absmax, __shfl_xor_sync(0xFFFFFFFFu, absmax, offset));
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  if (lane == 0) warp_absmax[warp] = absmax;
+  __syncthreads();
+  absmax = lane < warps ? warp_absmax[lane] : 0.f;
+  for (int offset = 16; offset > 0; offset /= 2) absmax = fmaxf(absmax, __shfl_xor_sync(0xFFFFFFFFu, absmax, offset));
+  return absmax;
+}
+
 // One block per chunk of 16-byte vectors staged in shared memory; thread t copies and later reads back its own
 // vectors t, t + blockDim.x, ... (coalesced), so cp.async's wait makes them visible without a block barrier.
 template <typename T, apex4gen_act_format kFormat>
@@ -171,13 +183,7 @@ quantize_chunk_staged_kernel(const T* __restrict__ x, int ldx, int k, int group,
 #pragma unroll
     for (int j = 0; j < 8; ++j) absmax = fmaxf(absmax, fabsf(to_float(in.v[j])));
   }
-  for (int offset = 16; offset > 0; offset /= 2) absmax = fmaxf(absmax, __shfl_xor_sync(0xFFFFFFFFu, absmax, offset));
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
-  if (lane == 0) warp_absmax[warp] = absmax;
-  __syncthreads();
-  absmax = lane < warps ? warp_absmax[lane] : 0.f;
-  for (int offset = 16; offset > 0; offset /= 2) absmax = fmaxf(absmax, __shfl_xor_sync(0xFFFFFFFFu, absmax, offset));
-  const float scale = __fdiv_rn(absmax, kQuantMax);
+  const float scale = __fdiv_rn(block_absmax(absmax, warp_absmax), kQuantMax);
   if (threadIdx.x == 0) sx[row_index * groups + k0 / group] = scale;
 
   for (int v = threadIdx.x; v < vectors; v += blockDim.x) {
@@ -214,13 +220,7 @@ quantize_chunk_per_block_kernel(const T* __restrict__ x, int ldx, int k, int gro
       for (int j = 0; j < kVec; ++j) absmax = fmaxf(absmax, fabsf(to_float(held[i].v[j])));
     }
   }
-  for (int offset = 16; offset > 0; offset /= 2) absmax = fmaxf(absmax, __shfl_xor_sync(0xFFFFFFFFu, absmax, offset));
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
-  if (lane == 0) warp_absmax[warp] = absmax;
-  __syncthreads();
-  absmax = lane < warps ? warp_absmax[lane] : 0.f;
-  for (int offset = 16; offset > 0; offset /= 2) absmax = fmaxf(absmax, __shfl_xor_sync(0xFFFFFFFFu, absmax, offset));
-  const float scale = __fdiv_rn(absmax, kQuantMax);
+  const float scale = __fdiv_rn(block_absmax(absmax, warp_absmax), kQuantMax);
   if (threadIdx.x == 0) sx[row_index * groups + k0 / group] = scale;
 
 #pragma unroll
