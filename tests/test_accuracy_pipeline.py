@@ -86,3 +86,17 @@ def test_table_rows_are_method_sets_and_plan_columns_are_the_planners():
     grans = column_granularities("plan:rtx3090", "smollm2-135m")
     assert grans == {lp.name: lp.granularity for lp in make_plan("rtx3090", "smollm2-135m").layers}
     assert all(kind in grans or KIND_OF[kind] in grans for kind in KIND_OF)
+
+
+def test_a_calibrated_budget_keeps_the_sensitive_kinds_fine():
+    """bench/budget-smollm2-calibrated.yaml allows 0.01 of summed relative output error: channel for qkv_proj
+    alone costs 0.017 (measured by `apex4gen calibrate`), so every plan keeps it at the reference group."""
+    from pathlib import Path
+
+    from apex4gen.cli.eval import column_granularities
+
+    budget = str(Path(__file__).parents[1] / "bench" / "budget-smollm2-calibrated.yaml")
+    for gpu in ("a100-80gb", "rtx3090", "h100-sxm"):
+        grans = column_granularities(f"plan:{gpu}", "smollm2-135m", budget)
+        assert grans["qkv_proj"] == grans["o_proj"] == grans["gate_up_proj"] == "g64", (gpu, grans)
+        assert grans["down_proj"] in ("g128", "g256", "g512"), (gpu, grans)

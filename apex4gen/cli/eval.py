@@ -86,16 +86,16 @@ def parse_method(text: str) -> dict[str, bool]:
     return flags
 
 
-def column_granularities(column: str, model_spec: str):
+def column_granularities(column: str, model_spec: str, budget: str | None = None):
     """'g128' / 'channel' -> that granularity everywhere; 'plan:<gpu>' -> the planner's per-layer choice for
-    ``model_spec`` on that GPU (default workload and budget)."""
+    ``model_spec`` on that GPU (default workload; ``budget``, else the default budget)."""
     from ..accuracy.pipeline import PLAN_KINDS
     from ..planner import make_plan
     from .quantize import granularities_of
 
     if column.startswith("plan:"):
         gpu = column.removeprefix("plan:")
-        return granularities_of(make_plan(gpu, model_spec), f"plan for {gpu}")
+        return granularities_of(make_plan(gpu, model_spec, budget=budget), f"plan for {gpu}")
     return {kind: column for kind in PLAN_KINDS}
 
 
@@ -108,6 +108,7 @@ def column_granularities(column: str, model_spec: str):
               help="rows: comma-separated; each 'rtn' or a '+'-joined set of " + ", ".join(METHOD_FLAGS))
 @click.option("--columns", default="g128,channel,plan:a100-80gb,plan:rtx3090", show_default=True,
               help="comma-separated: a granularity, or plan:<gpu> for the planner's mixed plan")
+@click.option("--budget", default=None, help="accuracy budget YAML for the plan columns [default: the defaults]")
 @click.option("--text", default="prideprejudice", show_default=True)
 @click.option("--tokens", default=8192, show_default=True, type=click.IntRange(2))
 @click.option("--window", default=1024, show_default=True, type=click.IntRange(2))
@@ -116,7 +117,7 @@ def column_granularities(column: str, model_spec: str):
 @click.option("--calib-seq-len", default=512, show_default=True, type=click.IntRange(16))
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="also write the markdown table here (refuses an existing file)")
-def table_cmd(model_path, model_spec, methods, columns, text, tokens, window, calib_text, calib_samples,
+def table_cmd(model_path, model_spec, methods, columns, budget, text, tokens, window, calib_text, calib_samples,
               calib_seq_len, output) -> None:
     """Perplexity of every (method, granularity) cell, FP model once, as a markdown table."""
     from ..accuracy.data import load_text
@@ -128,7 +129,7 @@ def table_cmd(model_path, model_spec, methods, columns, text, tokens, window, ca
     if output is not None and output.exists():
         raise click.UsageError(f"{output} exists: remove it or pass another --output")
     rows = [(m, parse_method(m)) for m in methods.split(",")]
-    cols = [(c, column_granularities(c, model_spec)) for c in columns.split(",")]
+    cols = [(c, column_granularities(c, model_spec, budget)) for c in columns.split(",")]
     model, tokenizer = load_model(model_path)
     ids = tokenize(tokenizer, load_text(text), tokens)
     fp = perplexity(model, ids, window, "perplexity (FP)")
