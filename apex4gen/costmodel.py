@@ -32,7 +32,7 @@ Every constant is in :class:`CostConstants`; a measured set (a later ``apex4gen 
 * ``launch_us`` 2.0: launch and tail of one kernel.
 
 Without a kernel configuration the estimate assumes ideal tiling (M padded to one MMA, full waves); with one,
-it pads M and N to the tile, counts waves over the SMs (a stream-K family's waves are whole), derates small
+it pads M and N to the tile, counts waves over the SMs (a hybrid stream-K kernel's waves are whole), derates small
 tiles (operand reuse) and needs one CTA per SM to stream DRAM at full rate.
 ``full_reuse_tile`` 32 (a 64x64 tile): below it, operand reuse in shared memory limits the tensor cores.
 ``full_reuse_tile_sm90`` 85 (a 256x128 tile): measured on the H100 (bench/sm90_prefill_h100_v1.json), the

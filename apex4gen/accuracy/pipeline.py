@@ -240,7 +240,8 @@ def _replace_calibrated(parent, attr, cfg: QuantConfig, hessian: HessianAccumula
     group = group_for(cfg, attr, lin.in_features)
     w = lin.weight.detach()
     if cfg.gptq:
-        wq = gptq_quantize(w, hessian.hessian(), group, _scale_dtype(lin), act_order=cfg.act_order, clip=cfg.clip_weights)
+        wq = gptq_quantize(w, hessian.hessian(), group, _scale_dtype(lin), act_order=cfg.act_order,
+                           clip=cfg.clip_weights)
     else:
         importance = torch.diag(hessian.hessian()).float() if cfg.clip_weights else None
         wq = rtn_quantize(w, group, _scale_dtype(lin), clip=cfg.clip_weights, importance=importance)

@@ -89,14 +89,14 @@ def parse_method(text: str) -> dict[str, bool]:
 def column_granularities(column: str, model_spec: str, budget: str | None = None):
     """'g128' / 'channel' -> that granularity everywhere; 'plan:<gpu>' -> the planner's per-layer choice for
     ``model_spec`` on that GPU (default workload; ``budget``, else the default budget)."""
-    from ..accuracy.pipeline import PLAN_KINDS
+    from ..accuracy.pipeline import QuantConfig
     from ..planner import make_plan
     from .quantize import granularities_of
 
     if column.startswith("plan:"):
         gpu = column.removeprefix("plan:")
         return granularities_of(make_plan(gpu, model_spec, budget=budget), f"plan for {gpu}")
-    return {kind: column for kind in PLAN_KINDS}
+    return QuantConfig.uniform(column).granularity
 
 
 @eval_group.command("table")

@@ -54,7 +54,6 @@ class Family:
             for t in self.tiles for s in self.stages for k in self.split_k for sched in self.schedulers
         ]
 
-
     def serves_group(self, group: int) -> bool:
         return self.groups is None or group in self.groups
 

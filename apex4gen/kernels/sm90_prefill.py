@@ -93,6 +93,8 @@ def group_smem_bytes(cfg: KernelConfig) -> int:
 
 
 def _common_values(cfg: KernelConfig) -> dict:
+    if cfg.split_k != 1:
+        raise ValueError(f"{cfg.family} has no split-K (stream-K instead); got split_k={cfg.split_k}")
     if (cfg.warps_m, cfg.warps_n) != CONSUMER_WARPS or cfg.tile_k != TILE_K:
         raise ValueError(f"{cfg.family}: warps must be {CONSUMER_WARPS} and tile_k {TILE_K}")
     return {
@@ -115,12 +117,9 @@ def _channel_schedule(cfg: KernelConfig) -> dict:
     equal share of all tiles' K iterations, a tile cut across SMs is summed in int32 through the workspace. No
     dependent launch there: CUTLASS zeroes the workspace's locks with a memset between the quantizer and the
     GEMM, and CUTLASS 4.2's stream-K scheduler does not compile with its griddepcontrol hooks enabled."""
-    if cfg.split_k != 1:
-        raise ValueError(f"{cfg.family} has no split-K (stream-K instead); got split_k={cfg.split_k}")
-    if cfg.scheduler == "persistent":
-        return {"scheduler": cpp_names.TILE_SCHEDULER["persistent"], "decomposition": "", "pdl": True}
     return {"scheduler": cpp_names.TILE_SCHEDULER[cfg.scheduler],
-            "decomposition": cpp_names.STREAMK_DECOMPOSITION[cfg.scheduler], "pdl": False}
+            "decomposition": cpp_names.STREAMK_DECOMPOSITION.get(cfg.scheduler, ""),
+            "pdl": cfg.scheduler == "persistent"}
 
 
 def render_channel(cfg: KernelConfig) -> dict:
@@ -131,8 +130,6 @@ def render_channel(cfg: KernelConfig) -> dict:
 
 
 def render_group(cfg: KernelConfig) -> dict:
-    if cfg.split_k != 1:
-        raise ValueError(f"{cfg.family} has no split-K (stream-K instead); got split_k={cfg.split_k}")
     if cfg.group != GROUP:
         raise ValueError(f"sm90_prefill_group serves group={GROUP} only; got group={cfg.group}")
     return {**_common_values(cfg), "group": GROUP, "smem_bytes": group_smem_bytes(cfg),
