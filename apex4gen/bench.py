@@ -5,6 +5,9 @@ L2; each timed sample is one CUDA-graph replay of ``reps`` calls (launch overhea
 decode), bracketed by CUDA events after warm-up; the figure is the median over samples divided by ``reps``.
 The W4A4 op is timed end to end: activation quantization included. Bytes and peaks for the roofline columns
 come from the same run (a measured device-to-device copy) and the GPU spec (tensor-core peak).
+With ``breakdown`` the two halves of a two-kernel op are timed alone as well, the same way: the activation
+quantizer, and the GEMM on activations quantized beforehand (ops whose kernel quantizes its own input have no
+halves to time).
 """
 from __future__ import annotations
 
@@ -35,6 +38,8 @@ class Point:
     bytes_moved: int
     bw_fraction: float
     tc_fraction: float
+    quantize_us: float | None = None  # the halves of the op, timed alone (``breakdown``)
+    gemm_us: float | None = None
 
     def speedup(self, baseline: str) -> float | None:
         """Baseline time over ours; ``fp8`` is the faster of cuBLAS FP8 per-tensor and row-wise."""
@@ -154,8 +159,20 @@ def _int4_weight_only(m: int, n: int, k: int, x: list) -> float | None:
         return None
 
 
+def _halves(build, info, x: list, weights: list, group: int) -> tuple[float | None, float | None]:
+    """µs of the activation quantizer alone and of the GEMM alone on pre-quantized activations."""
+    if info.act_format == "raw":
+        return None, None
+    copies = len(x)
+    quantized = [build.quantize_act(t, group, info.act_format) for t in x]
+    out = torch.empty(x[0].shape[0], weights[0].n, dtype=x[0].dtype, device="cuda")
+    quantize = time_graph(lambda i: build.quantize_act(x[i % copies], group, info.act_format), copies)
+    gemm = time_graph(lambda i: build.gemm(*quantized[i % copies], weights[i % copies], info, out=out), copies)
+    return quantize, gemm
+
+
 def bench_gemm(build, name: str, n: int, k: int, group: int, ms, dtype=torch.float16, want=BASELINES,
-               tc_peak_tops: float = 0.0, bandwidth: float = 0.0) -> list[Point]:
+               tc_peak_tops: float = 0.0, bandwidth: float = 0.0, breakdown: bool = False) -> list[Point]:
     """Time one GEMM of a build at each M (skipping buckets the build does not serve)."""
     gen = torch.Generator(device="cuda").manual_seed(0)
     wbytes = n * k // 2
@@ -167,13 +184,14 @@ def bench_gemm(build, name: str, n: int, k: int, group: int, ms, dtype=torch.flo
         info = build.select(m, n, k, group, dtype)
         x = [torch.randn(m, k, device="cuda", dtype=dtype, generator=gen) for _ in range(copies)]
         ours = time_graph(lambda i: build.linear(x[i % copies], weights[i % copies]), copies)
+        halves = _halves(build, info, x, weights, group) if breakdown else (None, None)
         base = _baselines(m, n, k, x, set(want))
         moved = w4a4_bytes(m, n, k, group)
         flops = 2.0 * m * n * k
         points.append(Point(
             name, n, k, m, "channel" if group == k else f"g{group}", info.name, ours, base, moved,
             moved / (ours * 1e-6) / bandwidth if bandwidth else 0.0,
-            flops / (ours * 1e-6) / (tc_peak_tops * 1e12) if tc_peak_tops else 0.0))
+            flops / (ours * 1e-6) / (tc_peak_tops * 1e12) if tc_peak_tops else 0.0, *halves))
     return points
 
 

@@ -43,3 +43,15 @@ def test_bad_ms_is_one_line(tmp_path):
     from apex4gen.cli import cli
     result = CliRunner().invoke(cli, ["bench", str(tmp_path), "--ms", "1,x"])
     assert result.exit_code == 2 and "--ms takes comma-separated integers" in result.output
+
+
+def test_breakdown_columns_show_the_halves_or_a_dash(capsys):
+    split = bench.Point("o_proj", 8192, 8192, 4096, "channel", "k", 450.0, {"fp16": 800.0},
+                        bench.w4a4_bytes(4096, 8192, 8192, 8192), 0.1, 0.7, quantize_us=41.0, gemm_us=407.5)
+    fused = _point(1, "g128", 17.7, fp16=47.4)
+    bench_cli._print_table([split, fused], ("fp16",), "H100", 3e12, breakdown=True)
+    out = capsys.readouterr().out
+    assert "quant µs" in out and "GEMM µs" in out
+    assert "41.0" in out and "407.5" in out
+    row = next(line for line in out.splitlines() if " 17.7 " in line)
+    assert row.count(" - ") == 2

@@ -99,6 +99,28 @@ def test_every_routed_problem_and_m(build, gen):
             assert_matches_reference(y, xq, wq, bias)
 
 
+def _kernels_by_problem(build) -> list[tuple[tuple[int, int, int, str], int]]:
+    """(problem, kernel index) for every kernel a route names, once each."""
+    return sorted({((r["n"], r["k"], r["group"], r["dtype"]), r["kernel"]) for r in build.manifest["routes"]})
+
+
+@requires_builds
+def test_every_kernel_at_any_m(build, gen):
+    """Each kernel called directly (as through the C ABI) at M outside the bucket its route serves: the
+    kernel, not the router, must take every M."""
+    for (n, k, group, dname), index in _kernels_by_problem(build):
+        info = build.kernels[index]
+        if info.act_format == "raw":
+            continue  # quantizes its own input: only reachable through linear(), covered above
+        dtype = _dtype(dname)
+        for m in (1, 3, 17, 100):
+            x, wq, bias = _random_problem(n, k, group, dtype, m, gen)
+            xq = ref.quantize_activation(x, group)
+            y = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
+            build.gemm(_store_activations(xq.q, info.act_format), xq.scales, build.pack(wq), info, bias, out=y)
+            assert_matches_reference(y, xq, wq, bias)
+
+
 @requires_builds
 def test_worst_case_all_minus_eight(build):
     """Largest partial sums: every weight -8 and, where the kernel takes quantized input, every activation."""

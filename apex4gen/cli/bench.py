@@ -28,7 +28,9 @@ TARGETS = (
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write every point here.")
 @click.option("--baselines", default=",".join(bench_stage.BASELINES), show_default=True)
-def bench_command(build_dir: Path, ms: str, json_path: Path | None, baselines: str):
+@click.option("--breakdown", is_flag=True,
+              help="Also time the activation quantizer and the GEMM alone (ops with a separate quantizer).")
+def bench_command(build_dir: Path, ms: str, json_path: Path | None, baselines: str, breakdown: bool):
     """Time each GEMM of BUILD_DIR's plan at each M, end to end, against cuBLAS FP16/INT8/FP8."""
     import torch
 
@@ -46,13 +48,14 @@ def bench_command(build_dir: Path, ms: str, json_path: Path | None, baselines: s
         group = layer.group or layer.k
         dtype = torch.float16 if plan.out_dtype == "f16" else torch.bfloat16
         points += bench_stage.bench_gemm(build, layer.name, layer.n, layer.k, group, m_values, dtype, want,
-                                         tc_peak_tops=gpu.tops(layer.path), bandwidth=bandwidth)
-    _print_table(points, want, torch.cuda.get_device_name(), bandwidth)
+                                         tc_peak_tops=gpu.tops(layer.path), bandwidth=bandwidth,
+                                         breakdown=breakdown)
+    _print_table(points, want, torch.cuda.get_device_name(), bandwidth, breakdown)
     _print_targets(points)
     if json_path:
         meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "build": str(build_dir),
                 "copy_bandwidth_gbs": bandwidth / 1e9, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "ms": m_values, "baselines": list(want)}
+                "ms": m_values, "baselines": list(want), "breakdown": breakdown}
         bench_stage.write_json(json_path, points, meta)
         click.echo(f"wrote {json_path}")
 
@@ -67,22 +70,24 @@ def _parse_ms(text: str) -> list[int]:
     return values
 
 
-def _print_table(points, want, device: str, bandwidth: float) -> None:
+def _print_table(points, want, device: str, bandwidth: float, breakdown: bool = False) -> None:
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"W4A4 on {device} (copy bandwidth {bandwidth / 1e12:.2f} TB/s); ratios = baseline µs / ours")
-    for col in ("gemm", "N x K", "M", "gran", "W4A4 µs", *[f"x{b}" for b in want], "%BW", "%TC"):
+    halves = ("quant µs", "GEMM µs") if breakdown else ()
+    for col in ("gemm", "N x K", "M", "gran", "W4A4 µs", *halves, *[f"x{b}" for b in want], "%BW", "%TC"):
         table.add_column(col, justify="right")
     for p in points:
         ratios = [_fmt(p.speedup(b)) for b in want]
-        table.add_row(p.gemm, f"{p.n}x{p.k}", str(p.m), p.granularity, f"{p.w4a4_us:.1f}", *ratios,
+        times = (_fmt(p.quantize_us, ".1f"), _fmt(p.gemm_us, ".1f")) if breakdown else ()
+        table.add_row(p.gemm, f"{p.n}x{p.k}", str(p.m), p.granularity, f"{p.w4a4_us:.1f}", *times, *ratios,
                       f"{100 * p.bw_fraction:.0f}", f"{100 * p.tc_fraction:.0f}")
     Console(width=200).print(table)
 
 
-def _fmt(value) -> str:
-    return "-" if value is None else f"{value:.2f}"
+def _fmt(value, spec: str = ".2f") -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def _print_targets(points) -> None:
