@@ -4,8 +4,10 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
+import torch
 import yaml
 
+from apex4gen import reference as ref
 from apex4gen.kernels.families import FAMILIES, Family, TileShape
 from apex4gen.paths import specs_dir
 
@@ -53,3 +55,28 @@ TEST_FAMILIES = (
     make_family("t_fp8_decode", ("sm_90a",), "fp8", "group", max_m=64, split_k=(1, 4), act_format="e4m3"),
     make_family("t_fp8_channel", ("sm_90a",), "fp8", "channel", act_format="e4m3"),
 )
+
+
+def boundary_values(gen: torch.Generator, rows: int, width: int = 320, dtype: torch.dtype = torch.float32,
+                    device: str = "cpu") -> torch.Tensor:
+    """Activations aimed at the quantizer's rounding boundaries, [rows, width] of ``dtype``: each row (meant as
+    one group) holds its absmax, every half-integer multiple (k + 1/2) s of s = absmax / 7 inside it, each
+    nudged by -8..8 ulps of ``dtype``, then random values up to the absmax. Even rows have absmax = 7 * 2^e, so
+    s = 2^e and the half-integer multiples are exact ties (representable in 16-bit floats too); odd rows have a
+    random absmax (near misses in float32; in 16-bit floats the rounding to the format lands them anywhere)."""
+    exponent = torch.randint(-10, 10, (rows, 1), generator=gen, device=device).float()  # finite in float16
+    absmax = torch.exp(torch.empty(rows, 1, device=device).uniform_(-8, 8, generator=gen))
+    absmax = torch.where(torch.arange(rows, device=device).unsqueeze(1) % 2 == 0, 7 * torch.exp2(exponent), absmax)
+    absmax = absmax.to(dtype)
+    s = ref._scale_of(absmax.float())
+    halves = ((torch.arange(-7, 7, dtype=torch.float32, device=device) + 0.5) * s).to(dtype)  # [rows, 14]
+    nudged = [halves]
+    up, down = halves.clone(), halves.clone()
+    for _ in range(8):
+        up = torch.nextafter(up, torch.full_like(up, float("inf")))
+        down = torch.nextafter(down, torch.full_like(down, float("-inf")))
+        nudged += [up, down]
+    fill = width - 1 - 17 * halves.shape[1]
+    assert fill >= 0, f"width must be at least {1 + 17 * halves.shape[1]}"
+    noise = ((torch.rand(rows, fill, generator=gen, device=device) * 2 - 1) * absmax.float()).to(dtype)
+    return torch.cat([absmax, *nudged, noise], dim=1)

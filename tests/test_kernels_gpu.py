@@ -15,6 +15,8 @@ import torch
 from apex4gen import reference as ref
 from apex4gen.errors import ShapeError
 
+from _helpers import boundary_values
+
 pytestmark = pytest.mark.gpu
 
 MS = (1, 3, 16, 17, 100, 1024)
@@ -167,6 +169,13 @@ def test_activation_quantization_is_exact(build, gen, fmt, dtype):
                         (5, 28672, 28672), (3, 1030, 1030), (2, 40960, 40960)):
         x = torch.randn(m, k, device="cuda", dtype=dtype, generator=gen) * 3
         x[0, :group] = 0  # a zero group: scale 0, values 0
+        qx, sx = build.quantize_act(x, group, fmt)
+        want = ref.quantize_activation(x, group)
+        assert torch.equal(sx, want.scales)
+        assert torch.equal(_load_activations(qx, fmt), want.q)
+    # values within a few ulps of the rounding boundaries (k + 1/2) s: the quantizer divides only for these
+    for rows, width, group in ((512, 320, 320), (64, 2048, 2048), (16, 8192, 8192)):
+        x = boundary_values(gen, rows, width, dtype, "cuda").reshape(-1, 4 * width)
         qx, sx = build.quantize_act(x, group, fmt)
         want = ref.quantize_activation(x, group)
         assert torch.equal(sx, want.scales)
