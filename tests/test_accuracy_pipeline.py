@@ -66,8 +66,12 @@ def test_unknown_text_is_a_one_line_error(tmp_path):
 
 
 def test_act_order_without_gptq_is_refused(tmp_path):
-    result = CliRunner().invoke(cli, ["quantize", "--act-order", "-o", str(tmp_path / "out")])
-    assert result.exit_code == 2 and "--gptq" in result.output
+    """One rule, named by the option that broke it, for the flags and for `eval table --methods`."""
+    flags = CliRunner().invoke(cli, ["quantize", "--act-order", "-o", str(tmp_path / "out")])
+    methods = CliRunner().invoke(cli, ["eval", "table", "--methods", "rotation+act-order"])
+    for result, where in ((flags, "--act-order"), (methods, "--methods 'rotation+act-order'")):
+        assert result.exit_code == 2 and result.output.count("\n") == 1
+        assert f"{where}: act-order is a GPTQ option: add gptq" in result.output
 
 
 def test_table_rows_are_method_sets_and_plan_columns_are_the_planners():

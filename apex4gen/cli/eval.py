@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from ..errors import SpecError
-from .quantize import build_config, method_options, quantize_loaded
+from .quantize import build_config, check_methods, method_options, quantize_loaded
 
 
 @click.group("eval")
@@ -81,8 +81,7 @@ def parse_method(text: str) -> dict[str, bool]:
                         f"subset of {', '.join(METHOD_FLAGS)}")
     flags = dict.fromkeys(METHOD_FLAGS.values(), False)
     flags.update(dict.fromkeys((METHOD_FLAGS[n] for n in names), True))
-    if flags["act_order"] and not flags["gptq"]:
-        raise SpecError(f"--methods: {text!r}: act-order is a GPTQ option: add gptq")
+    check_methods(flags, f"--methods {text!r}")
     return flags
 
 

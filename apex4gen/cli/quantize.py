@@ -40,10 +40,15 @@ def method_options(fn):
     return functools.reduce(lambda f, opt: opt(f), reversed(options), fn)
 
 
+def check_methods(methods: dict, where: str) -> None:
+    """One rule for the flags (``where``: the option that set them): act-order orders GPTQ's columns."""
+    if methods["act_order"] and not methods["gptq"]:
+        raise SpecError(f"{where}: act-order is a GPTQ option: add gptq")
+
+
 def build_config(plan_path: Path | None, granularity: str, **methods) -> QuantConfig:
     """``methods``: the method options by name (rotate, gptq, act_order, clip_weights, clip_acts, seed)."""
-    if methods["act_order"] and not methods["gptq"]:
-        raise SpecError("--act-order is a GPTQ option: add --gptq")
+    check_methods(methods, "--act-order")
     if plan_path is None:
         return QuantConfig.uniform(granularity, **methods)
     return QuantConfig(granularity=plan_granularities(plan_path), **methods)
