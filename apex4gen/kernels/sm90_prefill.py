@@ -1,7 +1,8 @@
 """W4A4 prefill (large-M, compute-bound) kernel families for Hopper (sm_90a): 4-bit weights, 8-bit tensor cores.
 
-Hopper has no INT4 tensor cores, so both families keep the weights packed int4 in memory (the canonical layout:
-CUTLASS's ``int4b_t`` K-major) and widen them to 8 bits in registers, right before a register-sourced wgmma
+Hopper has no INT4 tensor cores, so both families keep the weights packed int4 in memory (channel: the canonical
+layout, CUTLASS's ``int4b_t`` K-major; group: reordered, see below) and widen them to 8 bits in registers, right
+before a register-sourced wgmma
 (CUTLASS 3's mixed-input mainloop). The GEMM is run transposed, ``Y^T[N, M] = W[N, K] . X[M, K]^T``, because
 wgmma can read only its A operand from registers: CUTLASS's M is our N, its N is our M. A ``KernelConfig``
 keeps apex4gen's names: ``tile_m`` is the token tile (CUTLASS's N), ``tile_n`` the output-channel tile.
