@@ -24,3 +24,13 @@ TILE_SCHEDULER = {"persistent": "cutlass::gemm::PersistentScheduler", "streamk":
                   "hybrid": "cutlass::gemm::StreamKScheduler"}
 STREAMK_DECOMPOSITION = {"streamk": "cutlass::gemm::kernel::detail::DecompositionMode::StreamK",
                          "hybrid": "cutlass::gemm::kernel::detail::DecompositionMode::Heuristic"}
+
+
+def cute_static_layout(shape: tuple, stride: tuple) -> str:
+    """A static cute layout type from nested (shape, stride) tuples of ints, e.g. ((8, 2), 4), ((64, 4), 1)
+    -> ``cute::Layout<cute::Shape<cute::Shape<cute::_8, cute::_2>, cute::_4>, cute::Stride<...>>``."""
+    def spell(kind: str, t) -> str:
+        if isinstance(t, int):
+            return f"cute::Int<{t}>"
+        return f"cute::{kind}<{', '.join(spell(kind, x) for x in t)}>"
+    return f"cute::Layout<{spell('Shape', shape)}, {spell('Stride', stride)}>"

@@ -1,7 +1,8 @@
 """W4A4 prefill (large-M, compute-bound) kernel families for Hopper (sm_90a): 4-bit weights, 8-bit tensor cores.
 
-Hopper has no INT4 tensor cores, so both families keep the weights packed int4 in memory (the canonical layout:
-CUTLASS's ``int4b_t`` K-major) and widen them to 8 bits in registers, right before a register-sourced wgmma
+Hopper has no INT4 tensor cores, so both families keep the weights packed int4 in memory (channel: the canonical
+layout, CUTLASS's ``int4b_t`` K-major; group: reordered, see below) and widen them to 8 bits in registers, right
+before a register-sourced wgmma
 (CUTLASS 3's mixed-input mainloop). The GEMM is run transposed, ``Y^T[N, M] = W[N, K] . X[M, K]^T``, because
 wgmma can read only its A operand from registers: CUTLASS's M is our N, its N is our M. A ``KernelConfig``
 keeps apex4gen's names: ``tile_m`` is the token tile (CUTLASS's N), ``tile_n`` the output-channel tile.
@@ -17,8 +18,9 @@ EVT epilogue ``y = (P * sw[n]) * sx[m] + bias[n]``. Activations: ``s8``.
 (|P| <= 8192, integers) is exact; each group is promoted on the CUDA cores, ``acc += P * (sw[n,g] sx[m,g])``
 (DeepGEMM's scheme), while the other consumer warpgroup keeps the tensor cores busy. An auxiliary producer
 warp copies each K tile's scales into shared memory with cp.async, next to the TMA-loaded operands.
-Activations: ``e4m3``. Weight scales are repacked transposed, [K/g, N] (layout ``sm90_group``), so that one
-K tile's scales are contiguous for 16-byte copies. The next K tile's weights are widened while the current
+Activations: ``e4m3``. Layout ``sm90_group``: weights in CUTLASS's offline reordering for mixed-input wgmma
+(each thread's A fragment contiguous: 64-bit shared-memory loads instead of 16-bit ones; N % 16 == 0), weight
+scales transposed, [K/g, N], so that one K tile's scales are contiguous for 16-byte copies. The next K tile's weights are widened while the current
 tile's wgmmas run (two register buffers). Its scheduler is stream-K (CUTLASS's heuristic decomposition,
 deterministic reduction through the workspace): grids of fewer tiles than whole waves (qkv/o/down at
 M <= 256) keep every SM busy.
@@ -29,7 +31,7 @@ static_asserts that it equals the value it is given, so legality against a GPU's
 from __future__ import annotations
 
 
-from . import cpp_names
+from . import cpp_names, layouts
 from .config import KernelConfig
 from .families import Family, TileShape, register
 
@@ -39,6 +41,7 @@ TILE_K = 128                 # K elements per pipeline stage (one group)
 CONSUMER_WARPS = (1, 8)      # two consumer warpgroups (warps_m, warps_n), see the module docstring
 ALIGN_K = 128                # K: whole K tiles (also keeps every TMA row a multiple of 16 bytes)
 ALIGN_N = 8                  # N: the transposed output is stored 16 bytes (8 values) at a time
+GROUP_ALIGN_N = 16           # group family: also whole 16-row atoms of its reordered weights (layout sm90_group)
 MAX_CHANNEL_K = 1 << 18      # per-channel partials stay exact in int32 and in fp32 up to here
 
 # (tile_m tokens, tile_n channels). The group kernel holds two accumulator sets (fp32 sum and the group's
@@ -133,6 +136,7 @@ def render_group(cfg: KernelConfig) -> dict:
     if cfg.group != GROUP:
         raise ValueError(f"sm90_prefill_group serves group={GROUP} only; got group={cfg.group}")
     return {**_common_values(cfg), "group": GROUP, "smem_bytes": group_smem_bytes(cfg),
+            "align_n": GROUP_ALIGN_N, "weight_atom": cpp_names.cute_static_layout(*layouts.SM90_GROUP_ATOM),
             "scheduler": cpp_names.TILE_SCHEDULER[cfg.scheduler]}
 
 
@@ -163,7 +167,7 @@ SM90_PREFILL_GROUP = register(Family(
     act_format="e4m3",
     weight_layout="sm90_group",
     align_k=ALIGN_K,
-    align_n=ALIGN_N,
+    align_n=GROUP_ALIGN_N,
     tiles=GROUP_TILES,
     stages=GROUP_STAGES,
     split_k=(1,),
