@@ -13,5 +13,5 @@ test_builds=$1
 shift
 APEX4GEN_TEST_BUILDS=$test_builds python3 -m pytest -v -ra -m gpu tests > "$out/gpu-tests.log" 2>&1; tail -n 25 "$out/gpu-tests.log"
 for b in "$@"; do
-  python3 -m apex4gen bench "$b" --json "$out/bench-$(basename "$b").json" 2>&1 | tee "$out/bench-$(basename "$b").log"
+  python3 -m apex4gen bench "$b" --breakdown --json "$out/bench-$(basename "$b").json" 2>&1 | tee "$out/bench-$(basename "$b").log"
 done
