@@ -84,6 +84,9 @@ class W4A4Linear(nn.Module):
         self.out_features = out_features
         self.group = reference.resolve_group(group, in_features)
         self.act_clip = float(act_clip)
+        # diagnostic only (eval ppl --fp-acts): False leaves the input in full precision on the fake-quant
+        # path (W4A16), to attribute the accuracy cost of 4-bit activations; the kernels always quantize
+        self.quantize_input = True
         self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
         self.register_buffer("weight_scale", torch.zeros(out_features, in_features // self.group,
                                                          dtype=scale_dtype))
@@ -126,6 +129,8 @@ class W4A4Linear(nn.Module):
     def attach(self, backend) -> None:
         """Route forward through the loaded kernels (``None`` returns to fake-quant). The weights are packed
         now, on the device of this layer's buffers: move the layer first."""
+        if backend is not None and not self.quantize_input:
+            raise ValueError("the kernels always quantize activations: quantize_input=False is fake-quant only")
         self.backend = backend
         self._packed = None if backend is None else backend.pack(self.quantized_weight())
 
@@ -148,7 +153,7 @@ class W4A4Linear(nn.Module):
         return self.backend.linear(x, self._packed, bias)
 
     def _fake_quant_linear(self, x: torch.Tensor) -> torch.Tensor:
-        xq = fake_quant_activation(x, self.group)
+        xq = fake_quant_activation(x, self.group) if self.quantize_input else x.float()
         y = xq @ self._dequantized_weight(x.device).t()
         if self.bias is not None:
             y = y + self.bias.float()

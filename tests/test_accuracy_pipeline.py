@@ -104,3 +104,25 @@ def test_a_calibrated_budget_keeps_the_sensitive_kinds_fine():
         grans = column_granularities(f"plan:{gpu}", "smollm2-135m", budget)
         assert grans["qkv_proj"] == grans["o_proj"] == grans["gate_up_proj"] == "g64", (gpu, grans)
         assert grans["down_proj"] in ("g128", "g256", "g512"), (gpu, grans)
+
+
+@torch.no_grad()
+def test_keep_activations_fp_switches_only_the_named_kinds():
+    from apex4gen.accuracy.pipeline import keep_activations_fp
+    from apex4gen.nn import W4A4Linear
+
+    model = quantize_model(tiny_llama(seed=7), QuantConfig.uniform("g16", rotate=True))
+    ids = token_batch(2, 32, seed=8)
+    before = model(input_ids=ids).logits
+    assert keep_activations_fp(model, ("down_proj",)) == len(model.model.layers)
+    fp_inputs = {n.rpartition(".")[2] for n, m in model.named_modules()
+                 if isinstance(m, W4A4Linear) and not m.quantize_input}
+    assert fp_inputs == {"down_proj"}
+    assert not torch.equal(model(input_ids=ids).logits, before)
+    with pytest.raises(ValueError, match="unknown layer kinds"):
+        keep_activations_fp(model, ("mlp",))
+
+
+def test_unknown_fp_acts_kind_is_a_usage_error():
+    result = CliRunner().invoke(cli, ["eval", "ppl", "--fp-acts", "down_proj,mlp"])
+    assert result.exit_code == 2 and "--fp-acts down_proj,mlp: known kinds are" in result.output

@@ -116,3 +116,17 @@ def test_granularity_parsing_and_fallback():
     assert effective_group(128, 576) == 64 and effective_group(128, 1536) == 128 and effective_group(None, 576) is None
     with pytest.raises(SpecError):
         parse_granularity("group128")
+
+
+def test_quantize_input_false_leaves_activations_fp_and_refuses_kernels():
+    torch.manual_seed(3)
+    lin = nn.Linear(64, 16, bias=False)
+    layer = W4A4Linear.from_linear(lin, "g32")
+    x = torch.randn(5, 64)
+    w = ref.dequantize(layer.quantized_weight())
+    quantized = layer(x)
+    layer.quantize_input = False
+    torch.testing.assert_close(layer(x), x @ w.t())
+    assert not torch.allclose(quantized, layer(x))
+    with pytest.raises(ValueError, match="always quantize"):
+        layer.attach(object())

@@ -34,17 +34,25 @@ def fetch_cmd() -> None:
 @click.option("--window", default=1024, show_default=True, type=click.IntRange(2), help="tokens per window")
 @click.option("--checkpoint", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="evaluate this saved W4A4 checkpoint (apex4gen quantize) instead of quantizing here")
+@click.option("--fp-acts", default="", show_default=False,
+              help="diagnostic: comma-separated layer kinds (qkv_proj, o_proj, gate_up_proj, down_proj) or 'all' "
+                   "whose activations stay in full precision (weights still 4-bit): attributes the W4A4 loss")
 def ppl_cmd(model_path, plan_path, granularity, calib_text, calib_samples, calib_seq_len, text, tokens, window,
-            checkpoint, **methods) -> None:
+            checkpoint, fp_acts, **methods) -> None:
     """Perplexity of the FP model and of its W4A4 variant; the last line is
     `fp_ppl=<x> quant_ppl=<y> ratio=<y/x>`."""
     from ..accuracy.data import load_text
+    from ..accuracy import PLAN_KINDS
     from ..accuracy.models import load_model
+    from ..accuracy.pipeline import keep_activations_fp
     from ..accuracy.rotation import set_fast_online_rotation
     from ..checkpoint import load_quantized
     from ..evaluation import perplexity, tokenize
 
     cfg = build_config(plan_path, granularity, **methods)
+    fp_kinds = PLAN_KINDS if fp_acts == "all" else tuple(k for k in fp_acts.split(",") if k)
+    if set(fp_kinds) - set(PLAN_KINDS):
+        raise click.UsageError(f"--fp-acts {fp_acts}: known kinds are {', '.join(PLAN_KINDS)} or 'all'")
     start = time.perf_counter()
     model, tokenizer = load_model(model_path)
     try:
@@ -59,6 +67,9 @@ def ppl_cmd(model_path, plan_path, granularity, calib_text, calib_samples, calib
                                       calib_seq_len)
         what = f"W4A4 {cfg.describe()}"
     del model
+    if fp_kinds:
+        keep_activations_fp(quant_model, fp_kinds)
+        what += f" (activations of {', '.join(fp_kinds)} left FP)"
     set_fast_online_rotation(quant_model)  # the online Hadamard as a Kronecker transform, not a dense matmul
     quant = perplexity(quant_model, ids, window, "perplexity (W4A4)")
     calib = f"; calibration {calib_samples}x{calib_seq_len} tokens of {calib_text}" \
