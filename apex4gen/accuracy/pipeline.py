@@ -101,13 +101,18 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor |
     return rotation.set_fast_online_rotation(model, fast=False)
 
 
+def check_kinds(kinds) -> None:
+    """Plan layer kinds only (the CLI checks its option with this before any model work)."""
+    unknown = set(kinds) - set(PLAN_KINDS)
+    if unknown:
+        raise ValueError(f"known kinds are {', '.join(PLAN_KINDS)}; unknown layer kinds {sorted(unknown)}")
+
+
 def keep_activations_fp(model: nn.Module, kinds) -> int:
     """Diagnostic: leave the inputs of the given plan kinds (e.g. 'down_proj') in full precision on the
     fake-quant path, weights still 4-bit; the perplexity change attributes the cost of 4-bit activations
     per kind. Returns how many layers were switched."""
-    unknown = set(kinds) - set(PLAN_KINDS)
-    if unknown:
-        raise ValueError(f"unknown layer kinds {sorted(unknown)}; known: {', '.join(PLAN_KINDS)}")
+    check_kinds(kinds)
     switched = 0
     for name, module in model.named_modules():
         if isinstance(module, W4A4Linear) and KIND_OF.get(name.rpartition(".")[2]) in kinds:

@@ -44,15 +44,17 @@ def ppl_cmd(model_path, plan_path, granularity, calib_text, calib_samples, calib
     from ..accuracy.data import load_text
     from ..accuracy import PLAN_KINDS
     from ..accuracy.models import load_model
-    from ..accuracy.pipeline import keep_activations_fp
+    from ..accuracy.pipeline import check_kinds, keep_activations_fp
     from ..accuracy.rotation import set_fast_online_rotation
     from ..checkpoint import load_quantized
     from ..evaluation import perplexity, tokenize
 
     cfg = build_config(plan_path, granularity, **methods)
     fp_kinds = PLAN_KINDS if fp_acts == "all" else tuple(k for k in fp_acts.split(",") if k)
-    if set(fp_kinds) - set(PLAN_KINDS):
-        raise click.UsageError(f"--fp-acts {fp_acts}: known kinds are {', '.join(PLAN_KINDS)} or 'all'")
+    try:
+        check_kinds(fp_kinds)
+    except ValueError as err:
+        raise click.UsageError(f"--fp-acts {fp_acts}: {err}; or give 'all'") from None
     start = time.perf_counter()
     model, tokenizer = load_model(model_path)
     try:

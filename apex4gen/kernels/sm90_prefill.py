@@ -2,12 +2,12 @@
 
 Hopper has no INT4 tensor cores, so both families keep the weights packed int4 in memory (channel: the canonical
 layout, CUTLASS's ``int4b_t`` K-major; group: reordered, see below) and widen them to 8 bits in registers, right
-before a register-sourced wgmma
-(CUTLASS 3's mixed-input mainloop). The GEMM is run transposed, ``Y^T[N, M] = W[N, K] . X[M, K]^T``, because
-wgmma can read only its A operand from registers: CUTLASS's M is our N, its N is our M. A ``KernelConfig``
-keeps apex4gen's names: ``tile_m`` is the token tile (CUTLASS's N), ``tile_n`` the output-channel tile.
-Both are CUTLASS's warp-specialized cooperative kernel: one producer warpgroup (TMA) and two consumer
-warpgroups that split ``tile_n``; ``warps_m x warps_n = 1 x 8`` names the eight consumer warps.
+before a register-sourced wgmma (CUTLASS 3's mixed-input mainloop). The GEMM is run transposed,
+``Y^T[N, M] = W[N, K] . X[M, K]^T``, because wgmma can read only its A operand from registers: CUTLASS's M is our
+N, its N is our M. A ``KernelConfig`` keeps apex4gen's names: ``tile_m`` is the token tile (CUTLASS's N),
+``tile_n`` the output-channel tile. Both are CUTLASS's warp-specialized cooperative kernel: one producer
+warpgroup (TMA) and two consumer warpgroups that split ``tile_n``; ``warps_m x warps_n = 1 x 8`` names the eight
+consumer warps.
 
 ``sm90_prefill_channel`` (per-channel, path int8): int4 -> int8 in registers, s8 x s8 wgmma with int32
 accumulators (exact: |P| <= 64 K < 2**24 for K <= 2**18, so the int32 -> fp32 conversion is exact too), and an
@@ -16,14 +16,14 @@ EVT epilogue ``y = (P * sw[n]) * sx[m] + bias[n]``. Activations: ``s8``.
 ``sm90_prefill_group`` (g128, path fp8): int4 -> e4m3 in registers, e4m3 x e4m3 wgmma into fp32 partials, one
 128-long group per K tile. Hopper's fp8 wgmma accumulates with reduced precision, but a group's partial
 (|P| <= 8192, integers) is exact; each group is promoted on the CUDA cores, ``acc += P * (sw[n,g] sx[m,g])``
-(DeepGEMM's scheme), while the other consumer warpgroup keeps the tensor cores busy. An auxiliary producer
-warp copies each K tile's scales into shared memory with cp.async, next to the TMA-loaded operands.
-Activations: ``e4m3``. Layout ``sm90_group``: weights in CUTLASS's offline reordering for mixed-input wgmma
-(each thread's A fragment contiguous: 64-bit shared-memory loads instead of 16-bit ones; N % 16 == 0), weight
-scales transposed, [K/g, N], so that one K tile's scales are contiguous for 16-byte copies. The next K tile's weights are widened while the current
-tile's wgmmas run (two register buffers). Its scheduler is stream-K (CUTLASS's heuristic decomposition,
-deterministic reduction through the workspace): grids of fewer tiles than whole waves (qkv/o/down at
-M <= 256) keep every SM busy.
+(DeepGEMM's scheme), while the other consumer warpgroup keeps the tensor cores busy. An auxiliary producer warp
+copies each K tile's scales into shared memory with cp.async, next to the TMA-loaded operands. Activations:
+``e4m3``. Layout ``sm90_group``: weights in CUTLASS's offline reordering for mixed-input wgmma (each thread's A
+fragment contiguous: 64-bit shared-memory loads instead of 16-bit ones; N % 16 == 0), weight scales transposed,
+[K/g, N], so that one K tile's scales are contiguous for 16-byte copies. The next K tile's weights are widened while
+the current tile's wgmmas run (two register buffers). Its scheduler is stream-K (CUTLASS's heuristic decomposition,
+deterministic reduction through the workspace): grids of fewer tiles than whole waves (qkv/o/down at M <= 256) keep
+every SM busy.
 
 Shared memory per block is CUTLASS's ``GemmKernel::SharedStorage`` as computed below; each template
 static_asserts that it equals the value it is given, so legality against a GPU's limit is exact.
