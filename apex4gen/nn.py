@@ -87,6 +87,9 @@ class W4A4Linear(nn.Module):
         # diagnostic only (eval ppl --fp-acts): False leaves the input in full precision on the fake-quant
         # path (W4A16), to attribute the accuracy cost of 4-bit activations; the kernels always quantize
         self.quantize_input = True
+        # diagnostic only (eval ppl --fp-weights): a full-precision weight [N, K] the fake-quant path multiplies
+        # with instead of the dequantized int4 one (W16A4), to measure what 4-bit activations cost on their own
+        self.weight_override: torch.Tensor | None = None
         self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
         self.register_buffer("weight_scale", torch.zeros(out_features, in_features // self.group,
                                                          dtype=scale_dtype))
@@ -131,6 +134,8 @@ class W4A4Linear(nn.Module):
         now, on the device of this layer's buffers: move the layer first."""
         if backend is not None and not self.quantize_input:
             raise ValueError("the kernels always quantize activations: quantize_input=False is fake-quant only")
+        if backend is not None and self.weight_override is not None:
+            raise ValueError("the kernels read int4 weights: weight_override is fake-quant only")
         self.backend = backend
         self._packed = None if backend is None else backend.pack(self.quantized_weight())
 
@@ -161,6 +166,8 @@ class W4A4Linear(nn.Module):
         return y.to(x.dtype)
 
     def _dequantized_weight(self, device: torch.device) -> torch.Tensor:
+        if self.weight_override is not None:
+            return self.weight_override.float().to(device)
         cache = self._dequant_cache
         if cache is None or cache.device != device:
             cache = reference.dequantize(self.quantized_weight()).to(device)

@@ -3,7 +3,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from apex4gen.accuracy import QuantConfig, quantize_model
+from apex4gen.accuracy import PLAN_KINDS, QuantConfig, quantize_model
 from apex4gen.accuracy.data import DataError, join_paragraphs, load_text
 from apex4gen.budget import load_sensitivity
 from apex4gen.calibrate import kind_errors, kind_in_features, layer_errors, sensitivity, write_sensitivity
@@ -121,6 +121,33 @@ def test_keep_activations_fp_switches_only_the_named_kinds():
     assert not torch.equal(model(input_ids=ids).logits, before)
     with pytest.raises(ValueError, match="unknown layer kinds"):
         keep_activations_fp(model, ("mlp",))
+
+
+@torch.no_grad()
+def test_keep_weights_fp_with_fp_activations_is_the_rotated_fp_model():
+    """Both diagnostics together leave nothing quantized: the model must compute the FP model's function
+    (rotation is exact), which checks that every layer got its own rotated full-precision weight."""
+    import copy
+
+    from apex4gen.accuracy.pipeline import keep_activations_fp, keep_weights_fp
+    from apex4gen.accuracy.rotation import rotate_model
+
+    fp = tiny_llama(seed=9)
+    ids = token_batch(2, 32, seed=10)
+    expected = fp(input_ids=ids).logits
+    quant = quantize_model(copy.deepcopy(fp), QuantConfig.uniform("g16", rotate=True, seed=3))
+    w4a4 = quant(input_ids=ids).logits
+    rotate_model(fp, seed=3)
+    assert keep_weights_fp(quant, fp) == 7 * len(quant.model.layers)
+    w16a4 = quant(input_ids=ids).logits
+    keep_activations_fp(quant, PLAN_KINDS)
+    torch.testing.assert_close(quant(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(w16a4, expected, rtol=1e-4, atol=1e-4) and not torch.equal(w16a4, w4a4)
+
+
+def test_fp_weights_with_a_checkpoint_is_a_usage_error(tmp_path):
+    result = CliRunner().invoke(cli, ["eval", "ppl", "--fp-weights", "--checkpoint", str(tmp_path)])
+    assert result.exit_code == 2 and "--fp-weights needs the full-precision model" in result.output
 
 
 def test_unknown_fp_acts_kind_is_a_usage_error():

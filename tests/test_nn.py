@@ -130,3 +130,14 @@ def test_quantize_input_false_leaves_activations_fp_and_refuses_kernels():
     assert not torch.allclose(quantized, layer(x))
     with pytest.raises(ValueError, match="always quantize"):
         layer.attach(object())
+
+
+def test_weight_override_multiplies_full_precision_weights_and_refuses_kernels():
+    torch.manual_seed(4)
+    lin = nn.Linear(64, 16, bias=False)
+    layer = W4A4Linear.from_linear(lin, "g32")
+    x = torch.randn(5, 64)
+    layer.weight_override = lin.weight.detach()
+    torch.testing.assert_close(layer(x), ref.dequantize(ref.quantize_activation(x, 32)) @ lin.weight.detach().t())
+    with pytest.raises(ValueError, match="int4 weights"):
+        layer.attach(object())

@@ -1,20 +1,20 @@
-"""sm90_decode: the weight layout (CPU), render + nvcc for sm_90a, and the kernel against the reference (GPU)."""
+"""sm90_decode: the weight layout, legality and the Python mirrors of the launcher (CPU), and an nvcc build for
+sm_90a without spills whose launcher agrees with the mirrors. On the GPU, the kernels of a build are checked
+against the reference by tests/test_kernels_gpu.py (routed up to M = 64)."""
 from __future__ import annotations
 
+import ctypes
 import re
-import sys
-from pathlib import Path
+import subprocess
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from apex4gen import reference as ref
-from apex4gen.kernels import FAMILIES, legality, sm90_decode
+from apex4gen.errors import ToolchainError
+from apex4gen.kernels import FAMILIES, KernelConfig, legality, sm90_decode
 from apex4gen.kernels.layouts import LAYOUTS, pack_sm90_decode, unpack_sm90_decode
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import sm90_decode_native as native  # noqa: E402
 
 
 @pytest.fixture
@@ -92,120 +92,53 @@ def test_workspace_mirror_follows_the_token_tiles():
     assert sm90_decode.workspace_bytes(64, 28672, 128) == 64 * 14336 + 224 * 64 * 4
 
 
+def decode_config(group: int, out_dtype: str) -> KernelConfig:
+    """The one configuration of each family (group 0 = per-channel)."""
+    t = sm90_decode.TILES[0]
+    family = "sm90_decode_channel" if group == 0 else "sm90_decode"
+    return KernelConfig(family, "sm_90a", "int8", group, t.tile_m, t.tile_n, t.tile_k, t.warps_m, t.warps_n,
+                        sm90_decode.VARIANTS_GROUP[1].p, 1, out_dtype)
+
+
 def test_render_rejects_other_groups():
     with pytest.raises(ValueError, match="power-of-two"):
-        sm90_decode.render_group(native.decode_config(96, "f16"))
+        sm90_decode.render_group(decode_config(96, "f16"))
 
 
 # ------------------------------------------------------------------------------------------------- nvcc
-def _have_toolchain() -> bool:
+def _build_library(cfg: KernelConfig, tmp_path) -> tuple[ctypes.CDLL, str]:
+    """Render and compile one kernel into a shared library (cudart is linked statically, so it loads without
+    a GPU); returns it and ptxas' report, or skips naming the missing toolchain."""
+    from apex4gen.emit import render_kernel
+    from apex4gen.paths import runtime_dir
+    from apex4gen.toolchain import cutlass_include_dirs, nvcc_flags, nvcc_path
     try:
-        from apex4gen.toolchain import cutlass_include_dirs, nvcc_path
-        nvcc_path(), cutlass_include_dirs()
-        return True
-    except Exception:
-        return False
+        nvcc, includes = nvcc_path(), [*cutlass_include_dirs(), runtime_dir()]
+        source = render_kernel(cfg)
+    except ToolchainError as err:
+        pytest.skip(str(err))
+    src, lib = tmp_path / f"{cfg.procedural_name()}.cu", tmp_path / f"{cfg.procedural_name()}.so"
+    src.write_text(source)
+    cmd = [nvcc, *nvcc_flags(cfg.arch, includes), "-shared", "-Xptxas", "-v", "-o", str(lib), str(src)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, f"nvcc failed:\n{done.stderr[-4000:]}"
+    return ctypes.CDLL(str(lib)), done.stderr
 
 
 @pytest.mark.nvcc
-@pytest.mark.skipif(not _have_toolchain(), reason="needs nvcc and the CUTLASS headers")
 @pytest.mark.parametrize("group,dtype", [(128, "f16"), (0, "bf16")])
 def test_compiles_for_sm90a_without_spills(tmp_path, group, dtype):
-    cfg = native.decode_config(group, dtype)
-    lib, report = native.build_library(cfg, tmp_path)
-    assert lib.is_file()
+    cfg = decode_config(group, dtype)
+    lib, report = _build_library(cfg, tmp_path)
     kernels = re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", report)
     distinct = {v for large_k in (False, True) for v in sm90_decode.variants(group, large_k)}
     assert len(kernels) == len(distinct) + 1  # + the activation quantization kernel
     assert all(v == ("0", "0", "0") for v in kernels), report
-    # the launcher's workspace (loadable without a GPU: cudart is linked statically) matches the mirror
-    launcher = native.DecodeKernel(lib, cfg)
+    # the launcher's workspace (what the loader allocates) matches the mirror the planner and tests use
+    workspace = getattr(lib, f"{cfg.procedural_name()}_workspace")
+    workspace.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    workspace.restype = ctypes.c_size_t
     for m in (1, 8, 9, 17, 33, 64):
         for k in (256, 8192, 28672):
-            assert launcher.workspace_fn(m, 4096, k) == sm90_decode.workspace_bytes(m, k, group), (m, k)
-    assert launcher.workspace_fn(65, 4096, 8192) == 0
-
-
-# ------------------------------------------------------------------------------------------------- GPU
-needs_gpu = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
-                               reason="needs an sm_90 GPU (H100/H200)")
-
-
-@pytest.fixture(scope="module")
-def kernels(tmp_path_factory):
-    if not torch.cuda.is_available() or not _have_toolchain():
-        pytest.skip("needs CUDA and the toolchain")
-    out = tmp_path_factory.mktemp("sm90_decode")
-    built = {}
-    for group in (128, 0):
-        for dtype in ("f16", "bf16"):
-            cfg = native.decode_config(group, dtype)
-            built[(group, dtype)] = native.DecodeKernel(native.build_library(cfg, out)[0], cfg)
-    return built
-
-
-@pytest.mark.gpu
-@needs_gpu
-@pytest.mark.parametrize("m", [1, 3, 16, 17, 64])
-@pytest.mark.parametrize("group", [128, 0])
-@pytest.mark.parametrize("dtype", ["f16", "bf16"])
-def test_matches_reference(kernels, gen, m, group, dtype):
-    kernel = kernels[(group, dtype)]
-    n, k = 1040, 2048  # a partial last block of rows
-    torch_dtype = native._DTYPES[dtype]
-    w = ref.quantize_weight(torch.randn(n, k, generator=gen).to(torch_dtype), group or None)
-    w = ref.QuantizedTensor(w.q.cuda(), w.scales.cuda(), w.group)
-    qw, sw = native.pack_weight(w)
-    x = torch.randn(m, k, generator=gen).to(torch_dtype).cuda()
-    bias = torch.randn(n, generator=gen).to(torch_dtype).cuda()
-    result = native.check_against_reference(kernel, x, w, qw, sw, bias)
-    assert result["ok"], result
-
-
-@pytest.mark.gpu
-@needs_gpu
-def test_worst_case_weights_all_minus_8(kernels, gen):
-    kernel = kernels[(0, "f16")]
-    n, k = 64, 8192
-    w = ref.QuantizedTensor(torch.full((n, k), -8, dtype=torch.int8).cuda(),
-                            torch.full((n, 1), 2.0 ** -10, dtype=torch.float16).cuda(), k)
-    qw, sw = native.pack_weight(w)
-    x = -torch.ones(16, k).half().cuda()  # every activation quantizes to -7
-    result = native.check_against_reference(kernel, x, w, qw, sw, None)
-    assert result["ok"], result
-
-
-@pytest.mark.gpu
-@needs_gpu
-def test_bad_shape_is_refused(kernels, gen):
-    kernel = kernels[(128, "f16")]
-    x = torch.randn(65, 1024).half().cuda()
-    y = torch.empty(65, 64).half().cuda()
-    qw = torch.zeros(64, 512, dtype=torch.uint8).cuda()
-    sw = torch.ones(64, 8).half().cuda()
-    assert kernel(x, qw, sw, None, y) == 1  # APEX4GEN_BAD_SHAPE: M > 64
-    k = 512 * 8 * sm90_decode.QUANT_ITERS + 256  # past what the quantizing block holds
-    x = torch.randn(1, k).half().cuda()
-    qw = torch.zeros(64, k // 2, dtype=torch.uint8).cuda()
-    sw = torch.ones(64, k // 128).half().cuda()
-    assert kernel(x, qw, sw, None, torch.empty(1, 64).half().cuda()) == 1
-
-
-@pytest.mark.gpu
-@needs_gpu
-def test_graph_replay_equals_eager(kernels, gen):
-    kernel = kernels[(128, "f16")]
-    n, k, m = 512, 4096, 16
-    w = ref.quantize_weight(torch.randn(n, k, generator=gen).half(), 128)
-    w = ref.QuantizedTensor(w.q.cuda(), w.scales.cuda(), w.group)
-    qw, sw = native.pack_weight(w)
-    x = torch.randn(m, k, generator=gen).half().cuda()
-    eager = torch.empty(m, n).half().cuda()
-    assert kernel(x, qw, sw, None, eager) == 0
-    replay = torch.full((m, n), float("nan")).half().cuda()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        assert kernel(x, qw, sw, None, replay) == 0
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(replay, eager)
+            assert workspace(m, 4096, k) == sm90_decode.workspace_bytes(m, k, group), (m, k)
+    assert workspace(65, 4096, 8192) == 0

@@ -121,6 +121,23 @@ def keep_activations_fp(model: nn.Module, kinds) -> int:
     return switched
 
 
+def keep_weights_fp(model: nn.Module, reference: nn.Module) -> int:
+    """Diagnostic: the fake-quant path of every :class:`W4A4Linear` in ``model`` multiplies with the weight of
+    the same-named linear of ``reference`` (the full-precision model, rotated as ``model`` was) while its
+    activations stay 4-bit (W16A4): the perplexity then measures what 4-bit activations cost on their own,
+    a bound no weight method (GPTQ, clipping) can pass. Returns how many layers were switched."""
+    fp = dict(reference.named_modules())
+    switched = 0
+    for name, module in model.named_modules():
+        if isinstance(module, W4A4Linear):
+            weight = fp[name].weight.detach()
+            if weight.shape != (module.out_features, module.in_features):
+                raise ValueError(f"{name}: reference weight {tuple(weight.shape)} does not match the layer")
+            module.weight_override = weight
+            switched += 1
+    return switched
+
+
 def _replace_rtn(parent: nn.Module, attr: str, cfg: QuantConfig) -> None:
     lin = getattr(parent, attr)
     group = group_for(cfg, attr, lin.in_features)

@@ -37,15 +37,18 @@ def fetch_cmd() -> None:
 @click.option("--fp-acts", default="", show_default=False,
               help="diagnostic: comma-separated layer kinds (qkv_proj, o_proj, gate_up_proj, down_proj) or 'all' "
                    "whose activations stay in full precision (weights still 4-bit): attributes the W4A4 loss")
+@click.option("--fp-weights", is_flag=True,
+              help="diagnostic: multiply with the full-precision (rotated) weights, activations still 4-bit "
+                   "(W16A4): what 4-bit activations cost on their own, a bound for every weight method")
 def ppl_cmd(model_path, plan_path, granularity, calib_text, calib_samples, calib_seq_len, text, tokens, window,
-            checkpoint, fp_acts, **methods) -> None:
+            checkpoint, fp_acts, fp_weights, **methods) -> None:
     """Perplexity of the FP model and of its W4A4 variant; the last line is
     `fp_ppl=<x> quant_ppl=<y> ratio=<y/x>`."""
     from ..accuracy.data import load_text
     from ..accuracy import PLAN_KINDS
     from ..accuracy.models import load_model
-    from ..accuracy.pipeline import check_kinds, keep_activations_fp
-    from ..accuracy.rotation import set_fast_online_rotation
+    from ..accuracy.pipeline import check_kinds, keep_activations_fp, keep_weights_fp
+    from ..accuracy.rotation import rotate_model, set_fast_online_rotation
     from ..checkpoint import load_quantized
     from ..evaluation import perplexity, tokenize
 
@@ -55,6 +58,8 @@ def ppl_cmd(model_path, plan_path, granularity, calib_text, calib_samples, calib
         check_kinds(fp_kinds)
     except ValueError as err:
         raise click.UsageError(f"--fp-acts {fp_acts}: {err}; or give 'all'") from None
+    if fp_weights and checkpoint is not None:
+        raise click.UsageError("--fp-weights needs the full-precision model quantized here: drop --checkpoint")
     start = time.perf_counter()
     model, tokenizer = load_model(model_path)
     try:
@@ -68,6 +73,11 @@ def ppl_cmd(model_path, plan_path, granularity, calib_text, calib_samples, calib
         quant_model = quantize_loaded(copy.deepcopy(model), tokenizer, cfg, calib_text, calib_samples,
                                       calib_seq_len)
         what = f"W4A4 {cfg.describe()}"
+    if fp_weights:
+        if cfg.rotate:
+            rotate_model(model, seed=cfg.seed)  # the same rotation as the quantized model's, so weights match
+        keep_weights_fp(quant_model, model)
+        what += " (weights left FP: W16A4)"
     del model
     if fp_kinds:
         keep_activations_fp(quant_model, fp_kinds)
