@@ -141,9 +141,8 @@ __device__ __forceinline__ void store_quantized(void* qx, int64_t row_index, int
   }
 }
 
-// (row, group index) of a chunk. The kernel is issue-bound, and a 64-bit division is a software routine of
-// ~70 instructions (ncu, M = 4096, K = 8192, g128: 422 instructions a thread for 8 values, 81% of issue slots):
-// a 32-bit one wherever the index fits, which is every shape short of 2^32 chunks.
+// (row, group index) of a chunk: a 32-bit division wherever the index fits, which is every shape short of 2^32
+// chunks. A 64-bit division is a software routine, and quantize_kernel is issue-bound (see the head of the file).
 __device__ __forceinline__ int split_chunk(int64_t chunk, int groups, int64_t& row_index) {
   if (chunk <= 0xFFFFFFFFll) {
     const uint32_t c = static_cast<uint32_t>(chunk);

@@ -10,6 +10,7 @@ import sys, os, torch
 from torch import nn
 from apex4gen.accuracy.models import load_model
 from apex4gen.accuracy import rotation
+from apex4gen.nn import fake_quant_activation
 from apex4gen.evaluation import tokenize, windows
 import math
 BOS=int(os.environ.get("BOS","-1"))
@@ -32,9 +33,7 @@ def fq(x, g):
         return torch.cat([x[:, :SKIP], fq0(x[:, SKIP:].contiguous(), g)], 1)
     return fq0(x, g)
 def fq0(x, g):
-    shp = x.shape; xg = x.reshape(-1, shp[-1]//g, g)
-    s = xg.abs().amax(-1, keepdim=True).clamp_min(1e-8)/7
-    return (torch.clamp(torch.round(xg/s), -8, 7)*s).reshape(shp)
+    return fake_quant_activation(x.reshape(-1, x.shape[-1]), g).reshape(x.shape)
 T = rotation.random_orthogonal(1536, 1).float(); Hq = rotation.random_orthogonal(hd, 2).float()
 class QNorm(nn.Module):
     def __init__(s, norm, Q): super().__init__(); s.norm=norm; s.Q=Q
