@@ -10,8 +10,9 @@ class (``variants``) and its launcher picks by M and K, then picks the cluster s
 
 Why these tiles: small blocks, several a SM (<= 128 registers), so one block's start-up (first loads, wait
 for the quantization, copy of the x slice) and cluster reduction overlap the others' weight streams; four or
-eight 64-wide chunks of each row tile are in flight per thread. Larger M needs more accumulator registers, so
-fewer rows a warp.
+eight 64-wide chunks of each row tile are in flight per thread, as asynchronous copies into the thread's own
+shared-memory slots (so the depth costs no registers) or in registers. Larger M needs more accumulator registers,
+so fewer rows a warp.
 """
 from __future__ import annotations
 
@@ -36,12 +37,14 @@ NOMINAL_SLICE_K = 4096  # footprint reported to legality; the launcher only pick
 
 @dataclass(frozen=True)
 class Variant:
-    """One instantiation: tokens in n8 tiles (mt), warps per block, 16-row tiles per warp, chunks in flight."""
+    """One instantiation: tokens in n8 tiles (mt), warps per block, 16-row tiles per warp, chunks in flight,
+    held in registers or (smem_stream) streamed into shared memory by asynchronous copies."""
 
     mt: int
     warps: int
     rt: int
     p: int
+    smem_stream: bool = False
 
     @property
     def tokens(self) -> int:
@@ -51,6 +54,11 @@ class Variant:
     def rows(self) -> int:
         return 16 * self.warps * self.rt
 
+    @property
+    def slot_bytes(self) -> int:
+        """Shared memory of the weight chunks in flight: p chunks of each row tile, 16 bytes a lane."""
+        return self.p * self.rt * self.warps * 32 * 16 if self.smem_stream else 0
+
 
 # Blocks a SM = 512 / threads, so registers are capped at 128 (v1: 64 tokens x 2 row tiles spilled). One variant a
 # token-tile count (mt = 1, 2, 4, 8 in order), picked per granularity and K class from H100 sweeps
@@ -58,25 +66,39 @@ class Variant:
 # with two row tiles a warp (27.7-105 us vs 33-125 us for qkv, o, gate_up; its group-wise build spills), group-wise
 # with 8 chunks in flight; M <= 64 with 256 threads. K >= LARGE_K (down_proj, K = 28672): larger blocks at
 # M >= 9 (M = 16: 58 vs 79 us group-wise, 57 vs 64 us per-channel; M = 64: 148 vs 159 / 110 vs 116 us).
+# Chunks in flight at M <= 16 (bench/NOTES-sm90-decode.md, session 5; H100, same-run A/B): per-channel streams 8
+# through shared memory (smem_stream), 1.3-2.6 us faster at M = 1 on qkv, o and down than 4 in registers: the stream
+# runs on while the block waits for the per-channel quantizer. Group-wise keeps 4 in registers: 8 through shared
+# memory was 1-10 us slower on qkv and down (its weight-scale staging waits behind twice the queued weight bytes),
+# and 4 through shared memory 0.3-3.4 us slower than in registers. At M > 16 (mt 4, 8) registers are kept: the
+# shared-memory stream was 0.8-3 us slower at M = 64.
 VARIANTS_GROUP = (
     Variant(mt=1, warps=4, rt=2, p=4),
     Variant(mt=2, warps=4, rt=2, p=4),
     Variant(mt=4, warps=8, rt=1, p=8),
     Variant(mt=8, warps=8, rt=1, p=4),
 )
-VARIANTS_CHANNEL = VARIANTS_GROUP[:2] + (Variant(mt=4, warps=4, rt=2, p=4),) + VARIANTS_GROUP[3:]
+VARIANTS_CHANNEL = (
+    Variant(mt=1, warps=4, rt=2, p=8, smem_stream=True),
+    Variant(mt=2, warps=4, rt=2, p=8, smem_stream=True),
+    Variant(mt=4, warps=4, rt=2, p=4),
+    Variant(mt=8, warps=8, rt=1, p=4),
+)
 LARGE_K = 16384
-VARIANTS_LARGE_K = (
+VARIANTS_GROUP_LARGE_K = (
     Variant(mt=1, warps=4, rt=2, p=4),
     Variant(mt=2, warps=8, rt=2, p=4),
     Variant(mt=4, warps=8, rt=1, p=8),
     Variant(mt=8, warps=16, rt=1, p=4),
 )
+VARIANTS_CHANNEL_LARGE_K = (Variant(mt=1, warps=4, rt=2, p=8, smem_stream=True),) + VARIANTS_GROUP_LARGE_K[1:]
 
 
 def variants(group: int, large_k: bool) -> tuple[Variant, ...]:
     """The launcher's instantiations for one granularity (group 0: per-channel) and K class, by token tiles."""
-    return VARIANTS_LARGE_K if large_k else (VARIANTS_CHANNEL if group == 0 else VARIANTS_GROUP)
+    if group == 0:
+        return VARIANTS_CHANNEL_LARGE_K if large_k else VARIANTS_CHANNEL
+    return VARIANTS_GROUP_LARGE_K if large_k else VARIANTS_GROUP
 
 
 # The nominal tile of the configuration record: the M <= 16 variant (the one the targets are about).
@@ -89,10 +111,10 @@ def _round16(v: int) -> int:
 
 
 def variant_smem_bytes(v: Variant, group: int, slice_k: int) -> int:
-    """Mirrors smem_layout() in the template: int4 x slice, weight scales | reduction buffer, then the
-    activation scales."""
+    """Mirrors smem_layout() in the template: weight slots, int4 x slice, weight scales | reduction buffer,
+    then the activation scales."""
     groups = slice_k // group if group else 1
-    sws = _round16(v.tokens * slice_k // 2)
+    sws = _round16(v.slot_bytes + v.tokens * slice_k // 2)
     loop_end = sws + (groups * v.rows * 2 if group else 0)
     red_end = v.tokens * (v.rows + 4) * 4
     sxs = _round16(max(loop_end, red_end))
@@ -121,8 +143,8 @@ def _check_group(cfg: KernelConfig, channel: bool) -> None:
 
 
 def _args(v: Variant) -> str:
-    """The template arguments <MT, WARPS, RT, P> of one instantiation."""
-    return f"{v.mt}, {v.warps}, {v.rt}, {v.p}"
+    """The template arguments <MT, WARPS, RT, P, SMEM> of one instantiation."""
+    return f"{v.mt}, {v.warps}, {v.rt}, {v.p}, {'true' if v.smem_stream else 'false'}"
 
 
 def _render(cfg: KernelConfig, channel: bool) -> dict:
