@@ -38,7 +38,17 @@ def test_layout_round_trip(gen, n, k):
     qw, sw = pack_sm90_decode(w)
     assert qw.dtype == torch.uint8 and qw.shape == (n, k // 2)
     assert torch.equal(unpack_sm90_decode(qw, n, k), w.q)
-    assert sw is w.scales
+    # scales [row tile][group][row]: tile r's 16 scales of group g are contiguous
+    groups = k // 64
+    assert sw.shape == (n, groups) and sw.is_contiguous()
+    flat = sw.reshape(-1)
+    for r, g, row in ((0, 0, 0), (n // 16 - 1, groups - 1, 15), (n // 16 - 1, 0, 7)):
+        assert flat[(r * groups + g) * 16 + row] == w.scales[16 * r + row, g]
+
+
+def test_per_channel_scales_keep_their_order(gen):
+    w = _random_weight(gen, 48, 256, 256)
+    assert torch.equal(pack_sm90_decode(w)[1], w.scales)
 
 
 def test_layout_matches_fragment_formula(gen):

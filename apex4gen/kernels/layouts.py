@@ -46,7 +46,9 @@ def pack_canonical(w: reference.QuantizedTensor) -> tuple[torch.Tensor, torch.Te
 #   high nibble = q[16r + gid,     64c + 32*step + 16*half + 4t + b]
 #   low nibble  = q[16r + gid + 8, 64c + 32*step + 16*half + 4t + b]
 # so masking the high nibbles (w & 0xF0F0F0F0) and the shifted low ones ((w << 4) & 0xF0F0F0F0) gives the
-# mma's a0/a1 (half 0) and a2/a3 (half 1) registers holding value * 16. Scales stay canonical [N, K/group].
+# mma's a0/a1 (half 0) and a2/a3 (half 1) registers holding value * 16.
+# Scales [N/16 row tiles][K/group][16 rows]: a row tile's scales of one group are 32 contiguous bytes, so a block
+# copies its slice's scales in 16-byte pieces (per-channel, one group: the canonical [N] order).
 SM90_DECODE_ROWS, SM90_DECODE_CHUNK = 16, 64
 
 
@@ -61,7 +63,9 @@ def pack_sm90_decode(w: reference.QuantizedTensor) -> tuple[torch.Tensor, torch.
     v = nib.reshape(n // 16, 2, 8, k // 64, 2, 2, 4, 4)
     v = v.permute(0, 3, 2, 6, 4, 5, 7, 1)  # [tile, chunk, gid, t, step, half, b, row half]
     packed = (v[..., 0] << 4) | v[..., 1]
-    return packed.reshape(n, k // 2).contiguous(), w.scales
+    groups = w.scales.shape[1]
+    scales = w.scales.reshape(n // 16, 16, groups).permute(0, 2, 1)
+    return packed.reshape(n, k // 2).contiguous(), scales.reshape(n, groups).contiguous()
 
 
 def unpack_sm90_decode(qw: torch.Tensor, n: int, k: int) -> torch.Tensor:
