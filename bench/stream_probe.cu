@@ -166,9 +166,9 @@ int main() {
   const float empty = time_graph_us([&](int, cudaStream_t st) { empty_kernel<<<sms, 128, 0, st>>>(sink); });
   std::printf("empty kernel (%d blocks) in a graph: %.2f us a launch\n", sms, empty);
 
-  // g128 weight + scale bytes of llama2-70b's GEMMs (bench/NOTES-sm90-decode.md), rounded to 16 KB * blocks
-  struct Size { const char* name; double mb; };
-  const Size sizes[] = {{"o", 33.0}, {"qkv", 41.3}, {"down", 115.6}, {"gate_up", 231.0}};
+  // llama2-70b's GEMMs (N x K): int4 weights + fp16 g128 scales, N*K/2 + N*K/64 bytes
+  struct Size { const char* name; size_t n, k; };
+  const Size sizes[] = {{"o", 8192, 8192}, {"qkv", 10240, 8192}, {"down", 8192, 28672}, {"gate_up", 57344, 8192}};
   const Geometry geos[] = {
       {128, 8, 256, false, "decode o: 64 row blocks x split 4, 128 B in flight a thread"},
       {128, 16, 256, false, "same grid, 256 B in flight"},
@@ -184,7 +184,7 @@ int main() {
       {128, 4, 1024, false, "1024 x 128, 64 B in flight"},
   };
   for (const Size& sz : sizes) {
-    const size_t want = size_t(sz.mb * 1e6);
+    const size_t want = sz.n * sz.k / 2 + sz.n * sz.k / 64;
     const int copies = std::max(4, int((4.0 * prop.l2CacheSize) / want) + 1);
     // each block streams whole 16 KB pieces: a geometry reads `want` rounded up to blocks x 16 KB
     auto rounded = [&](const Geometry& g) {

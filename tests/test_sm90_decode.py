@@ -38,12 +38,21 @@ def test_layout_round_trip(gen, n, k):
     qw, sw = pack_sm90_decode(w)
     assert qw.dtype == torch.uint8 and qw.shape == (n, k // 2)
     assert torch.equal(unpack_sm90_decode(qw, n, k), w.q)
-    # scales [row tile][group][row]: tile r's 16 scales of group g are contiguous
-    groups = k // 64
+
+
+@pytest.mark.parametrize("group", [64, 128])
+def test_scale_layout_matches_its_formula(gen, group):
+    """Scales [row tile][group][row]: tile r's 16 scales of group g are contiguous, at (r * groups + g) * 16."""
+    n, k = 48, 512
+    w = _random_weight(gen, n, k, group)
+    sw = pack_sm90_decode(w)[1]
+    groups = k // group
     assert sw.shape == (n, groups) and sw.is_contiguous()
     flat = sw.reshape(-1)
-    for r, g, row in ((0, 0, 0), (n // 16 - 1, groups - 1, 15), (n // 16 - 1, 0, 7)):
-        assert flat[(r * groups + g) * 16 + row] == w.scales[16 * r + row, g]
+    for r in range(n // 16):
+        for g in range(groups):
+            for row in range(16):
+                assert flat[(r * groups + g) * 16 + row] == w.scales[16 * r + row, g]
 
 
 def test_per_channel_scales_keep_their_order(gen):
@@ -152,3 +161,11 @@ def test_compiles_for_sm90a_without_spills(tmp_path, group, dtype):
         for k in (256, 8192, 28672):
             assert workspace(m, 4096, k) == sm90_decode.workspace_bytes(m, k, group), (m, k)
     assert workspace(65, 4096, 8192) == 0
+    # and the block's shared memory matches the planner's mirror (weight slots, x slice, scales, reduction)
+    smem = getattr(lib, f"{cfg.procedural_name()}_smem")
+    smem.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    smem.restype = ctypes.c_size_t
+    for m in (1, 9, 17, 33):
+        for k, split in ((8192, 4), (11008, 2), (28672, 8)):
+            v = next(v for v in sm90_decode.variants(group, k >= sm90_decode.LARGE_K) if (m + 7) // 8 <= v.mt)
+            assert smem(m, k, split) == sm90_decode.variant_smem_bytes(v, group, k // split), (m, k, split)

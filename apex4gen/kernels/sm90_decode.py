@@ -68,10 +68,10 @@ class Variant:
 # M >= 9 (M = 16: 58 vs 79 us group-wise, 57 vs 64 us per-channel; M = 64: 148 vs 159 / 110 vs 116 us).
 # Chunks in flight at M <= 16 (bench/NOTES-sm90-decode.md, session 5; H100, same-run A/B): per-channel streams 8
 # through shared memory (smem_stream), 1.3-2.6 us faster at M = 1 on qkv, o and down than 4 in registers: the stream
-# runs on while the block waits for the per-channel quantizer. Group-wise does so at M <= 8 for K < LARGE_K (qkv, o,
-# gate_up 0.5-1.7 us faster); at M = 9..16 and for down_proj's K 4 in registers were faster (down: 51.0 vs 53.7 us,
-# qkv M = 16: 23.1 vs 24.3). At M > 16 (mt 4, 8) registers are kept: the shared-memory stream was 0.8-3 us slower at
-# M = 64.
+# runs on while the block waits for the per-channel quantizer. Group-wise does so at M <= 8 for K < LARGE_K (against 4
+# in registers, both with the scales copied first: qkv 19.8 vs 21.0 us, o 17.1 vs 18.4, gate_up 86.1 vs 85.1); at
+# M = 9..16 and for down_proj's K 4 in registers were faster (down: 51.0 vs 53.7 us, qkv M = 16: 23.1 vs 24.3). At
+# M > 16 (mt 4, 8) registers are kept: the shared-memory stream was 0.8-3 us slower at M = 64.
 VARIANTS_GROUP = (
     Variant(mt=1, warps=4, rt=2, p=8, smem_stream=True),
     Variant(mt=2, warps=4, rt=2, p=4),
