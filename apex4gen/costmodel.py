@@ -122,6 +122,8 @@ class CostConstants:
     small_m_sm90: int = 64          # ... or whose M is at most this (one row of 64-row tiles, under a wave of CTAs)
     small_m_bandwidth_sm90: float = 0.70  # ... the latter with full tiles (H100, per-channel, measured)
     streamk_efficiency_sm90: float = 0.90   # stream-K against a full data-parallel wave (H100, measured)
+    widening_share_sm90: float = 0.26       # of dequant_slots_sm90: the weight widening, paid per 128-token tile
+    hybrid_underfill_sm90: float = 0.57     # speed lost by a hybrid grid of fewer tiles than SMs, per idle SM share
 
     def tensor_efficiency(self, path: str) -> float:
         return getattr(self, f"{path}_tensor_efficiency")
@@ -140,6 +142,11 @@ class CostConstants:
         if 2 * m < tile_m:
             return self.partial_tile_bandwidth_sm90
         return self.small_m_bandwidth_sm90 if m <= self.small_m_sm90 else 1.0
+
+    def wgmma_dequant_factor(self, tile_m: int) -> float:
+        """A wgmma kernel widens a K tile's weights once for its tile_m tokens: the widening share of the slots
+        (fitted at 128 tokens) scales with 128 / tile_m."""
+        return 1.0 - self.widening_share_sm90 + self.widening_share_sm90 * 128 / tile_m
 
     def dequant_ops(self, path: str) -> float:
         return self.dequant_ops_float if path == "fp8" else self.dequant_ops_int
@@ -165,7 +172,8 @@ class CostConstants:
 DEFAULT_CONSTANTS = CostConstants()
 # Read as their default from plans written before they existed (the small-M deratings and the per-config sm90
 # stream-K scheduler came later).
-_LATER_FIELDS = frozenset({"small_m_sm90", "small_m_bandwidth_sm90", "streamk_efficiency_sm90"})
+_LATER_FIELDS = frozenset({"small_m_sm90", "small_m_bandwidth_sm90", "streamk_efficiency_sm90",
+                           "widening_share_sm90", "hybrid_underfill_sm90"})
 
 
 @dataclass(frozen=True)
@@ -194,6 +202,7 @@ class _Tiling:
     bandwidth_share: float
     split_k: int
     serial_dequant: bool = False  # promotion issued by the MMA warps between their MMAs (no overlap)
+    dequant_factor: float = 1.0   # the tile's share of the dequant slots (wgmma: widening amortised over tile_m)
 
 
 def _ideal_tiling(m: int, n: int, c: CostConstants) -> _Tiling:
@@ -211,12 +220,16 @@ def _config_tiling(m: int, n: int, gpu: GpuSpec, cfg: KernelConfig, c: CostConst
     if cfg.scheduler == "streamk":  # per-config stream-K: every SM streams an equal share of all K iterations
         return _Tiling(tiles_m * cfg.tile_m, tiles_n * cfg.tile_n, c.streamk_efficiency_sm90, min(1.0, reuse),
                        c.partial_tile_bandwidth(cfg.arch, m, cfg.tile_m), cfg.split_k)
-    # hybrid stream-K spreads the K iterations of a partial wave over every SM: whole waves, every SM streams.
+    # hybrid stream-K spreads the K iterations of a partial wave over every SM: whole waves, every SM streams;
+    # a grid of fewer tiles than SMs splits every tile, and pays for it (hybrid_underfill_sm90).
     busy = 1.0 if cfg.scheduler == "hybrid" else min(1.0, ctas / gpu.sm_count)
-    wave_efficiency = 1.0 if cfg.scheduler == "hybrid" else ctas / (waves * gpu.sm_count)
+    if cfg.scheduler == "hybrid":
+        wave_efficiency = 1.0 - c.hybrid_underfill_sm90 * max(0.0, 1.0 - ctas / gpu.sm_count)
+    else:
+        wave_efficiency = ctas / (waves * gpu.sm_count)
     share = busy * c.partial_tile_bandwidth(cfg.arch, m, cfg.tile_m)
     return _Tiling(tiles_m * cfg.tile_m, tiles_n * cfg.tile_n, wave_efficiency, min(1.0, reuse), share,
-                   cfg.split_k)
+                   cfg.split_k, dequant_factor=c.wgmma_dequant_factor(cfg.tile_m) if cfg.arch == "sm_90a" else 1.0)
 
 
 def _runtime_tiling(m: int, n: int, gpu: GpuSpec, cfg: KernelConfig, m_step: int, c: CostConstants) -> _Tiling:
@@ -280,7 +293,7 @@ def w4a4_time(gpu: GpuSpec, m: int, n: int, k: int, granularity: str, path: str,
     tensor_rate = gpu.tops(path) * 1e6 * c.tensor_efficiency(path) * t.reuse_efficiency * t.wave_efficiency
     tensor_us = 2.0 * t.m * t.n * k / tensor_rate
     partials = t.m * t.n * (k // group)
-    slots = c.dequant_ops(path) * c.dequant_slots(gpu.kernel_arch)
+    slots = c.dequant_ops(path) * c.dequant_slots(gpu.kernel_arch) * t.dequant_factor
     dequant_us = partials * slots / (gpu.fp32_tflops * 1e6 / 2.0 * t.wave_efficiency)
     memory_us = _memory_us(w4a4_bytes(m, n, k, group, path, cfg, gpu.sm_count), gpu, t.bandwidth_share, c)
     compute_us = tensor_us + dequant_us if t.serial_dequant else _compute_us(tensor_us, dequant_us, c)

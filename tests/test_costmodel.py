@@ -71,6 +71,27 @@ def test_a_hybrid_stream_k_kernel_has_whole_waves():
     assert streamk.dequant_us == pytest.approx(data_parallel.dequant_us * 160 / 264)
 
 
+def _group_cfg(tile_m: int) -> KernelConfig:
+    return KernelConfig("sm90_prefill_group", "sm_90a", "fp8", 128, tile_m, 128, 128, 1, 8, 4, 1, "f16", "hybrid")
+
+
+def test_a_wider_wgmma_token_tile_amortises_the_widening():
+    """The widening share of the slots scales with 128 / tile_m: 64 tokens pay it twice, 256 half."""
+    gpu, c = load_gpu("h100-sxm"), DEFAULT_CONSTANTS
+    dequant = {tm: w4a4_time(gpu, 4096, 8192, 8192, "g128", "fp8", _group_cfg(tm)).dequant_us for tm in (64, 128, 256)}
+    assert dequant[64] / dequant[128] == pytest.approx(1 + c.widening_share_sm90)
+    assert dequant[256] / dequant[128] == pytest.approx(1 - c.widening_share_sm90 / 2)
+
+
+def test_a_hybrid_grid_under_one_wave_pays_for_splitting_every_tile():
+    """o_proj at M=256: 64 tiles of 256 tokens on 132 SMs run slower than 128 tiles of 128 (measured on the
+    H200, 61.8 against 55.7 us); gate_up (224 tiles of 256) keeps whole waves and the 256-token tile."""
+    gpu = load_gpu("h100-sxm")
+    o = {tm: w4a4_time(gpu, 256, 8192, 8192, "g128", "fp8", _group_cfg(tm)).us for tm in (128, 256)}
+    gate_up = {tm: w4a4_time(gpu, 256, 57344, 8192, "g128", "fp8", _group_cfg(tm)).us for tm in (128, 256)}
+    assert o[128] < o[256] and gate_up[256] < gate_up[128]
+
+
 @pytest.mark.parametrize("args, problem", [
     ((0, 64, 64, "g128", "int4"), "must be > 0"),
     ((16, 64, 576, "g128", "int4"), "does not divide"),
@@ -119,7 +140,8 @@ def test_streamk_fills_an_underfilled_grid_and_loses_to_a_full_wave():
 
 def test_plans_written_before_the_later_constants_still_load():
     data = DEFAULT_CONSTANTS.to_dict()
-    for name in ("small_m_sm90", "small_m_bandwidth_sm90", "streamk_efficiency_sm90"):
+    for name in ("small_m_sm90", "small_m_bandwidth_sm90", "streamk_efficiency_sm90", "widening_share_sm90",
+                 "hybrid_underfill_sm90"):
         del data[name]
     assert CostConstants.from_dict(data) == DEFAULT_CONSTANTS
     with pytest.raises(SpecError):

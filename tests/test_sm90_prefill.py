@@ -52,6 +52,7 @@ def test_smem_bytes_match_values_read_off_the_compiler():
     """sizeof(GemmKernel::SharedStorage) as nvcc reported it for these two instances."""
     assert SM90_PREFILL_CHANNEL.smem_bytes(config("sm90_prefill_channel")) == 117760
     assert SM90_PREFILL_GROUP.smem_bytes(config("sm90_prefill_group")) == 120832
+    assert SM90_PREFILL_GROUP.smem_bytes(config("sm90_prefill_group", tile_m=256)) == 188416
 
 
 def test_streamk_only_where_the_template_implements_it():

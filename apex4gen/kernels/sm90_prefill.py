@@ -20,8 +20,11 @@ EVT epilogue ``y = (P * sw[n]) * sx[m] + bias[n]``. Activations: ``s8``.
 copies each K tile's scales into shared memory with cp.async, next to the TMA-loaded operands. Activations:
 ``e4m3``. Layout ``sm90_group``: weights in CUTLASS's offline reordering for mixed-input wgmma (each thread's A
 fragment contiguous: 64-bit shared-memory loads instead of 16-bit ones; N % 16 == 0), weight scales transposed,
-[K/g, N], so that one K tile's scales are contiguous for 16-byte copies. The next K tile's weights are widened while
-the current tile's wgmmas run (two register buffers). Its scheduler is stream-K (CUTLASS's heuristic decomposition,
+[K/g, N], so that one K tile's scales are contiguous for 16-byte copies. Token tiles of 64, 128 or 256: a wgmma
+covers at most 128 tokens, and a 256-token tile runs its two blocks one after the other through one fp32 partial
+buffer, so that each widened weight fragment serves 256 tokens (the widening is the promotion's main overhead;
+measured 12-16% faster than the 128-token tile at M = 1024 and 4096). With one block, the next K tile's weights are widened while the
+current tile's wgmmas run (two register buffers). Its scheduler is stream-K (CUTLASS's heuristic decomposition,
 deterministic reduction through the workspace): grids of fewer tiles than whole waves (qkv/o/down at M <= 256) keep
 every SM busy.
 
@@ -44,13 +47,17 @@ ALIGN_N = 8                  # N: the transposed output is stored 16 bytes (8 va
 GROUP_ALIGN_N = 16           # group family: also whole 16-row atoms of its reordered weights (layout sm90_group)
 MAX_CHANNEL_K = 1 << 18      # per-channel partials stay exact in int32 and in fp32 up to here
 
-# (tile_m tokens, tile_n channels). The group kernel holds two accumulator sets (fp32 sum and the group's
-# partials) per consumer thread, so a warpgroup's 64 x tile_m slice is at most 64 x 128 (2 x 64 registers).
-GROUP_TILES = tuple(TileShape(tm, 128, TILE_K, *CONSUMER_WARPS) for tm in (64, 128))
+# (tile_m tokens, tile_n channels). The group kernel holds an fp32 sum (64 x tile_m a warpgroup) and one group's
+# partials for one wgmma block of at most GROUP_WGMMA_TOKENS tokens per consumer thread: at tile_m = 256, sum +
+# partials + one widened weight fragment are 128 + 64 + 16 of a consumer's 232 registers (a second fragment
+# spilled: 74 bytes, and measured 5-8% slower, bench/NOTES-sm90-prefill.md, session 6).
+GROUP_WGMMA_TOKENS = 128
+GROUP_TILES = tuple(TileShape(tm, 128, TILE_K, *CONSUMER_WARPS) for tm in (64, 128, 256))
 CHANNEL_TILES = tuple(TileShape(tm, 128, TILE_K, *CONSUMER_WARPS) for tm in (64, 128, 256))
 
-# Largest stage count that fits 227 KB with the epilogue, for each tile: the planner may pick fewer.
-GROUP_STAGES = (4, 6)
+# Group: 4 for every tile (the 256-token tile: 184 of 227 KB; it fits at most 5). The cost model has no stage
+# term, so the planner always took the fewest of the (4, 6) offered before: 6 went unused.
+GROUP_STAGES = (4,)
 # Channel: 5, the most that every tile fits (256x128: 217 KB). The cost model has no stage term (equal
 # estimates would fall to the fewest stages), so the family offers one count: measured against 4 on the H100,
 # end to end, 5 is 3-13% faster at M=64 (down 3% slower), within 3.5% at M=256..4096 (NOTES-sm90-prefill.md).
@@ -136,7 +143,10 @@ def render_group(cfg: KernelConfig) -> dict:
     if cfg.group != GROUP:
         raise ValueError(f"sm90_prefill_group serves group={GROUP} only; got group={cfg.group}")
     return {**_common_values(cfg), "group": GROUP, "smem_bytes": group_smem_bytes(cfg),
-            "align_n": GROUP_ALIGN_N, "weight_atom": cpp_names.cute_static_layout(*layouts.SM90_GROUP_ATOM),
+            "wgmma_tokens": min(cfg.tile_m, GROUP_WGMMA_TOKENS),
+            # a second widened-weight buffer fits beside a sum of at most one wgmma block (64 x 128 registers)
+            "widen_ahead": cfg.tile_m <= GROUP_WGMMA_TOKENS,
+            "weight_atom": cpp_names.cute_static_layout(*layouts.SM90_GROUP_ATOM),
             "scheduler": cpp_names.TILE_SCHEDULER[cfg.scheduler]}
 
 
