@@ -59,7 +59,14 @@ uneven K shares). Measured on the H100 (bench/NOTES-sm90-prefill.md, probe run o
 256x128 kernel stream-K against data-parallel where the data-parallel grid was >= 97% full (M = 1024, 4096;
 o, gate_up, down, and qkv at 4096): 0.84-1.0, mean 0.91. Its split tiles also move partial sums: at most one
 int32 tile written and read per SM. ``scheduler: hybrid`` (stream-K only for a partial last wave) is counted as
-whole waves at full speed, as measured for the g128 family (bench/NOTES-sm90-prefill.md, v3).
+whole waves at full speed, as measured for the g128 family (bench/NOTES-sm90-prefill.md, v3), except that a grid
+of fewer tiles than SMs, whose every tile is split, runs at ``1 - hybrid_underfill_sm90 * (1 - tiles / SMs)``:
+0.57, the mean of what the g128 256-token tile lost at M = 256 on qkv, o and down (64-80 tiles; 0.97, 0.60 and
+0.13 per idle-SM share: shorter K loses more, which this does not model; H200, session 6).
+``widening_share_sm90`` 0.26: the part of ``dequant_slots_sm90`` that widens the weights, paid once per K tile for
+all of a wgmma tile's tokens, so a tile of tile_m tokens pays it times 128 / tile_m. Fitted to the g128 kernel's
+256-token tile (GEMM 0.85-0.90x the 128-token time at M = 1024 and 4096, H200, session 6); it predicts 1.26x for
+the 64-token tile (measured 1.32x, session 2).
 """
 from __future__ import annotations
 
