@@ -59,10 +59,12 @@ uneven K shares). Measured on the H100 (bench/NOTES-sm90-prefill.md, probe run o
 256x128 kernel stream-K against data-parallel where the data-parallel grid was >= 97% full (M = 1024, 4096;
 o, gate_up, down, and qkv at 4096): 0.84-1.0, mean 0.91. Its split tiles also move partial sums: at most one
 int32 tile written and read per SM. ``scheduler: hybrid`` (stream-K only for a partial last wave) is counted as
-whole waves at full speed, as measured for the g128 family (bench/NOTES-sm90-prefill.md, v3), except that a grid
-of fewer tiles than SMs, whose every tile is split, runs at ``1 - hybrid_underfill_sm90 * (1 - tiles / SMs)``:
-0.57, the mean of what the g128 256-token tile lost at M = 256 on qkv, o and down (64-80 tiles; 0.97, 0.60 and
-0.13 per idle-SM share: shorter K loses more, which this does not model; H200, session 6).
+whole waves at full speed, as measured for the g128 family (bench/NOTES-sm90-prefill.md, v3), except a grid of
+fewer tiles than SMs: it runs data-parallel on part of the SMs or splits every tile, each SM streaming I = tiles x
+K iterations / SMs and then paying a fixup worth ``hybrid_fixup_iters_sm90`` K iterations, I / (I + 13), whichever is
+faster. 13 is the geometric mean of the fits to the g128 256-token tile at M = 256 against its own M = 4096 rate
+(H200, session 6): qkv (80 tiles, I = 39) ran at 0.64 of that, o (64, I = 31) 0.70, down (64, I = 109) 0.93: 22, 13
+and 8 iterations.
 ``widening_share_sm90`` 0.26: the part of ``dequant_slots_sm90`` that widens the weights, paid once per K tile for
 all of a wgmma tile's tokens, so a tile of tile_m tokens pays it times 128 / tile_m. Fitted to the g128 kernel's
 256-token tile (GEMM 0.85-0.90x the 128-token time at M = 1024 and 4096, H200, session 6); it predicts 1.26x for
@@ -130,7 +132,7 @@ class CostConstants:
     small_m_bandwidth_sm90: float = 0.70  # ... the latter with full tiles (H100, per-channel, measured)
     streamk_efficiency_sm90: float = 0.90   # stream-K against a full data-parallel wave (H100, measured)
     widening_share_sm90: float = 0.26       # of dequant_slots_sm90: the weight widening, paid per 128-token tile
-    hybrid_underfill_sm90: float = 0.57     # speed lost by a hybrid grid of fewer tiles than SMs, per idle SM share
+    hybrid_fixup_iters_sm90: float = 13.0   # a hybrid grid under one wave: each SM's fixup, in K iterations
 
     def tensor_efficiency(self, path: str) -> float:
         return getattr(self, f"{path}_tensor_efficiency")
@@ -180,7 +182,7 @@ DEFAULT_CONSTANTS = CostConstants()
 # Read as their default from plans written before they existed (the small-M deratings and the per-config sm90
 # stream-K scheduler came later).
 _LATER_FIELDS = frozenset({"small_m_sm90", "small_m_bandwidth_sm90", "streamk_efficiency_sm90",
-                           "widening_share_sm90", "hybrid_underfill_sm90"})
+                           "widening_share_sm90", "hybrid_fixup_iters_sm90"})
 
 
 @dataclass(frozen=True)
@@ -216,7 +218,7 @@ def _ideal_tiling(m: int, n: int, c: CostConstants) -> _Tiling:
     return _Tiling(math.ceil(m / c.mma_m) * c.mma_m, n, 1.0, 1.0, 1.0, 1)
 
 
-def _config_tiling(m: int, n: int, gpu: GpuSpec, cfg: KernelConfig, c: CostConstants) -> _Tiling:
+def _config_tiling(m: int, n: int, k: int, gpu: GpuSpec, cfg: KernelConfig, c: CostConstants) -> _Tiling:
     fam = FAMILIES.get(cfg.family)
     if fam is not None and fam.m_step:
         return _runtime_tiling(m, n, gpu, cfg, fam.m_step, c)
@@ -228,15 +230,21 @@ def _config_tiling(m: int, n: int, gpu: GpuSpec, cfg: KernelConfig, c: CostConst
         return _Tiling(tiles_m * cfg.tile_m, tiles_n * cfg.tile_n, c.streamk_efficiency_sm90, min(1.0, reuse),
                        c.partial_tile_bandwidth(cfg.arch, m, cfg.tile_m), cfg.split_k)
     # hybrid stream-K spreads the K iterations of a partial wave over every SM: whole waves, every SM streams;
-    # a grid of fewer tiles than SMs splits every tile, and pays for it (hybrid_underfill_sm90).
+    # a grid of fewer tiles than SMs splits every tile, and each SM pays a fixup (hybrid_fixup_iters_sm90).
     busy = 1.0 if cfg.scheduler == "hybrid" else min(1.0, ctas / gpu.sm_count)
+    wave_efficiency = ctas / (waves * gpu.sm_count)
     if cfg.scheduler == "hybrid":
-        wave_efficiency = 1.0 - c.hybrid_underfill_sm90 * max(0.0, 1.0 - ctas / gpu.sm_count)
-    else:
-        wave_efficiency = ctas / (waves * gpu.sm_count)
+        wave_efficiency = 1.0 if ctas >= gpu.sm_count else max(wave_efficiency, _split_efficiency(ctas, k, gpu, cfg, c))
     share = busy * c.partial_tile_bandwidth(cfg.arch, m, cfg.tile_m)
     return _Tiling(tiles_m * cfg.tile_m, tiles_n * cfg.tile_n, wave_efficiency, min(1.0, reuse), share,
                    cfg.split_k, dequant_factor=c.wgmma_dequant_factor(cfg.tile_m) if cfg.arch == "sm_90a" else 1.0)
+
+
+def _split_efficiency(ctas: int, k: int, gpu: GpuSpec, cfg: KernelConfig, c: CostConstants) -> float:
+    """Every SM streams its share of the grid's K iterations and then pays a fixed fixup (the split tile's
+    partial sums written, waited for and read), counted in K iterations of the same tile."""
+    iterations = ctas * math.ceil(k / cfg.tile_k) / gpu.sm_count
+    return iterations / (iterations + c.hybrid_fixup_iters_sm90)
 
 
 def _runtime_tiling(m: int, n: int, gpu: GpuSpec, cfg: KernelConfig, m_step: int, c: CostConstants) -> _Tiling:
@@ -247,8 +255,8 @@ def _runtime_tiling(m: int, n: int, gpu: GpuSpec, cfg: KernelConfig, m_step: int
                    1.0, 1, serial_dequant=True)
 
 
-def _tiling(m: int, n: int, gpu: GpuSpec, cfg: KernelConfig | None, c: CostConstants) -> _Tiling:
-    return _ideal_tiling(m, n, c) if cfg is None else _config_tiling(m, n, gpu, cfg, c)
+def _tiling(m: int, n: int, k: int, gpu: GpuSpec, cfg: KernelConfig | None, c: CostConstants) -> _Tiling:
+    return _ideal_tiling(m, n, c) if cfg is None else _config_tiling(m, n, k, gpu, cfg, c)
 
 
 def _act_traffic(path: str, cfg: KernelConfig | None) -> tuple[float, bool]:
@@ -296,7 +304,7 @@ def w4a4_time(gpu: GpuSpec, m: int, n: int, k: int, granularity: str, path: str,
     _check_problem(m, n, k, granularity, path, gpu)
     c = constants
     group = group_size(granularity, k)
-    t = _tiling(m, n, gpu, cfg, c)
+    t = _tiling(m, n, k, gpu, cfg, c)
     tensor_rate = gpu.tops(path) * 1e6 * c.tensor_efficiency(path) * t.reuse_efficiency * t.wave_efficiency
     tensor_us = 2.0 * t.m * t.n * k / tensor_rate
     partials = t.m * t.n * (k // group)
