@@ -152,9 +152,11 @@ class CostConstants:
             return self.partial_tile_bandwidth_sm90
         return self.small_m_bandwidth_sm90 if m <= self.small_m_sm90 else 1.0
 
-    def wgmma_dequant_factor(self, tile_m: int) -> float:
-        """A wgmma kernel widens a K tile's weights once for its tile_m tokens: the widening share of the slots
-        (fitted at 128 tokens) scales with 128 / tile_m."""
+    def dequant_factor(self, kernel_arch: str, tile_m: int) -> float:
+        """A wgmma kernel (sm_90a) widens a K tile's weights once for its tile_m tokens: the widening share of the
+        slots (fitted at 128 tokens) scales with 128 / tile_m."""
+        if kernel_arch != "sm_90a":
+            return 1.0
         return 1.0 - self.widening_share_sm90 + self.widening_share_sm90 * 128 / tile_m
 
     def dequant_ops(self, path: str) -> float:
@@ -234,10 +236,11 @@ def _config_tiling(m: int, n: int, k: int, gpu: GpuSpec, cfg: KernelConfig, c: C
     busy = 1.0 if cfg.scheduler == "hybrid" else min(1.0, ctas / gpu.sm_count)
     wave_efficiency = ctas / (waves * gpu.sm_count)
     if cfg.scheduler == "hybrid":
-        wave_efficiency = 1.0 if ctas >= gpu.sm_count else max(wave_efficiency, _split_efficiency(ctas, k, gpu, cfg, c))
+        split = _split_efficiency(ctas, k, gpu, cfg, c)
+        wave_efficiency = 1.0 if ctas >= gpu.sm_count else max(wave_efficiency, split)
     share = busy * c.partial_tile_bandwidth(cfg.arch, m, cfg.tile_m)
     return _Tiling(tiles_m * cfg.tile_m, tiles_n * cfg.tile_n, wave_efficiency, min(1.0, reuse), share,
-                   cfg.split_k, dequant_factor=c.wgmma_dequant_factor(cfg.tile_m) if cfg.arch == "sm_90a" else 1.0)
+                   cfg.split_k, dequant_factor=c.dequant_factor(cfg.arch, cfg.tile_m))
 
 
 def _split_efficiency(ctas: int, k: int, gpu: GpuSpec, cfg: KernelConfig, c: CostConstants) -> float:
