@@ -36,6 +36,8 @@ from .paths import runtime_dir
 from . import toolchain
 
 MANIFEST = "manifest.json"
+_MANIFEST_ASIDE = ".manifest.json.previous"  # a rebuild's old manifest until it succeeds
+_OBJECT_NAME = re.compile(r".+-[0-9a-f]{16}\.o")
 LIBRARY = "lib/libapex4gen.so"
 INT_MAX = 2**31 - 1
 RUNTIME_SOURCES = ("quantize.cu",)
@@ -90,7 +92,7 @@ def check_plan_legal(plan, gpu) -> None:
     for gemm in plan.gemms:
         for bucket in gemm.buckets:
             if bucket.kernel is not None:
-                legality.check(bucket.kernel, gpu, gemm.n, gemm.k)
+                legality.check(bucket.kernel, gpu, gemm)
 
 
 def plan_arch(kernels: list[KernelConfig], gpu) -> str:
@@ -149,10 +151,17 @@ def compile_units(build_dir: Path, kernels: list[KernelConfig], arch: str) -> li
     return units
 
 
+# nvcc reads these from the environment as if they were on its command line (and the host compiler it runs)
+_NVCC_ENVIRONMENT = ("NVCC_PREPEND_FLAGS", "NVCC_APPEND_FLAGS", "NVCC_CCBIN")
+
+
 def _cache_key(compiled_text: str, command: list[str]) -> str:
-    """Hash of what is compiled: source and runtime headers, the full command, the toolchain versions."""
+    """Hash of what is compiled: source and runtime headers, the full command (with nvcc's environment flags),
+    the toolchain versions."""
     h = hashlib.sha256()
-    for part in (compiled_text, "\0".join(command), toolchain.nvcc_version(), toolchain.cutlass_version()):
+    environment = "\0".join(f"{name}={os.environ.get(name, '')}" for name in _NVCC_ENVIRONMENT)
+    for part in (compiled_text, "\0".join(command), environment, toolchain.nvcc_version(),
+                 toolchain.cutlass_version()):
         h.update(part.encode())
         h.update(b"\1")
     return h.hexdigest()
@@ -280,8 +289,24 @@ def write_manifest(build_dir: Path, plan, kernels: list[KernelConfig], routes: l
         "routes": [r.__dict__ for r in routes],
         "compile": [{"source": str(u.source), "object": str(u.obj), "command": list(u.command)} for u in units],
     }
-    text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
-    return write_if_different(build_dir / MANIFEST, text).path
+    _settle_manifest(build_dir, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return build_dir / MANIFEST
+
+
+def _set_manifest_aside(build_dir: Path) -> None:
+    """A build that fails must not look loadable: its manifest waits aside until the build succeeds."""
+    if (build_dir / MANIFEST).exists():
+        os.replace(build_dir / MANIFEST, build_dir / _MANIFEST_ASIDE)
+
+
+def _settle_manifest(build_dir: Path, text: str) -> None:
+    """The new manifest in place; an unchanged one goes back as it was (no-op builds keep its mtime)."""
+    aside = build_dir / _MANIFEST_ASIDE
+    if aside.exists() and aside.read_text() == text:
+        os.replace(aside, build_dir / MANIFEST)
+        return
+    write_if_different(build_dir / MANIFEST, text)
+    aside.unlink(missing_ok=True)
 
 
 def check_build_dir(build_dir: Path, force: bool) -> None:
@@ -290,9 +315,12 @@ def check_build_dir(build_dir: Path, force: bool) -> None:
         return
     if not build_dir.is_dir():
         raise Apex4genError(f"{build_dir} exists and is not a directory; choose another --out")
-    ours = {"plan.yaml", MANIFEST, "src", "runtime", "include", "obj", "lib", "build.ninja", ".ninja_log",
-            ".ninja_deps"}
-    foreign = sorted(p.name for p in build_dir.iterdir() if p.name not in ours)
+    ours = {"plan.yaml", MANIFEST, _MANIFEST_ASIDE, "src", "runtime", "include", "obj", "lib", "build.ninja",
+            ".ninja_log", ".ninja_deps"}
+    present = {p.name for p in build_dir.iterdir()}
+    foreign = sorted(present - ours)
+    if present and not foreign and not present & {"plan.yaml", MANIFEST, _MANIFEST_ASIDE}:
+        foreign = sorted(present)  # our folder names, but no build ever wrote here
     if foreign:
         raise Apex4genError(f"{build_dir} holds files apex4gen did not write ({', '.join(foreign[:3])}); "
                             "choose another --out or pass --force")
@@ -308,14 +336,16 @@ def build(plan, gpu, build_dir: Path, emit_only: bool = False, jobs: int | None 
     arch = plan_arch(kernels, gpu)
     nvcc_version = None if emit_only else toolchain.nvcc_version()
     build_dir.mkdir(parents=True, exist_ok=True)
-    write_if_different(build_dir / "plan.yaml", plan.to_yaml())
+    _set_manifest_aside(build_dir)
+    plan_changed = write_if_different(build_dir / "plan.yaml", plan.to_yaml()).changed
     _, changed = render_sources(plan, kernels, arch, build_dir, nvcc_version)
     names = tuple(c.procedural_name() for c in kernels)
     if emit_only:
+        if not plan_changed and not changed and (build_dir / _MANIFEST_ASIDE).exists():
+            os.replace(build_dir / _MANIFEST_ASIDE, build_dir / MANIFEST)  # the built library still matches
         return BuildResult(build_dir, None, names, 0, changed)
     units = compile_units(build_dir, kernels, arch)
     write_ninja(build_dir, units, arch)
-    (build_dir / MANIFEST).unlink(missing_ok=True)  # a build that fails must not look loadable
     (build_dir / "lib").mkdir(exist_ok=True)
     steps = run_ninja(build_dir, units, jobs, progress)
     _remove_stale_objects(build_dir, units)
@@ -324,9 +354,10 @@ def build(plan, gpu, build_dir: Path, emit_only: bool = False, jobs: int | None 
 
 
 def _remove_stale_objects(build_dir: Path, units: list[CompileUnit]) -> None:
+    """Objects of earlier builds (named <source>-<16 hex of the cache key>.o, as compile_units names them)."""
     keep = {u.obj.name for u in units}
     for path in (build_dir / "obj").glob("*.o"):
-        if path.name not in keep:
+        if path.name not in keep and _OBJECT_NAME.fullmatch(path.name):
             path.unlink()
 
 

@@ -16,6 +16,7 @@ import torch
 
 from . import reference
 from .build import MANIFEST
+from .emit import sha256_text
 from .errors import LoadError, ShapeError
 from .kernels import layouts
 
@@ -149,7 +150,7 @@ def load(build_dir: str | Path) -> Build:
     manifest_path = build_dir / MANIFEST
     if not manifest_path.is_file():
         raise LoadError(f"{build_dir} is not a finished apex4gen build (no {MANIFEST}); run `apex4gen build`")
-    manifest = json.loads(manifest_path.read_text())
+    manifest = _read_manifest(build_dir)
     _check_device(manifest)
     try:
         lib = ctypes.CDLL(str(build_dir / manifest["library"]))
@@ -160,6 +161,26 @@ def load(build_dir: str | Path) -> Build:
     build = Build(build_dir, manifest, lib, len(_BUILDS))
     _BUILDS.append(build)
     return build
+
+
+_MANIFEST_KEYS = ("arch", "gpu", "kernels", "library", "plan_sha256", "ptx_embedded", "routes", "sm")
+
+
+def _read_manifest(build_dir: Path) -> dict:
+    """The manifest, checked to be whole and to describe the plan.yaml beside it (a build that stopped between
+    writing a new plan and linking leaves them apart)."""
+    rebuild = f"rebuild it with `apex4gen build --plan {build_dir / 'plan.yaml'} --out {build_dir}`"
+    try:
+        manifest = json.loads((build_dir / MANIFEST).read_text())
+    except (OSError, ValueError) as err:
+        raise LoadError(f"{build_dir / MANIFEST} is unreadable ({err}); {rebuild}") from None
+    missing = [key for key in _MANIFEST_KEYS if not isinstance(manifest, dict) or key not in manifest]
+    if missing:
+        raise LoadError(f"{build_dir / MANIFEST} lacks {', '.join(missing)}; {rebuild}")
+    plan_path = build_dir / "plan.yaml"
+    if not plan_path.is_file() or sha256_text(plan_path.read_text()) != manifest["plan_sha256"]:
+        raise LoadError(f"{build_dir}'s library was not built from the plan.yaml beside it; {rebuild}")
+    return manifest
 
 
 def _check_device(manifest: dict) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import yaml
@@ -25,7 +25,8 @@ import yaml
 from .budget import Budget, parse_budget
 from .costmodel import GRANULARITIES, PATHS, CostConstants, granularity_of
 from .errors import SpecError
-from .kernels.config import OUT_DTYPES, KernelConfig
+from .kernels.config import ARCHS, OUT_DTYPES, SCHEDULERS, KernelConfig
+from .kernels.families import FAMILIES
 from .schema import Fields, read_yaml
 from .specs import PHASES, WorkloadSpec, parse_workload
 
@@ -220,14 +221,20 @@ def _layer(data: object, file: Path, prefix: str) -> LayerPlan:
     return lp
 
 
+_KERNEL_SIZES = ("tile_m", "tile_n", "tile_k", "warps_m", "warps_n", "stages", "split_k")
+
+
 def _kernel(f: Fields, key: str) -> KernelConfig | None:
-    data = f.take(key, dict, None)
-    if data is None:
+    """A bucket's kernel with every field typed: a plan file may be hand-edited (legality is checked at build)."""
+    if f.take(key, dict, None) is None:
         return None
-    try:
-        return KernelConfig.from_dict(data)
-    except (TypeError, ValueError) as err:
-        raise f.error(key, str(err)) from None
+    k = f.sub(key, [field.name for field in fields(KernelConfig)])
+    family, arch, path = k.choice("family", sorted(FAMILIES)), k.choice("arch", ARCHS), k.choice("path", PATHS)
+    group = k.take("group", int)
+    if group < 0:
+        raise k.error("group", f"must be >= 0 (0: per-channel), got {group}")
+    return KernelConfig(family, arch, path, group, *(k.positive(name, int) for name in _KERNEL_SIZES),
+                        k.choice("out_dtype", OUT_DTYPES), k.choice("scheduler", SCHEDULERS, "persistent"))
 
 
 def _bucket(data: object, file: Path, prefix: str) -> Bucket:

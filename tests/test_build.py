@@ -119,6 +119,77 @@ def test_hand_edited_illegal_plan_is_refused(tmp_path, full_plan):
     assert not (tmp_path / "b").exists()
 
 
+def _with_last_kernel(plan, **changes):
+    gemm = plan.gemms[0]
+    kernel = dataclasses.replace(gemm.buckets[-1].kernel, **changes)
+    return dataclasses.replace(plan, gemms=(dataclasses.replace(
+        gemm, buckets=(dataclasses.replace(gemm.buckets[-1], kernel=kernel),)),))
+
+
+@pytest.mark.parametrize("changes, problem", [
+    ({"group": 64}, "the GEMM's group is 128, the kernel's 64"),
+    ({"out_dtype": "bf16"}, "the GEMM's out_dtype is f16, the kernel's bf16"),
+    ({"split_k": 3}, "is instantiated with split-K"),
+    ({"path": "int8"}, "computes on int4 tensor cores, not int8"),
+])
+def test_a_kernel_that_does_not_serve_its_gemm_is_refused(tmp_path, full_plan, changes, problem):
+    """Hand edits that compile but would run wrong numerics (another group or output dtype) or a template
+    instance that does not exist are refused before anything is written."""
+    with pytest.raises(Apex4genError, match=problem):
+        build_stage.build(_with_last_kernel(one_kernel_plan(full_plan, 128), **changes), A40, tmp_path / "b",
+                          emit_only=True)
+    assert not (tmp_path / "b").exists()
+
+
+def test_folders_named_like_a_build_are_not_taken_for_one(tmp_path, full_plan):
+    (tmp_path / "obj").mkdir()
+    (tmp_path / "obj" / "main.o").write_text("mine")
+    with pytest.raises(Apex4genError, match="did not write"):
+        build_stage.build(full_plan, A40, tmp_path, emit_only=True)
+    assert (tmp_path / "obj" / "main.o").read_text() == "mine"
+
+
+def test_stale_object_cleanup_spares_objects_it_did_not_name(tmp_path):
+    (tmp_path / "obj").mkdir()
+    ours, theirs = tmp_path / "obj" / "old_kernel-0123456789abcdef.o", tmp_path / "obj" / "main.o"
+    ours.write_text("old")
+    theirs.write_text("mine")
+    build_stage._remove_stale_objects(tmp_path, [])
+    assert not ours.exists() and theirs.read_text() == "mine"
+
+
+def test_a_rebuild_takes_the_manifest_away_until_it_is_good_again(tmp_path, full_plan):
+    plan = one_kernel_plan(full_plan)
+    build_stage.build(plan, A40, tmp_path, emit_only=True)
+    manifest = tmp_path / build_stage.MANIFEST
+    manifest.write_text("{}")  # as a finished build of this plan would have left it
+    build_stage.build(plan, A40, tmp_path, emit_only=True)
+    assert manifest.read_text() == "{}"  # nothing changed: the library still matches
+    build_stage.build(full_plan, A40, tmp_path, emit_only=True)
+    assert not manifest.exists()  # new sources, no library built from them yet
+
+
+def test_load_refuses_a_manifest_that_is_broken_or_not_of_this_plan(tmp_path, full_plan):
+    from apex4gen.errors import LoadError
+    from apex4gen.loader import load
+    build_stage.build(one_kernel_plan(full_plan), A40, tmp_path, emit_only=True)
+    manifest = tmp_path / build_stage.MANIFEST
+    for text, problem in [('{"gpu":', "unreadable"), ("{}", "lacks arch"),
+                          (json.dumps({k: 0 for k in ("arch", "gpu", "kernels", "library", "plan_sha256",
+                                                      "ptx_embedded", "routes", "sm")}), "not built from the plan")]:
+        manifest.write_text(text)
+        with pytest.raises(LoadError, match=problem) as err:
+            load(tmp_path)
+        assert "apex4gen build --plan" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_cache_key_covers_nvccs_environment_flags(monkeypatch):
+    monkeypatch.delenv("NVCC_APPEND_FLAGS", raising=False)
+    before = build_stage._cache_key("source", ["nvcc", "-O3"])
+    monkeypatch.setenv("NVCC_APPEND_FLAGS", "-G")
+    assert build_stage._cache_key("source", ["nvcc", "-O3"]) != before
+
+
 def test_cli_errors_are_one_line(tmp_path):
     runner = CliRunner()
     result = runner.invoke(cli, ["build", "--gpu", "a4O", "--model", "llama2-70b", "--out", str(tmp_path / "x")])
@@ -150,8 +221,10 @@ def test_build_compiles_then_rebuild_is_a_noop(tmp_path, full_plan):
     manifest = json.loads((tmp_path / build_stage.MANIFEST).read_text())
     assert [k["name"] for k in manifest["kernels"]] == [c.procedural_name() for c in plan.kernels()]
     assert manifest["arch"] == "sm_86" and manifest["routes"]
+    stamp = (tmp_path / build_stage.MANIFEST).stat().st_mtime_ns
     second = build_stage.build(plan, A40, tmp_path, progress=False)
     assert second.compiled == 0
+    assert (tmp_path / build_stage.MANIFEST).stat().st_mtime_ns == stamp  # write-if-different, manifest too
     symbols = _exported_symbols(first.library)
     assert {"apex4gen_select_kernel", "apex4gen_run_kernel", "apex4gen_quantize_act"} <= symbols
     assert plan.kernels()[0].procedural_name() in symbols

@@ -224,7 +224,12 @@ def _saved(tmp_path):
     (lambda d: d["layers"][0].update(granularity="g100"), "'layers[0].granularity'"),
     (lambda d: d["layers"][0].update(group=256), "'layers[0].group': 256 does not match granularity g128"),
     (lambda d: d["gemms"][0]["buckets"][-1].update(m_max=4096), "'gemms[0].buckets': the last bucket"),
-    (lambda d: d["gemms"][0]["buckets"][0].update(kernel={"family": "x"}), "'gemms[0].buckets[0].kernel'"),
+    (lambda d: d["gemms"][0]["buckets"][0].update(kernel={"family": "x"}),
+     "'gemms[0].buckets[0].kernel.family': 'x' is not one of"),
+    (lambda d: d["gemms"][0]["buckets"][0]["kernel"].update(tile_k=0), "'gemms[0].buckets[0].kernel.tile_k': must be > 0"),
+    (lambda d: d["gemms"][0]["buckets"][0]["kernel"].update(tile_m="16"),
+     "'gemms[0].buckets[0].kernel.tile_m': must be an integer"),
+    (lambda d: d["gemms"][0]["buckets"][0]["kernel"].update(tiles=3), "'gemms[0].buckets[0].kernel.tiles': unknown"),
     (lambda d: d.update(gemms=d["gemms"][1:]), "'gemms': no GEMM entry serves layer"),
 ])
 def test_bad_plan_files_are_spec_errors(tmp_path, mutate, problem):

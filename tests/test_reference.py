@@ -44,7 +44,9 @@ def test_weight_scales_are_stored_in_model_dtype_and_used_rounded(gen):
     w = torch.randn(8, 128, generator=gen).to(torch.bfloat16)
     q = ref.quantize_weight(w, 64)
     assert q.scales.dtype == torch.bfloat16
-    expect = torch.round(w.float().reshape(8, 2, 64) / q.scales.float().unsqueeze(-1)).clamp(-8, 7)
+    groups = w.float().reshape(8, 2, 64)
+    assert torch.equal(q.scales, (groups.abs().amax(-1) / 7).to(torch.bfloat16))  # RN_bf16(absmax / 7)
+    expect = torch.round(groups / q.scales.float().unsqueeze(-1)).clamp(-8, 7)
     assert torch.equal(q.q.reshape(8, 2, 64).float(), expect)
 
 

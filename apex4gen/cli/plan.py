@@ -38,6 +38,8 @@ def _layer_table(plan: Plan) -> Table:
 def _check_output(path: Path, force: bool) -> None:
     if path.is_dir():
         raise SpecError(f"output {path} is a directory; give a file name with -o")
+    if not path.parent.is_dir():
+        raise SpecError(f"the folder of {path} does not exist; create it or give another path with -o")
     if path.exists() and not force and not is_plan_file(path):
         raise SpecError(f"{path} exists and is not an apex4gen plan; pass --force to overwrite it")
 

@@ -4,7 +4,7 @@ A configuration is shape-generic (M, N, K are run-time arguments); the plan maps
 """
 from __future__ import annotations
 
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90a")
 PATHS = ("int4", "int8", "fp8")
@@ -65,13 +65,3 @@ class KernelConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "KernelConfig":
-        names = {f.name for f in fields(cls)}
-        optional = {f.name for f in fields(cls) if f.default is not MISSING}
-        unknown = set(d) - names
-        missing = names - optional - set(d)
-        if unknown or missing:
-            raise ValueError(f"kernel config: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}")
-        return cls(**d)

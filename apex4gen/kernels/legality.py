@@ -17,6 +17,10 @@ def violations(cfg: KernelConfig, gpu, n: int | None = None, k: int | None = Non
         out.append(f"{fam.name} is not built for {cfg.arch}")
     if cfg.arch != gpu.kernel_arch:
         out.append(f"{cfg.arch} code does not target {gpu.name} ({gpu.kernel_arch})")
+    if cfg.path != fam.path:
+        out.append(f"{fam.name} computes on {fam.path} tensor cores, not {cfg.path}")
+    if cfg.split_k not in fam.split_k:
+        out.append(f"{fam.name} is instantiated with split-K {fam.split_k}, not {cfg.split_k}")
     if cfg.scheduler not in fam.schedulers:
         out.append(f"{fam.name} has no {cfg.scheduler} scheduler (it has {', '.join(fam.schedulers)})")
     if not fam.serves_group(cfg.group):
@@ -44,10 +48,15 @@ def _k_violations(cfg: KernelConfig, align_k: int, k: int) -> list[str]:
     return out
 
 
-def check(cfg: KernelConfig, gpu, n: int, k: int) -> None:
-    reasons = violations(cfg, gpu, n, k)
+def check(cfg: KernelConfig, gpu, gemm) -> None:
+    """``cfg`` runs ``gemm`` (a plan's GemmPlan: shape, group, output dtype; its buckets may compute on another
+    tensor-core path, e.g. an int8 decode kernel under an fp8 GEMM) on ``gpu``."""
+    reasons = violations(cfg, gpu, gemm.n, gemm.k)
+    for field in ("group", "out_dtype"):
+        if getattr(cfg, field) != getattr(gemm, field):
+            reasons.append(f"the GEMM's {field} is {getattr(gemm, field)}, the kernel's {getattr(cfg, field)}")
     if reasons:
-        raise ShapeError(f"kernel {cfg.procedural_name()} cannot run N={n} K={k} on {gpu.name}: "
+        raise ShapeError(f"kernel {cfg.procedural_name()} cannot run N={gemm.n} K={gemm.k} on {gpu.name}: "
                          + "; ".join(reasons))
 
 
