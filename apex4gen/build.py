@@ -8,7 +8,8 @@ Layout of a build directory (``generated/<gpu>-<model>/`` by default)::
     include/apex4gen.h   the C ABI header, for other engines
     build.ninja, obj/    the compile; object names carry the hash of source + command + toolchain
     lib/libapex4gen.so   the product: C ABI (dispatch, kernels, activation quantization)
-    manifest.json        written last, only after a successful build: kernels, routes, files, flags
+    manifest.json        written last, only after a successful build: kernels, routes, files, flags (a rebuild
+                         keeps the previous one aside as .manifest.json.previous until it succeeds)
 
 The PyTorch ops (``torch.ops.apex4gen.*``) load ``lib/libapex4gen.so`` through :mod:`apex4gen.loader`, so one
 binary serves PyTorch and other engines alike.
