@@ -49,8 +49,9 @@ def test_plan_accepts_workload_and_budget_names_and_paths(tmp_path):
     assert result.exit_code == 0, result.output
     plan = Plan.load(out)
     assert plan.workload.name == "mine" and not plan.fused and {lp.granularity for lp in plan.layers} == {"g128"}
-    assert run("plan", "--gpu", "l40s", "--model", "qwen2.5-7b", "--workload", "decode",
-               "-o", str(out)).exit_code == 0
+    again = ("plan", "--gpu", "l40s", "--model", "qwen2.5-7b", "--workload", "decode", "-o", str(out))
+    assert_one_line_error(run(*again), "holds another plan")  # another plan replaces this one only when asked
+    assert run(*again, "--force").exit_code == 0
 
 
 def test_plan_refuses_to_overwrite_other_files_without_force(tmp_path):
@@ -62,6 +63,20 @@ def test_plan_refuses_to_overwrite_other_files_without_force(tmp_path):
     assert run("plan", "--gpu", "a40", "--model", "llama2-7b", "-o", str(precious), "--force").exit_code == 0
     assert Plan.load(precious).model == "llama2-7b"
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_plan_keeps_an_edited_plan_unless_forced(tmp_path):
+    out = tmp_path / "p.yaml"
+    assert run("plan", "--gpu", "a40", "--model", "llama2-7b", "-o", str(out)).exit_code == 0
+    assert run("plan", "--gpu", "a40", "--model", "llama2-7b", "-o", str(out)).exit_code == 0  # same plan again
+    edited = out.read_text().replace("stages: 3", "stages: 4", 1)
+    assert edited != out.read_text()
+    out.write_text(edited)
+    assert_one_line_error(run("plan", "--gpu", "a40", "--model", "llama2-7b", "-o", str(out)),
+                          "holds another plan", "--force")
+    assert out.read_text() == edited
+    assert run("plan", "--gpu", "a40", "--model", "llama2-7b", "-o", str(out), "--force").exit_code == 0
+    assert out.read_text() != edited
 
 
 def test_plan_default_output_name(tmp_path, monkeypatch):

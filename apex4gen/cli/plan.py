@@ -35,13 +35,20 @@ def _layer_table(plan: Plan) -> Table:
     return table
 
 
-def _check_output(path: Path, force: bool) -> None:
+def _check_output(path: Path, force: bool, text: str) -> None:
+    """Nothing a user wrote is replaced without --force: another file, or a plan that differs from this one
+    (hand-edited, or made from other inputs)."""
     if path.is_dir():
         raise SpecError(f"output {path} is a directory; give a file name with -o")
     if not path.parent.is_dir():
         raise SpecError(f"the folder of {path} does not exist; create it or give another path with -o")
-    if path.exists() and not force and not is_plan_file(path):
+    if not path.exists() or force:
+        return
+    if not is_plan_file(path):
         raise SpecError(f"{path} exists and is not an apex4gen plan; pass --force to overwrite it")
+    if path.read_text() != text:
+        raise SpecError(f"{path} holds another plan (edited, or made from other inputs); pass --force to replace "
+                        "it, or give another path with -o")
 
 
 def _print_summary(console: Console, plan: Plan, out: Path) -> None:
@@ -62,13 +69,13 @@ def _print_summary(console: Console, plan: Plan, out: Path) -> None:
 @click.option("--unfused", is_flag=True, help="Plan separate q/k/v and gate/up projections instead of fused ones.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
               help="Plan file to write [default: GPU-MODEL.plan.yaml].")
-@click.option("--force", is_flag=True, help="Overwrite an existing file that is not an apex4gen plan.")
+@click.option("--force", is_flag=True, help="Overwrite an existing file: one that is not a plan, or another plan.")
 def plan_cmd(gpu: str, model: str, workload: str, budget: str | None, unfused: bool, output: Path | None,
              force: bool) -> None:
     """Plan W4A4 granularity, compute path and kernels per layer; print the table and write the plan."""
     result = make_plan(gpu, model, workload, budget, fused=not unfused)
     out = output or Path(f"{result.gpu}-{result.model}.plan.yaml")
-    _check_output(out, force)
+    _check_output(out, force, result.to_yaml())
     result.save(out)
     _print_summary(_console(), result, out)
 
