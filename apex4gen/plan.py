@@ -142,8 +142,11 @@ class Plan:
         return HEADER + yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False, width=120)
 
     def save(self, path: str | Path) -> Path:
-        """Write atomically: a temporary file in the same folder, then a rename over the target."""
+        """Write atomically (a temporary file in the same folder, then a rename over the target), and only when the
+        text differs: re-planning to the same plan keeps the file's mtime, so builds from it stay no-ops."""
         path = Path(path)
+        if path.is_file() and path.read_text(encoding="utf-8") == self.to_yaml():
+            return path
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:

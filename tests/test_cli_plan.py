@@ -68,7 +68,9 @@ def test_plan_refuses_to_overwrite_other_files_without_force(tmp_path):
 def test_plan_keeps_an_edited_plan_unless_forced(tmp_path):
     out = tmp_path / "p.yaml"
     assert run("plan", "--gpu", "a40", "--model", "llama2-7b", "-o", str(out)).exit_code == 0
+    stamp = out.stat().st_mtime_ns
     assert run("plan", "--gpu", "a40", "--model", "llama2-7b", "-o", str(out)).exit_code == 0  # same plan again
+    assert out.stat().st_mtime_ns == stamp
     edited = out.read_text().replace("stages: 3", "stages: 4", 1)
     assert edited != out.read_text()
     out.write_text(edited)
