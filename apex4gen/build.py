@@ -90,6 +90,9 @@ def routes_of(plan, kernels: list[KernelConfig]) -> list[Route]:
 
 def check_plan_legal(plan, gpu) -> None:
     """A plan file may be hand-edited: every routed kernel is re-checked in the one legality module."""
+    if plan.gpu != gpu.name:
+        raise BuildError(f"the plan was made for {plan.gpu}, not {gpu.name}: build it with --gpu {plan.gpu}, or "
+                         f"plan for {gpu.name} (apex4gen plan --gpu {gpu.name} ...)")
     for gemm in plan.gemms:
         for bucket in gemm.buckets:
             if bucket.kernel is not None:

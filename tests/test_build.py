@@ -141,6 +141,12 @@ def test_a_kernel_that_does_not_serve_its_gemm_is_refused(tmp_path, full_plan, c
     assert not (tmp_path / "b").exists()
 
 
+def test_a_plan_builds_only_for_the_gpu_it_was_made_for(tmp_path, full_plan):
+    with pytest.raises(BuildError, match="made for a40, not rtx3090"):
+        build_stage.build(full_plan, specs.load_gpu("rtx3090"), tmp_path / "b", emit_only=True)
+    assert not (tmp_path / "b").exists()
+
+
 def test_folders_named_like_a_build_are_not_taken_for_one(tmp_path, full_plan):
     (tmp_path / "obj").mkdir()
     (tmp_path / "obj" / "main.o").write_text("mine")
