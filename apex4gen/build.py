@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
-from .emit import render_kernel, render_template, sha256_text, write_if_different
+from .emit import render_kernel, render_template, sha256_text
+from .files import write_if_different
 from .errors import Apex4genError, BuildError
 from .kernels import KernelConfig, family_of
 from .kernels import legality

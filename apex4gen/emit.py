@@ -9,8 +9,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from dataclasses import dataclass
-from pathlib import Path
 
 import jinja2
 
@@ -76,20 +74,3 @@ def render_kernel(cfg: KernelConfig, nvcc_version: str | None = None) -> str:
         extra["nvcc"] = nvcc_version
     return render_template(family_of(cfg).template, kernel_context(cfg),
                            inputs={"kernel config": sha256_text(config_json)}, extra=extra)
-
-
-@dataclass(frozen=True)
-class WriteResult:
-    path: Path
-    changed: bool
-
-
-def write_if_different(path: Path, text: str) -> WriteResult:
-    """Write atomically, and only when the bytes differ (keeps mtimes, so builds stay no-ops)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists() and path.read_text() == text:
-        return WriteResult(path, False)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-    return WriteResult(path, True)

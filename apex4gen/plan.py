@@ -15,8 +15,6 @@ compares equal to the one that wrote it, and the same inputs give byte-identical
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -25,6 +23,7 @@ import yaml
 from .budget import Budget, parse_budget
 from .costmodel import GRANULARITIES, PATHS, CostConstants, granularity_of
 from .errors import SpecError
+from .files import write_if_different
 from .kernels.config import ARCHS, OUT_DTYPES, SCHEDULERS, KernelConfig
 from .kernels.families import FAMILIES
 from .schema import Fields, read_yaml
@@ -142,20 +141,9 @@ class Plan:
         return HEADER + yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False, width=120)
 
     def save(self, path: str | Path) -> Path:
-        """Write atomically (a temporary file in the same folder, then a rename over the target), and only when the
-        text differs: re-planning to the same plan keeps the file's mtime, so builds from it stay no-ops."""
-        path = Path(path)
-        if path.is_file() and path.read_text(encoding="utf-8") == self.to_yaml():
-            return path
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(self.to_yaml())
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
-        return path
+        """Write atomically and only when the text differs: re-planning to the same plan keeps the file's mtime,
+        so builds from it stay no-ops."""
+        return write_if_different(path, self.to_yaml()).path
 
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
