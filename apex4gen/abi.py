@@ -15,6 +15,3 @@ ACT_FORMAT = MappingProxyType({"s4": 0, "s8": 1, "e4m3": 2, "raw": 3})
 # apex4gen_status: what every ABI call returns
 STATUS = MappingProxyType({"ok": 0, "bad_shape": 1, "bad_argument": 2, "cuda_error": 3, "no_kernel": 4,
                            "workspace": 5})
-
-# the header's typedef name of each table
-ENUMS = MappingProxyType({"apex4gen_dtype": DTYPE, "apex4gen_act_format": ACT_FORMAT, "apex4gen_status": STATUS})

@@ -30,9 +30,13 @@ def cli() -> None:
     """Compile W4A4 GEMM kernels for a GPU and a model: specs -> plan -> emit -> build -> load."""
 
 
-for _module in _COMMAND_MODULES:
-    for _command in _module.COMMANDS:
-        cli.add_command(_command)
+def _add_commands() -> None:
+    for module in _COMMAND_MODULES:
+        for command in module.COMMANDS:
+            cli.add_command(command)
+
+
+_add_commands()
 
 
 def main() -> None:
