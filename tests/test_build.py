@@ -10,7 +10,8 @@ import pytest
 from click.testing import CliRunner
 
 from apex4gen import build as build_stage
-from apex4gen import emit, planner, specs, toolchain
+from apex4gen import emit, objcache, planner, specs, toolchain
+from apex4gen.manifest import NAME as MANIFEST
 from apex4gen.cli import cli
 from apex4gen.errors import Apex4genError, BuildError, ToolchainError
 from apex4gen.kernels import FAMILIES, KernelConfig
@@ -160,14 +161,14 @@ def test_stale_object_cleanup_spares_objects_it_did_not_name(tmp_path):
     ours, theirs = tmp_path / "obj" / "old_kernel-0123456789abcdef.o", tmp_path / "obj" / "main.o"
     ours.write_text("old")
     theirs.write_text("mine")
-    build_stage._remove_stale_objects(tmp_path, [])
+    objcache.remove_stale_objects(tmp_path, set())
     assert not ours.exists() and theirs.read_text() == "mine"
 
 
 def test_a_rebuild_takes_the_manifest_away_until_it_is_good_again(tmp_path, full_plan):
     plan = one_kernel_plan(full_plan)
     build_stage.build(plan, A40, tmp_path, emit_only=True)
-    manifest = tmp_path / build_stage.MANIFEST
+    manifest = tmp_path / MANIFEST
     manifest.write_text("{}")  # as a finished build of this plan would have left it
     build_stage.build(plan, A40, tmp_path, emit_only=True)
     assert manifest.read_text() == "{}"  # nothing changed: the library still matches
@@ -179,7 +180,7 @@ def test_load_refuses_a_manifest_that_is_broken_or_not_of_this_plan(tmp_path, fu
     from apex4gen.errors import LoadError
     from apex4gen.loader import load
     build_stage.build(one_kernel_plan(full_plan), A40, tmp_path, emit_only=True)
-    manifest = tmp_path / build_stage.MANIFEST
+    manifest = tmp_path / MANIFEST
     for text, problem in [('{"gpu":', "unreadable"), ("{}", "lacks arch"),
                           (json.dumps({k: 0 for k in ("arch", "gpu", "kernels", "library", "plan_sha256",
                                                       "ptx_embedded", "routes", "sm")}), "not built from the plan")]:
@@ -191,9 +192,10 @@ def test_load_refuses_a_manifest_that_is_broken_or_not_of_this_plan(tmp_path, fu
 
 def test_cache_key_covers_nvccs_environment_flags(monkeypatch):
     monkeypatch.delenv("NVCC_APPEND_FLAGS", raising=False)
-    before = build_stage._cache_key("source", ["nvcc", "-O3"])
+    versions = ("13.0.48", "4.0.0")
+    before = objcache.cache_key("source", ["nvcc", "-O3"], versions)
     monkeypatch.setenv("NVCC_APPEND_FLAGS", "-G")
-    assert build_stage._cache_key("source", ["nvcc", "-O3"]) != before
+    assert objcache.cache_key("source", ["nvcc", "-O3"], versions) != before
 
 
 def test_cli_errors_are_one_line(tmp_path):
@@ -215,7 +217,7 @@ def test_missing_nvcc_is_named(tmp_path, monkeypatch, full_plan):
     finally:
         toolchain.nvcc_path.cache_clear()
         toolchain.nvcc_version.cache_clear()
-    assert not (tmp_path / "b" / build_stage.MANIFEST).exists()
+    assert not (tmp_path / "b" / MANIFEST).exists()
 
 
 @needs_nvcc
@@ -224,13 +226,13 @@ def test_build_compiles_then_rebuild_is_a_noop(tmp_path, full_plan):
     plan = one_kernel_plan(full_plan)
     first = build_stage.build(plan, A40, tmp_path, progress=False)
     assert first.compiled >= 4 and first.library.is_file()  # kernel, dispatch, runtime, link
-    manifest = json.loads((tmp_path / build_stage.MANIFEST).read_text())
+    manifest = json.loads((tmp_path / MANIFEST).read_text())
     assert [k["name"] for k in manifest["kernels"]] == [c.procedural_name() for c in plan.kernels()]
     assert manifest["arch"] == "sm_86" and manifest["routes"]
-    stamp = (tmp_path / build_stage.MANIFEST).stat().st_mtime_ns
+    stamp = (tmp_path / MANIFEST).stat().st_mtime_ns
     second = build_stage.build(plan, A40, tmp_path, progress=False)
     assert second.compiled == 0
-    assert (tmp_path / build_stage.MANIFEST).stat().st_mtime_ns == stamp  # write-if-different, manifest too
+    assert (tmp_path / MANIFEST).stat().st_mtime_ns == stamp  # write-if-different, manifest too
     symbols = _exported_symbols(first.library)
     assert {"apex4gen_select_kernel", "apex4gen_run_kernel", "apex4gen_quantize_act"} <= symbols
     assert plan.kernels()[0].procedural_name() in symbols
@@ -257,7 +259,7 @@ def test_failed_compile_names_the_kernel_and_leaves_no_manifest(tmp_path, full_p
     assert plan.kernels()[0].procedural_name() in str(err.value)
     assert "\n" not in str(err.value)
     assert "error" in capsys.readouterr().err
-    assert not (tmp_path / build_stage.MANIFEST).exists() and not (tmp_path / build_stage.LIBRARY).exists()
+    assert not (tmp_path / MANIFEST).exists() and not (tmp_path / build_stage.LIBRARY).exists()
 
 
 @needs_nvcc
@@ -266,7 +268,7 @@ def test_shared_object_cache_serves_another_build_dir(tmp_path, full_plan, monke
     monkeypatch.setenv("APEX4GEN_CACHE_DIR", str(tmp_path / "cache"))
     plan = one_kernel_plan(full_plan)
     first = build_stage.build(plan, A40, tmp_path / "a", progress=False)
-    units = json.loads((tmp_path / "a" / build_stage.MANIFEST).read_text())["compile"]
+    units = json.loads((tmp_path / "a" / MANIFEST).read_text())["compile"]
     cached = sorted(p.name for p in (tmp_path / "cache").glob("*.o"))
     assert len(cached) == len(units)
     build_stage.build(plan, A40, tmp_path / "b", progress=False)

@@ -54,7 +54,7 @@ def gen():
 
 
 def problems(build) -> list[tuple[int, int, int, str]]:
-    return sorted({(r["n"], r["k"], r["group"], r["dtype"]) for r in build.manifest["routes"]})
+    return sorted({(r.n, r.k, r.group, r.dtype) for r in build.manifest.routes})
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -62,7 +62,7 @@ def _dtype(name: str) -> torch.dtype:
 
 
 def _ms(build) -> tuple[int, ...]:
-    return HOPPER_MS if build.manifest["sm"] >= 90 else MS
+    return HOPPER_MS if build.manifest.sm >= 90 else MS
 
 
 def assert_matches_reference(y: torch.Tensor, xq: ref.QuantizedTensor, wq: ref.QuantizedTensor,
@@ -103,7 +103,7 @@ def test_every_routed_problem_and_m(build, gen):
 
 def _kernels_by_problem(build) -> list[tuple[tuple[int, int, int, str], int]]:
     """(problem, kernel index) for every kernel a route names, once each."""
-    return sorted({((r["n"], r["k"], r["group"], r["dtype"]), r["kernel"]) for r in build.manifest["routes"]})
+    return sorted({((r.n, r.k, r.group, r.dtype), r.kernel) for r in build.manifest.routes})
 
 
 @requires_builds

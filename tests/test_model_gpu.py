@@ -59,8 +59,8 @@ def quantized(request):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # sm_8x builds on a newer GPU run through PTX JIT, on purpose
         build = loader.load(request.param)
-    spec = load_model(build.manifest["model"])
-    dtype = {"f16": torch.float16, "bf16": torch.bfloat16}[build.manifest["out_dtype"]]
+    spec = load_model(build.manifest.model)
+    dtype = {"f16": torch.float16, "bf16": torch.bfloat16}[build.manifest.out_dtype]
     torch.manual_seed(torch.seed() % 2**31)
     cfg = transformers.LlamaConfig(
         vocab_size=VOCAB, hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,

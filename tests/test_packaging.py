@@ -11,7 +11,7 @@ def test_installed_package_finds_its_data(tmp_path):
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
                     "--target", str(target), str(REPO)], check=True, capture_output=True)
-    code = ("from apex4gen import paths, specs, emit; "
+    code = ("from apex4gen import paths, specs, emit, loader; "
             "assert 'apex4gen/_' in str(paths.specs_dir()), paths.specs_dir(); "
             "assert 'a40' in specs.list_gpus(); "
             "assert (paths.runtime_dir() / 'apex4gen.h').is_file(); "

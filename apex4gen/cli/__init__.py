@@ -1,4 +1,4 @@
-"""The ``apex4gen`` command. Each stage's command lives in its own module and is added here."""
+"""The ``apex4gen`` command. Each stage's command lives in its own module, listed here by name."""
 from __future__ import annotations
 
 import sys
@@ -7,6 +7,10 @@ import click
 
 from .. import __version__
 from ..errors import Apex4genError
+from . import bench, build, calibrate, eval, plan, quantize, specs
+
+# every command module; each names its click commands in COMMANDS
+_COMMAND_MODULES = (bench, build, calibrate, eval, plan, quantize, specs)
 
 
 class _Group(click.Group):
@@ -27,12 +31,8 @@ def cli() -> None:
 
 
 def _add_commands() -> None:
-    import importlib
-    import pkgutil
-
-    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
-        module = importlib.import_module(f"{__name__}.{info.name}")
-        for command in getattr(module, "COMMANDS", ()):
+    for module in _COMMAND_MODULES:
+        for command in module.COMMANDS:
             cli.add_command(command)
 
 

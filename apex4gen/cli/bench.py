@@ -40,7 +40,7 @@ def bench_command(build_dir: Path, ms: str, json_path: Path | None, baselines: s
     m_values = _parse_ms(ms)
     build = load(build_dir)
     plan = Plan.load(build_dir / "plan.yaml")
-    gpu = specs.load_gpu(build.manifest["gpu"])
+    gpu = specs.load_gpu(build.manifest.gpu)
     want = tuple(b for b in baselines.split(",") if b)
     bandwidth = bench_stage.copy_bandwidth()
     points = []

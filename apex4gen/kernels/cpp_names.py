@@ -1,6 +1,7 @@
 """The C++ spellings of apex4gen's names (CUTLASS ``library.py`` style): templates never spell a type.
 
-Family ``render`` functions look names up here and hand templates plain strings.
+Family ``render`` functions look names up here and hand templates plain strings. The C ABI's enum spellings
+(``*_ENUM``) are keyed like their numeric values in :mod:`apex4gen.abi`.
 """
 from __future__ import annotations
 

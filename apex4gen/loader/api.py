@@ -1,0 +1,121 @@
+"""The user's side of a loaded build: :func:`load` and :class:`Build` (``pack`` a layer's weights once, then
+``linear``; ``gemm`` and ``quantize_act`` for callers that quantize one activation for several GEMMs)."""
+from __future__ import annotations
+
+import ctypes
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .. import abi, manifest as manifest_file, reference
+from ..errors import LoadError, ShapeError
+from ..kernels import layouts
+from ..manifest import KernelEntry, Manifest
+from . import ops
+from .binding import open_library
+
+
+class Build:
+    """A loaded build. ``pack`` prepares a layer's weights once; ``linear`` runs the W4A4 op."""
+
+    def __init__(self, build_dir: Path, manifest: Manifest, lib: ctypes.CDLL, handle: int):
+        self.build_dir = build_dir
+        self.manifest = manifest
+        self.lib = lib
+        self.handle = handle
+        self.kernels = manifest.kernels
+
+    def __repr__(self) -> str:
+        return f"Build({self.build_dir}, gpu={self.manifest.gpu}, kernels={len(self.kernels)})"
+
+    def select(self, m: int, n: int, k: int, group: int, dtype: torch.dtype) -> KernelEntry:
+        idx = self.lib.apex4gen_select_kernel(m, n, k, group, ops.dtype_enum(dtype))
+        if idx < 0:
+            raise ShapeError(f"this build has no kernel for M={m} N={n} K={k} group={group} "
+                             f"{ops.DTYPE_NAME[dtype]}; planned problems: {self.problems()}; re-plan with this shape")
+        return self.kernels[idx]
+
+    def problems(self) -> str:
+        seen = sorted({(r.n, r.k, r.group, r.dtype) for r in self.manifest.routes})
+        return ", ".join(f"N={n} K={k} g={g} {d}" for n, k, g, d in seen)
+
+    def layouts_for(self, n: int, k: int, group: int, dtype: torch.dtype) -> tuple[str, ...]:
+        names = {self.kernels[r.kernel].weight_layout for r in self.manifest.routes
+                 if (r.n, r.k, r.group, r.dtype) == (n, k, group, ops.DTYPE_NAME[dtype])}
+        if not names:
+            self.select(1, n, k, group, dtype)  # raises the one-line error
+        return tuple(sorted(names))
+
+    def pack(self, w: reference.QuantizedTensor) -> "PackedWeight":
+        """Weights in every layout this build's kernels for the problem read (usually exactly one)."""
+        n, k = w.shape
+        dtype = w.scales.dtype
+        packed = {}
+        for name in self.layouts_for(n, k, w.group, dtype):
+            qw, sw = layouts.pack(name, w)
+            packed[name] = (qw.contiguous(), sw.contiguous())
+        return PackedWeight(n, k, w.group, dtype, packed)
+
+    def linear(self, x: torch.Tensor, w: "PackedWeight", bias: torch.Tensor | None = None,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+        """y = W4A4(x, w) + bias; ``out`` (a [M, N] tensor of x's dtype) receives it when given."""
+        info = self.select(x.shape[0], w.n, w.k, w.group, x.dtype)
+        qw, sw = w.layouts[info.weight_layout]
+        if out is None:
+            return torch.ops.apex4gen.linear(x, qw, sw, bias, w.n, w.group, self.handle, info.index)
+        torch.ops.apex4gen.linear_out(x, qw, sw, bias, out, w.group, self.handle, info.index)
+        return out
+
+    def gemm(self, qx: torch.Tensor, sx: torch.Tensor, w: "PackedWeight", kernel: KernelEntry,
+             bias: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The GEMM alone on activations quantized beforehand (in ``kernel.act_format``): GEMMs that read
+        one activation (q, k and v; gate and up) quantize it once."""
+        if kernel.act_format == "raw":
+            raise ShapeError(f"kernel {kernel.name} quantizes its own input; call linear() instead")
+        y = out if out is not None else torch.empty((qx.shape[0], w.n), dtype=w.dtype, device=qx.device)
+        qw, sw = w.layouts[kernel.weight_layout]
+        torch.ops.apex4gen.gemm_out(qx, sx, qw, sw, bias, y, w.k, w.group, self.handle, kernel.index)
+        return y
+
+    def quantize_act(self, x: torch.Tensor, group: int, fmt: str = "s4") -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.ops.apex4gen.quantize_act(x, group, abi.ACT_FORMAT[fmt], self.handle)
+
+
+@dataclass(frozen=True)
+class PackedWeight:
+    n: int
+    k: int
+    group: int
+    dtype: torch.dtype
+    layouts: dict
+
+
+def load(build_dir: str | Path) -> Build:
+    """Load a build directory made by ``apex4gen build``; says so when it cannot run on this GPU."""
+    build_dir = Path(build_dir)
+    if not (build_dir / manifest_file.NAME).is_file():
+        raise LoadError(f"{build_dir} is not a finished apex4gen build (no {manifest_file.NAME}); "
+                        "run `apex4gen build`")
+    manifest = manifest_file.read(build_dir)
+    _check_device(manifest)
+    lib = open_library(build_dir / manifest.library)
+    return Build(build_dir, manifest, lib, ops.register(lib, manifest.kernels))
+
+
+def _check_device(manifest: Manifest) -> None:
+    if not torch.cuda.is_available():
+        raise LoadError("no CUDA GPU here: a build can be made but not loaded; run on the GPU it targets")
+    major, minor = torch.cuda.get_device_capability()
+    here = 10 * major + minor
+    built = manifest.sm
+    name = torch.cuda.get_device_name()
+    if here == built:
+        return
+    if manifest.ptx_embedded and here > built:
+        warnings.warn(f"build for sm_{built} ({manifest.gpu}) runs on {name} (sm_{here}) through the driver's "
+                      "PTX JIT: results are right, speed is not that GPU's", stacklevel=3)
+        return
+    raise LoadError(f"build {manifest.gpu} is for {manifest.arch}, this GPU is {name} (sm_{here}); "
+                    f"build for this GPU with `apex4gen build --gpu <its spec>`")

@@ -1,0 +1,160 @@
+"""The PyTorch ops ``torch.ops.apex4gen.{quantize_act, linear, linear_out, gemm_out}``: ``torch.library`` custom
+ops with fake implementations (torch.compile), on the current CUDA stream, allocating only through PyTorch and
+never synchronising the host, so they can be captured in CUDA graphs.
+
+An op names its build by ``handle`` (what :func:`register` returned) and its kernel by the manifest's index.
+"""
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+
+import torch
+
+from .. import abi
+from ..errors import ShapeError
+from ..manifest import KernelEntry
+from .binding import GemmArgs, check_status
+
+# torch dtypes of activations and outputs, by the names plans and manifests use
+DTYPE_NAME = {torch.float16: "f16", torch.bfloat16: "bf16"}
+_DTYPE = {dtype: abi.DTYPE[name] for dtype, name in DTYPE_NAME.items()}
+
+
+@dataclass(frozen=True)
+class _Library:
+    """What the ops need of a loaded build: its library and its kernels (act formats, names for errors)."""
+
+    lib: ctypes.CDLL
+    kernels: tuple[KernelEntry, ...]
+
+
+_LIBRARIES: list[_Library] = []
+
+
+def register(lib: ctypes.CDLL, kernels: tuple[KernelEntry, ...]) -> int:
+    """Make a loaded library callable from the ops; returns its handle."""
+    _register_ops()
+    _LIBRARIES.append(_Library(lib, kernels))
+    return len(_LIBRARIES) - 1
+
+
+def dtype_enum(dtype: torch.dtype) -> int:
+    return _DTYPE[dtype]
+
+
+def _stream() -> int:
+    return torch.cuda.current_stream().cuda_stream
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def quantized_act_shape(m: int, k: int, group: int, fmt: int) -> tuple[tuple[int, int], torch.dtype]:
+    if fmt == abi.ACT_FORMAT["s4"]:
+        return (m, k // 2), torch.uint8
+    if fmt == abi.ACT_FORMAT["s8"]:
+        return (m, k), torch.int8
+    return (m, k), torch.float8_e4m3fn
+
+
+def _quantize_act_impl(x: torch.Tensor, group: int, fmt: int, handle: int) -> tuple[torch.Tensor, torch.Tensor]:
+    lib = _LIBRARIES[handle].lib
+    m, k = x.shape
+    shape, dtype = quantized_act_shape(m, k, group, fmt)
+    qx = torch.empty(shape, dtype=dtype, device=x.device)
+    sx = torch.empty((m, k // group), dtype=torch.float32, device=x.device)
+    status = lib.apex4gen_quantize_act(x.data_ptr(), x.stride(0), _DTYPE[x.dtype], m, k, group, fmt,
+                                       qx.data_ptr(), sx.data_ptr(), _stream())
+    check_status(lib, status, "activation quantization")
+    return qx, sx
+
+
+def _linear_impl(x, qw, sw, bias, y: torch.Tensor, group: int, handle: int, kernel: int) -> None:
+    _check_out(y, x.shape[0], x.dtype)
+    fmt = abi.ACT_FORMAT[_LIBRARIES[handle].kernels[kernel].act_format]
+    if fmt == abi.ACT_FORMAT["raw"]:
+        qx, sx = x, None
+    else:
+        qx, sx = _quantize_act_impl(x, group, fmt, handle)
+    _gemm_impl(qx, sx, qw, sw, bias, y, x.shape[1], group, handle, kernel)
+
+
+def _check_out(y: torch.Tensor, m: int, dtype: torch.dtype) -> None:
+    if y.dim() != 2 or y.shape[0] != m or y.dtype != dtype or not y.is_contiguous():
+        raise ShapeError(f"out must be a contiguous [{m}, N] {dtype} tensor, got {tuple(y.shape)} {y.dtype}")
+
+
+def _gemm_impl(qx, sx, qw, sw, bias, y: torch.Tensor, k: int, group: int, handle: int, kernel: int) -> None:
+    library = _LIBRARIES[handle]
+    m, n = y.shape
+    ws_bytes = library.lib.apex4gen_kernel_workspace(kernel, m, n, k)
+    ws = torch.empty(ws_bytes, dtype=torch.uint8, device=y.device) if ws_bytes else None
+    args = GemmArgs(qx.data_ptr(), _ptr(sx), qw.data_ptr(), sw.data_ptr(), _ptr(bias), y.data_ptr(),
+                    m, n, k, group, _ptr(ws), ws_bytes)
+    check_status(library.lib, library.lib.apex4gen_run_kernel(kernel, ctypes.byref(args), _stream()),
+                 f"kernel {library.kernels[kernel].name} (M={m} N={n} K={k})")
+
+
+_REGISTERED = False
+
+
+def _register_ops() -> None:
+    """Define torch.ops.apex4gen.{quantize_act, linear, linear_out, gemm_out} once per process."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+
+    @torch.library.custom_op("apex4gen::quantize_act", mutates_args=())
+    def quantize_act(x: torch.Tensor, group: int, fmt: int, handle: int) -> tuple[torch.Tensor, torch.Tensor]:
+        _check_input(x, group)
+        return _quantize_act_impl(x.contiguous(), group, fmt, handle)
+
+    @quantize_act.register_fake
+    def _(x, group, fmt, handle):
+        m, k = x.shape
+        shape, dtype = quantized_act_shape(m, k, group, fmt)
+        return x.new_empty(shape, dtype=dtype), x.new_empty((m, k // group), dtype=torch.float32)
+
+    @torch.library.custom_op("apex4gen::linear", mutates_args=())
+    def linear(x: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor, bias: torch.Tensor | None, n: int,
+               group: int, handle: int, kernel: int) -> torch.Tensor:
+        _check_input(x, group)
+        y = torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
+        _linear_impl(x.contiguous(), qw, sw, bias, y, group, handle, kernel)
+        return y
+
+    @linear.register_fake
+    def _(x, qw, sw, bias, n, group, handle, kernel):
+        return x.new_empty((x.shape[0], n))
+
+    @torch.library.custom_op("apex4gen::linear_out", mutates_args=("y",))
+    def linear_out(x: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor, bias: torch.Tensor | None,
+                   y: torch.Tensor, group: int, handle: int, kernel: int) -> None:
+        _check_input(x, group)
+        _linear_impl(x.contiguous(), qw, sw, bias, y, group, handle, kernel)
+
+    @linear_out.register_fake
+    def _(x, qw, sw, bias, y, group, handle, kernel):
+        return None
+
+    @torch.library.custom_op("apex4gen::gemm_out", mutates_args=("y",))
+    def gemm_out(qx: torch.Tensor, sx: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor, bias: torch.Tensor | None,
+                 y: torch.Tensor, k: int, group: int, handle: int, kernel: int) -> None:
+        _check_out(y, qx.shape[0], sw.dtype)
+        _gemm_impl(qx, sx, qw, sw, bias, y, k, group, handle, kernel)
+
+    @gemm_out.register_fake
+    def _(qx, sx, qw, sw, bias, y, k, group, handle, kernel):
+        return None
+
+    _REGISTERED = True
+
+
+def _check_input(x: torch.Tensor, group: int) -> None:
+    if x.dim() != 2 or x.dtype not in _DTYPE or not x.is_cuda:
+        raise ShapeError(f"activations must be a 2-D float16/bfloat16 CUDA tensor, got {tuple(x.shape)} "
+                         f"{x.dtype} on {x.device}")
+    if x.shape[1] % group:
+        raise ShapeError(f"K={x.shape[1]} is not a multiple of the group size {group}")
