@@ -209,6 +209,40 @@ def spec_file(kind: str, ref: str | Path) -> Path:
     return specs_dir() / kind / f"{ref}.yaml"
 
 
+# Keys that only one kind of spec file has: they tell a file's kind before any schema is applied.
+_KIND_KEYS = {
+    "gpus": ("int4_tensor_cores", "tensor_tops", "rho", "sm_count", "boost_clock_mhz", "fp32_tflops",
+             "dram_bandwidth_gbs", "l2_mb", "smem_per_block_kb"),
+    "models": ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "num_layers",
+               "vocab_size", "head_dim", "tie_word_embeddings", "attention_bias", "dtype", "source"),
+    "workloads": ("points", "description"),
+}
+
+
+def spec_kind(data: object, path: str | Path) -> str:
+    """Which kind of spec a parsed YAML file is ("gpus", "models" or "workloads"), from the keys only one kind has,
+    so that a typo in one field is reported against the file's own schema rather than another kind's."""
+    keys = set(data) if isinstance(data, dict) else set()
+    votes = {kind: len(keys.intersection(own)) for kind, own in _KIND_KEYS.items()}
+    best = max(votes.values())
+    winners = [kind for kind, n in votes.items() if n == best]
+    if best == 0 or len(winners) > 1:
+        raise SpecError(f"{path}: cannot tell whether this is a GPU, model or workload spec (no keys of one kind: "
+                        f"a GPU has tensor_tops, a model hidden_size, a workload points); compare it with a file "
+                        f"under `apex4gen specs list`")
+    return winners[0]
+
+
+def load_any(path: str | Path) -> "GpuSpec | ModelSpec | WorkloadSpec":
+    """A user's spec file of any kind, validated against the schema of the kind its keys name."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise SpecError(f"spec file {file} does not exist")
+    data = read_yaml(file)
+    parse = {"gpus": parse_gpu, "models": parse_model, "workloads": parse_workload}[spec_kind(data, file)]
+    return parse(data, file)
+
+
 def load_gpu(ref: str | Path | GpuSpec) -> GpuSpec:
     if isinstance(ref, GpuSpec):
         return ref
@@ -274,7 +308,8 @@ def _check_stated_rho(fields: Fields, gpu: GpuSpec) -> None:
     stated = fields.positive("rho", float, None)
     if stated is not None and abs(stated - gpu.rho) > RHO_TOLERANCE * gpu.rho:
         raise fields.error("rho", f"states {stated:g} but the rates give {gpu.rho:.2f}"
-                           f" ({'/'.join(gpu.compute_paths)} tensor TOPS / FP32 TFLOPS)")
+                           f" ({'/'.join(gpu.compute_paths)} tensor TOPS / FP32 TFLOPS); set rho to "
+                           f"{gpu.rho:.2f} or delete the rho line (it is computed from the rates)")
 
 
 def _check_smem(fields: Fields, arch: str, kb: int) -> None:

@@ -8,8 +8,8 @@ from rich.table import Table
 from ..errors import SpecError
 from ..graph import shared_problems
 from ..schema import did_you_mean
-from ..specs import (GpuSpec, ModelSpec, WorkloadSpec, list_gpus, list_models, list_workloads, load_gpu,
-                     load_model, load_workload)
+from ..specs import (GpuSpec, ModelSpec, WorkloadSpec, list_gpus, list_models, list_workloads, load_any,
+                     load_gpu, load_model, load_workload)
 
 
 def _gpu_table() -> Table:
@@ -59,25 +59,15 @@ def list_cmd() -> None:
 
 
 def _resolve(name: str) -> GpuSpec | ModelSpec | WorkloadSpec:
-    """A shipped name of any kind, or a path tried as GPU, model and workload in turn."""
+    """A shipped name of any kind, or a path to a YAML file whose keys say its kind."""
     loaders = ((list_gpus, load_gpu), (list_models, load_model), (list_workloads, load_workload))
     for lister, loader in loaders:
         if name in lister():
             return loader(name)
     if "/" in name or name.endswith((".yaml", ".yml")):
-        return _resolve_path(name, [loader for _, loader in loaders])
+        return load_any(name)
     known = list_gpus() + list_models() + list_workloads()
     raise SpecError(f"unknown spec {name!r}{did_you_mean(name, known)} (known: {', '.join(known)})")
-
-
-def _resolve_path(path: str, loaders) -> GpuSpec | ModelSpec | WorkloadSpec:
-    errors = []
-    for loader in loaders:
-        try:
-            return loader(path)
-        except SpecError as err:
-            errors.append(str(err))
-    raise SpecError(min(errors, key=len))
 
 
 def _show_gpu(g: GpuSpec) -> list[str]:
