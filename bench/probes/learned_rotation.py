@@ -1,10 +1,10 @@
-"""Session-4 probe (NOTES-accuracy.md, "learned residual rotation"): learn the residual rotation R1 SpinQuant-style
+"""Probe (bench/notes/accuracy.md, "Learned residual rotation"): learn the residual rotation R1 SpinQuant-style
 (orthogonal parametrization started at apex4gen's randomized Hadamard, Adam, next-token loss of the W16A4 model with
 straight-through rounding on every linear input: qkv/gate_up through R1, o_proj through the head Hadamard,
 down_proj through the online Hadamard), then run rotation + GPTQ + act-order + clip-w + clip-a at the reduced
 setting (2048 tokens of Pride and Prejudice, calibration 16 x 512 of Emma) with the learned R1.
 
-    PYTHONPATH=. python3 bench/accuracy-probes/learned_rotation.py STEPS LR BATCH [adam|cayley]
+    PYTHONPATH=. python3 bench/probes/learned_rotation.py STEPS LR BATCH [adam|cayley]
 (STEPS = 0: the Hadamard baseline through the same code). Not part of the package: measured, not kept.""",
 import sys, time, math, copy, torch
 from torch import nn

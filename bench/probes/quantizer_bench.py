@@ -1,9 +1,14 @@
 """Activation quantizer variants (shared objects exporting apex4gen_quantize_act, each runtime/quantize.cu or a
 variant of it): bit-exact against the first and the reference, then CUDA-graph timed with inputs rotated past L2.
 
+From the repository root (REV: the commit to compare against):
+
     F="-std=c++17 -O3 -DNDEBUG --expt-relaxed-constexpr -Xcompiler=-fPIC -shared -gencode=arch=compute_90a,code=sm_90a -Iruntime"
-    nvcc $F old.cu -o a_old.so; nvcc $F runtime/quantize.cu -o new.so      # here (no GPU needed)
-    PYTHONPATH=. python3 bench/quantizer_bench.py a_old.so new.so          # on the GPU; JSON to $OUT/qbench.json
+    git show REV:runtime/quantize.cu > old.cu
+    nvcc $F old.cu -o a_old.so; nvcc $F runtime/quantize.cu -o new.so      # no GPU needed
+    PYTHONPATH=. python3 bench/probes/quantizer_bench.py a_old.so new.so   # on the GPU
+
+Prints one row of µs a shape and library; JSON to $OUT/qbench.json ($OUT defaults to the current folder).
 """
 import ctypes, sys, json, os
 import torch

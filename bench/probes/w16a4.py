@@ -1,10 +1,10 @@
-"""Session-4 probe (NOTES-accuracy.md): perplexity of SmolLM2-135M with full-precision weights and 4-bit
+"""Probe (bench/notes/accuracy.md): perplexity of SmolLM2-135M with full-precision weights and 4-bit
 activations (W16A4) at the reduced setting (2048 tokens of Pride and Prejudice, 1024-token windows), the residual
 rotated by apex4gen's Hadamard (or a saved learned one). Environment: G / GO = group of the qkv+gate_up / o_proj
 inputs (64), SKIP = leading tokens of each window left unquantized (0), BOS = a token id prepended to each window
 (-1: none).
 
-    PYTHONPATH=. python3 bench/accuracy-probes/w16a4.py had [learned_rotation_....pt ...]
+    PYTHONPATH=. python3 bench/probes/w16a4.py had [learned_rotation_....pt ...]
 """
 import sys, os, torch
 from torch import nn
