@@ -3,7 +3,7 @@
 // It bounds the M <= 16 decode kernels: each launch only reads `bytes` with 16-byte non-caching loads
 // (the decode kernel's load), folds them with XOR and writes one word per block.
 //
-//   nvcc -O3 -std=c++17 -gencode arch=compute_90a,code=sm_90a bench/stream_probe.cu -o stream_probe
+//   nvcc -O3 -std=c++17 -gencode arch=compute_90a,code=sm_90a bench/probes/stream_probe.cu -o stream_probe
 //   ./stream_probe            # one line per (bytes, geometry): µs, TB/s, fraction of the D2D copy bandwidth
 //
 // Geometries: `tile` gives each block one contiguous range (the decode kernel's partition: N/rows row blocks
