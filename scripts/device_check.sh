@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# On a GPU machine: the GPU tests on prebuilt builds, then `apex4gen bench` on the Hopper builds.
+# On a GPU machine: the GPU tests on prebuilt builds, then `apex4gen bench --breakdown` on the builds to time.
 # Builds are made beforehand (`apex4gen build ...`, also on a machine without a GPU) and passed as arguments:
 #   scripts/device_check.sh TEST_BUILD[:TEST_BUILD...] [BENCH_BUILD...]
-# Logs go to $OUT (or ./device-logs).
+# Writes gpu.txt (GPU name and clocks), gpu-tests.log and bench-<build>.{log,json} to $OUT (default ./device-logs).
+# bench/README.md says which builds and commands make each table of bench/results.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-device-logs}

@@ -93,13 +93,13 @@ def test_table_rows_are_method_sets_and_plan_columns_are_the_planners():
 
 
 def test_a_calibrated_budget_keeps_the_sensitive_kinds_fine():
-    """bench/budget-smollm2-calibrated.yaml allows 0.01 of summed relative output error: channel for qkv_proj
+    """specs/budgets/budget-smollm2-calibrated.yaml allows 0.01 of summed relative output error: channel for qkv_proj
     alone costs 0.017 (measured by `apex4gen calibrate`), so every plan keeps it at the reference group."""
     from pathlib import Path
 
     from apex4gen.cli.eval import column_granularities
 
-    budget = str(Path(__file__).parents[1] / "bench" / "budget-smollm2-calibrated.yaml")
+    budget = str(Path(__file__).parents[1] / "specs" / "budgets" / "budget-smollm2-calibrated.yaml")
     for gpu in ("a100-80gb", "rtx3090", "h100-sxm"):
         grans = column_granularities(f"plan:{gpu}", "smollm2-135m", budget)
         assert grans["qkv_proj"] == grans["o_proj"] == grans["gate_up_proj"] == "g64", (gpu, grans)

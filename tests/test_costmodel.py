@@ -128,7 +128,7 @@ def test_every_family_activation_format_has_a_traffic_model():
 
 
 def test_streamk_fills_an_underfilled_grid_and_loses_to_a_full_wave():
-    """H100 per-channel prefill (bench/NOTES-sm90-prefill.md): 64 tiles at M=64 leave half the SMs idle, so
+    """H100 per-channel prefill (bench/notes/sm90-prefill.md): 64 tiles at M=64 leave half the SMs idle, so
     stream-K wins; at M=4096 the data-parallel grid is 97% full and stream-K's fixed cost loses."""
     gpu = load_gpu("h100-sxm")
 
@@ -153,8 +153,8 @@ def test_plans_written_before_the_later_constants_still_load():
 
 
 def test_wgmma_bandwidth_deratings_half_empty_and_small_full_tiles():
-    """M <= 16 in 64-row tiles: 0.55 (run 15); full tiles up to M=64: 0.70, fitted to the per-channel kernel at
-    M=64 (bench/h100/h3/bench-channel-c.json: down 84.1 us measured, stream-K 64x128 s5)."""
+    """M <= 16 in 64-row tiles: 0.55 (the first H100 bench); full tiles up to M=64: 0.70, fitted to the per-channel
+    kernel at M=64 (bench/notes/sm90-prefill.md, "Per-channel": down 84.1 us measured, stream-K 64x128 s5)."""
     c = DEFAULT_CONSTANTS
     assert c.partial_tile_bandwidth("sm_90a", 16, 64) == c.partial_tile_bandwidth_sm90
     assert c.partial_tile_bandwidth("sm_90a", 64, 64) == c.small_m_bandwidth_sm90

@@ -25,8 +25,8 @@ from .families import Family, TileShape, register
 ARCHS = ("sm_90a",)
 MAX_M = 64            # the launcher serves M <= 64 (exact, tested)
 # The planner may route every M <= 64 here; the cost model picks it or the prefill kernel per GEMM at the 64-token
-# bucket. The ~2-3x slow sets seen at M >= 32 (v2) came on one machine with and without programmatic dependent
-# launch, and on another machine 0 of 144 sets (clock probed) were slow (bench/NOTES-sm90-decode.md, v3).
+# bucket. The ~2-3x slow sets seen at M >= 32 came on one machine with and without programmatic dependent
+# launch, and on another machine 0 of 144 sets (clock probed) were slow (bench/notes/sm90-decode.md, "Slow sets").
 PLANNER_MAX_M = 64
 CHUNK_K = 64          # K elements of one 16-byte weight load (two m16n8k32 steps)
 WINDOW_K = 256        # K elements of one token a warp of the quantizing block covers: K is a multiple of it
@@ -62,11 +62,11 @@ class Variant:
 
 # Blocks a SM = 512 / threads, so registers are capped at 128 (v1: 64 tokens x 2 row tiles spilled). One variant a
 # token-tile count (mt = 1, 2, 4, 8 in order), picked per granularity and K class from H100 sweeps
-# (bench/NOTES-sm90-decode.md, v2 and v3): M <= 16 fastest with 128-thread blocks (4 a SM); M <= 32 per-channel
+# (bench/notes/sm90-decode.md, "Variants"): M <= 16 fastest with 128-thread blocks (4 a SM); M <= 32 per-channel
 # with two row tiles a warp (27.7-105 us vs 33-125 us for qkv, o, gate_up; its group-wise build spills), group-wise
 # with 8 chunks in flight; M <= 64 with 256 threads. K >= LARGE_K (down_proj, K = 28672): larger blocks at
 # M >= 9 (M = 16: 58 vs 79 us group-wise, 57 vs 64 us per-channel; M = 64: 148 vs 159 / 110 vs 116 us).
-# Chunks in flight at M <= 16 (bench/NOTES-sm90-decode.md, session 5; H100, same-run A/B): per-channel streams 8
+# Chunks in flight at M <= 16 (bench/notes/sm90-decode.md, "Shared-memory stream"; H100): per-channel streams 8
 # through shared memory (smem_stream), 1.3-2.6 us faster at M = 1 on qkv, o and down than 4 in registers: the stream
 # runs on while the block waits for the per-channel quantizer. Group-wise does so at M <= 8 for K < LARGE_K (against 4
 # in registers, both with the scales copied first: qkv 19.8 vs 21.0 us, o 17.1 vs 18.4, gate_up 86.1 vs 85.1); at

@@ -50,7 +50,7 @@ MAX_CHANNEL_K = 1 << 18      # per-channel partials stay exact in int32 and in f
 # (tile_m tokens, tile_n channels). The group kernel holds an fp32 sum (64 x tile_m a warpgroup) and one group's
 # partials for one wgmma block of at most GROUP_WGMMA_TOKENS tokens per consumer thread: at tile_m = 256, sum +
 # partials + one widened weight fragment are 128 + 64 + 16 of a consumer's 232 registers (a second fragment
-# spilled: 74 bytes, and measured 5-8% slower, bench/NOTES-sm90-prefill.md, session 6).
+# spilled: 74 bytes, and measured 5-8% slower, bench/notes/sm90-prefill.md, "256-token tiles").
 GROUP_WGMMA_TOKENS = 128
 GROUP_TILES = tuple(TileShape(tm, 128, TILE_K, *CONSUMER_WARPS) for tm in (64, 128, 256))
 CHANNEL_TILES = tuple(TileShape(tm, 128, TILE_K, *CONSUMER_WARPS) for tm in (64, 128, 256))
@@ -60,7 +60,7 @@ CHANNEL_TILES = tuple(TileShape(tm, 128, TILE_K, *CONSUMER_WARPS) for tm in (64,
 GROUP_STAGES = (4,)
 # Channel: 5, the most that every tile fits (256x128: 217 KB). The cost model has no stage term (equal
 # estimates would fall to the fewest stages), so the family offers one count: measured against 4 on the H100,
-# end to end, 5 is 3-13% faster at M=64 (down 3% slower), within 3.5% at M=256..4096 (NOTES-sm90-prefill.md).
+# end to end, 5 is 3-13% faster at M=64 (down 3% slower), within 3.5% at M=256..4096 (bench/notes/sm90-prefill.md).
 CHANNEL_STAGES = (5,)
 
 
