@@ -21,6 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from . import __version__
 from . import manifest
 from .emit import render_kernel, render_template, sha256_text
@@ -158,12 +160,33 @@ def manifest_of(plan, kernels: list[KernelConfig], routes: list[Route], arch: st
     )
 
 
-def check_build_dir(build_dir: Path, force: bool) -> None:
-    """Refuse to write into a directory that holds something other than an apex4gen build."""
+# What a plan was made from: a build folder made from other inputs is another user's build, never replaced silently
+_PLAN_INPUTS = ("gpu", "gpu_spec_sha256", "model", "model_spec_sha256", "fused", "out_dtype", "workload", "budget")
+
+
+def _other_inputs(build_dir: Path, plan) -> list[str]:
+    """The plan inputs on which the build already in ``build_dir`` differs from ``plan`` (none if no build)."""
+    try:
+        built = yaml.safe_load((build_dir / "plan.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return []
+    if not isinstance(built, dict):
+        return []
+    ours = plan.to_dict()
+    return [key for key in _PLAN_INPUTS if built.get(key) != ours[key]]
+
+
+def check_build_dir(build_dir: Path, force: bool, plan) -> None:
+    """Refuse to write into a directory that holds something other than an apex4gen build, or a build of other
+    inputs (another model or GPU spec file of the same name, another workload or budget)."""
     if not build_dir.exists() or force:
         return
     if not build_dir.is_dir():
         raise Apex4genError(f"{build_dir} exists and is not a directory; choose another --out")
+    differ = _other_inputs(build_dir, plan)
+    if differ:
+        raise Apex4genError(f"{build_dir} holds a build made from other inputs ({', '.join(differ)} differ); "
+                            "pass --force to replace it, or choose another --out")
     manifests = {manifest.NAME, manifest.ASIDE}
     ours = {"plan.yaml", *manifests, "src", "runtime", "include", "obj", "lib", "build.ninja",
             ".ninja_log", ".ninja_deps"}
@@ -180,7 +203,7 @@ def build(plan, gpu, build_dir: Path, emit_only: bool = False, jobs: int | None 
           progress: bool = True, force: bool = False) -> BuildResult:
     """Render, then (unless ``emit_only``) compile a plan's kernels into ``build_dir``."""
     build_dir = Path(build_dir).absolute()  # ninja runs in build_dir: every path in a command is absolute
-    check_build_dir(build_dir, force)
+    check_build_dir(build_dir, force, plan)
     check_plan_legal(plan, gpu)
     kernels = list(plan.kernels())
     arch = plan_arch(kernels, gpu)
@@ -193,6 +216,8 @@ def build(plan, gpu, build_dir: Path, emit_only: bool = False, jobs: int | None 
     if emit_only:
         if not plan_changed and not changed:
             manifest.restore(build_dir)  # the built library still matches
+        else:
+            (build_dir / LIBRARY).unlink(missing_ok=True)  # it no longer matches the sources: nothing loadable stays
         return BuildResult(build_dir, None, names, 0, changed)
     units = compile_units(build_dir, kernels, arch)
     write_ninja(build_dir, units, link_command(units, arch), LIBRARY)
