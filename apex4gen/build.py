@@ -25,6 +25,7 @@ import yaml
 
 from . import __version__
 from . import manifest
+from .plan import UNSERVED_FIX
 from .emit import render_kernel, render_template, sha256_text
 from .files import write_if_different
 from .errors import Apex4genError, BuildError
@@ -74,6 +75,18 @@ def check_plan_legal(plan, gpu) -> None:
         for bucket in gemm.buckets:
             if bucket.kernel is not None:
                 legality.check(bucket.kernel, gpu, gemm)
+
+
+def check_plan_served(plan, allow_partial: bool) -> None:
+    """A build that serves nothing is refused; one that serves only part of its GEMMs needs ``allow_partial``."""
+    if not plan.unserved():
+        return
+    if not plan.kernels():
+        raise BuildError(f"no kernel serves any GEMM of this plan, so the build would serve nothing: "
+                         f"{plan.unserved_summary()}; {UNSERVED_FIX}")
+    if not allow_partial:
+        raise BuildError(f"the plan has GEMMs without a kernel: {plan.unserved_summary()}; {UNSERVED_FIX}, or pass "
+                         f"--allow-partial to build the rest (the library then refuses those problems)")
 
 
 def plan_arch(kernels: list[KernelConfig], gpu) -> str:
@@ -200,9 +213,10 @@ def check_build_dir(build_dir: Path, force: bool, plan) -> None:
 
 
 def build(plan, gpu, build_dir: Path, emit_only: bool = False, jobs: int | None = None,
-          progress: bool = True, force: bool = False) -> BuildResult:
+          progress: bool = True, force: bool = False, allow_partial: bool = False) -> BuildResult:
     """Render, then (unless ``emit_only``) compile a plan's kernels into ``build_dir``."""
     build_dir = Path(build_dir).absolute()  # ninja runs in build_dir: every path in a command is absolute
+    check_plan_served(plan, allow_partial)
     check_build_dir(build_dir, force, plan)
     check_plan_legal(plan, gpu)
     kernels = list(plan.kernels())

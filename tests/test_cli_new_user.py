@@ -103,3 +103,43 @@ def test_emit_only_into_an_old_build_leaves_nothing_loadable(tmp_path):
     (out / "src" / "dispatch.cu").write_text("// edited\n")  # the sources no longer match the library
     assert run("build", "--gpu", "a40", "--model", "llama2-70b", "--out", str(out), "--emit-only").exit_code == 0
     assert not lib.exists() and not (out / "manifest.json").exists()
+
+
+def _model(tmp_path, name, **sizes):
+    data = shipped("models", "llama2-7b")
+    data.update(name=name, **sizes)
+    return write_yaml(tmp_path / f"{name}.yaml", data)
+
+
+def test_a_plan_no_kernel_serves_is_refused_with_the_rule_and_the_fix(tmp_path):
+    """hidden 4100 with 41 heads: every size a multiple of 4, none of the kernels' alignment."""
+    spec = _model(tmp_path, "odd", hidden_size=4100, num_attention_heads=41, num_key_value_heads=41,
+                  intermediate_size=11000)
+    out = tmp_path / "odd.plan.yaml"
+    one_line_error(run("plan", "--gpu", "a40", "--model", str(spec), "-o", str(out)), 2,
+                   "no kernel serves any GEMM", "qkv_proj", "N=12300 K=4100", "every M", "not a multiple of",
+                   "size rules")
+    assert not out.exists()
+    build_dir = tmp_path / "b"
+    one_line_error(run("build", "--gpu", "a40", "--model", str(spec), "--out", str(build_dir), "--emit-only",
+                       "--allow-partial"), 2, "would serve nothing", "down_proj")
+    assert not build_dir.exists()
+
+
+def test_a_partly_served_plan_says_what_is_missing_and_counts_it_at_fp16(tmp_path):
+    spec = _model(tmp_path, "oddffn", intermediate_size=11000)   # K = 11000: down_proj has no kernel
+    out = tmp_path / "p.yaml"
+    result = run("plan", "--gpu", "a40", "--model", str(spec), "-o", str(out))
+    assert result.exit_code == 0, result.output
+    assert "down_proj (N=4096 K=11000) at every M" in result.stderr and "--allow-partial" in result.stderr
+    from apex4gen.plan import Plan
+    plan = Plan.load(out)
+    down = plan.layer("down_proj")
+    assert all(p.w4a4_us == p.fp16_us and p.speedup == 1.0 for p in down.predictions)
+    build_dir = tmp_path / "b"
+    one_line_error(run("build", "--gpu", "a40", "--plan", str(out), "--out", str(build_dir), "--emit-only"), 2,
+                   "GEMMs without a kernel", "down_proj", "--allow-partial")
+    assert not build_dir.exists()
+    result = run("build", "--gpu", "a40", "--plan", str(out), "--out", str(build_dir), "--emit-only",
+                 "--allow-partial")
+    assert result.exit_code == 0, result.output

@@ -23,8 +23,10 @@ from ..plan import Plan
               help="Build directory (default: generated/<gpu>-<model>).")
 @click.option("--emit-only", is_flag=True, help="Render the sources and stop (no nvcc needed).")
 @click.option("-j", "--jobs", type=int, default=None, help="Parallel compile jobs (default: ninja's).")
-@click.option("--force", is_flag=True, help="Write into a --out directory that holds other files.")
-def build_command(gpu, model, workload, budget, plan_path, out, emit_only, jobs, force):
+@click.option("--force", is_flag=True, help="Write into a --out directory that holds other files or another build.")
+@click.option("--allow-partial", is_flag=True,
+              help="Build a plan whose GEMMs are not all served by a kernel (the library refuses the others).")
+def build_command(gpu, model, workload, budget, plan_path, out, emit_only, jobs, force, allow_partial):
     """Plan, render and compile the W4A4 kernels of MODEL for GPU into one runtime module."""
     gpu_spec = specs.load_gpu(gpu)
     if plan_path is not None:
@@ -36,7 +38,8 @@ def build_command(gpu, model, workload, budget, plan_path, out, emit_only, jobs,
         plan = planner.make_plan(gpu_spec, model, workload=workload, budget=budget)
     out = out or build_stage.default_build_dir(gpu_spec.name, plan.model)
     started = time.monotonic()
-    result = build_stage.build(plan, gpu_spec, out, emit_only=emit_only, jobs=jobs, force=force)
+    result = build_stage.build(plan, gpu_spec, out, emit_only=emit_only, jobs=jobs, force=force,
+                                allow_partial=allow_partial)
     _report(result, gpu_spec, emit_only, time.monotonic() - started)
 
 
