@@ -21,8 +21,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from . import __version__
 from . import manifest
+from .plan import UNSERVED_FIX
 from .emit import render_kernel, render_template, sha256_text
 from .files import write_if_different
 from .errors import Apex4genError, BuildError
@@ -72,6 +75,18 @@ def check_plan_legal(plan, gpu) -> None:
         for bucket in gemm.buckets:
             if bucket.kernel is not None:
                 legality.check(bucket.kernel, gpu, gemm)
+
+
+def check_plan_served(plan, allow_partial: bool) -> None:
+    """A build that serves nothing is refused; one that serves only part of its GEMMs needs ``allow_partial``."""
+    if not plan.unserved():
+        return
+    if not plan.kernels():
+        raise BuildError(f"no kernel serves any GEMM of this plan, so the build would serve nothing: "
+                         f"{plan.unserved_summary()}; {UNSERVED_FIX}")
+    if not allow_partial:
+        raise BuildError(f"the plan has GEMMs without a kernel: {plan.unserved_summary()}; {UNSERVED_FIX}, or pass "
+                         f"--allow-partial to build the rest (the library then refuses those problems)")
 
 
 def plan_arch(kernels: list[KernelConfig], gpu) -> str:
@@ -158,12 +173,33 @@ def manifest_of(plan, kernels: list[KernelConfig], routes: list[Route], arch: st
     )
 
 
-def check_build_dir(build_dir: Path, force: bool) -> None:
-    """Refuse to write into a directory that holds something other than an apex4gen build."""
+# What a plan was made from: a build folder made from other inputs is another user's build, never replaced silently
+_PLAN_INPUTS = ("gpu", "gpu_spec_sha256", "model", "model_spec_sha256", "fused", "out_dtype", "workload", "budget")
+
+
+def _other_inputs(build_dir: Path, plan) -> list[str]:
+    """The plan inputs on which the build already in ``build_dir`` differs from ``plan`` (none if no build)."""
+    try:
+        built = yaml.safe_load((build_dir / "plan.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return []
+    if not isinstance(built, dict):
+        return []
+    ours = plan.to_dict()
+    return [key for key in _PLAN_INPUTS if built.get(key) != ours[key]]
+
+
+def check_build_dir(build_dir: Path, force: bool, plan) -> None:
+    """Refuse to write into a directory that holds something other than an apex4gen build, or a build of other
+    inputs (another model or GPU spec file of the same name, another workload or budget)."""
     if not build_dir.exists() or force:
         return
     if not build_dir.is_dir():
         raise Apex4genError(f"{build_dir} exists and is not a directory; choose another --out")
+    differ = _other_inputs(build_dir, plan)
+    if differ:
+        raise Apex4genError(f"{build_dir} holds a build made from other inputs ({', '.join(differ)} differ); "
+                            "pass --force to replace it, or choose another --out")
     manifests = {manifest.NAME, manifest.ASIDE}
     ours = {"plan.yaml", *manifests, "src", "runtime", "include", "obj", "lib", "build.ninja",
             ".ninja_log", ".ninja_deps"}
@@ -177,10 +213,11 @@ def check_build_dir(build_dir: Path, force: bool) -> None:
 
 
 def build(plan, gpu, build_dir: Path, emit_only: bool = False, jobs: int | None = None,
-          progress: bool = True, force: bool = False) -> BuildResult:
+          progress: bool = True, force: bool = False, allow_partial: bool = False) -> BuildResult:
     """Render, then (unless ``emit_only``) compile a plan's kernels into ``build_dir``."""
     build_dir = Path(build_dir).absolute()  # ninja runs in build_dir: every path in a command is absolute
-    check_build_dir(build_dir, force)
+    check_plan_served(plan, allow_partial)
+    check_build_dir(build_dir, force, plan)
     check_plan_legal(plan, gpu)
     kernels = list(plan.kernels())
     arch = plan_arch(kernels, gpu)
@@ -193,6 +230,8 @@ def build(plan, gpu, build_dir: Path, emit_only: bool = False, jobs: int | None 
     if emit_only:
         if not plan_changed and not changed:
             manifest.restore(build_dir)  # the built library still matches
+        else:
+            (build_dir / LIBRARY).unlink(missing_ok=True)  # it no longer matches the sources: nothing loadable stays
         return BuildResult(build_dir, None, names, 0, changed)
     units = compile_units(build_dir, kernels, arch)
     write_ninja(build_dir, units, link_command(units, arch), LIBRARY)

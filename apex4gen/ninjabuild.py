@@ -2,14 +2,19 @@
 failure into one line that names the kernel (nvcc's own errors go to stderr)."""
 from __future__ import annotations
 
+import codecs
 import contextlib
 import os
+import pty
 import re
 import shlex
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
+
+from rich.console import Console
 
 from . import objcache, toolchain
 from .errors import BuildError
@@ -50,45 +55,133 @@ def _shell_join(args) -> str:
     return " ".join(shlex.quote(str(a)) for a in args)
 
 
+@dataclass(frozen=True)
+class NinjaEvent:
+    """One status line of ninja's: a step started or finished (``finished`` steps of ``total`` done so far)."""
+
+    started: bool
+    finished: int
+    total: int
+    label: str
+
+
+_STATUS = re.compile(r"^\[(\d+)/(\d+)\] (.*)$")
+# a terminal gets erase-line codes and, on FAILED lines, colours: none of them belongs in the text
+_TERMINAL_CODES = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def steps_to_run(build_dir: Path) -> int:
+    """How many compile/link steps ninja would run now (``ninja -n``: nothing runs): the count shown before the
+    first compile starts, so a long build says up front what it will do."""
+    out = subprocess.run([toolchain.ninja_path(), "-C", str(build_dir), "-n"], capture_output=True, text=True,
+                         env={**os.environ, "NINJA_STATUS": "[%f/%t] "})
+    return sum(1 for line in out.stdout.splitlines() if _STATUS.match(line))
+
+
 def run_ninja(build_dir: Path, units: list[CompileUnit], jobs: int | None, progress: bool) -> int:
-    """Run ninja with a progress bar; returns how many compile/link steps ran. A failure names the kernel."""
-    env = {**os.environ, "NINJA_STATUS": "[%f/%t] "}
+    """Run ninja, showing each step as it starts (name, elapsed time); returns how many steps ran. A failure
+    names the kernel."""
+    planned = steps_to_run(build_dir)
     cmd = [toolchain.ninja_path(), "-C", str(build_dir)]
     if jobs:
         cmd += ["-j", str(jobs)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    output, steps = _follow_ninja(proc, progress)
-    if proc.wait() != 0:
+    lines, status = _run_on_terminal(cmd)
+    output, steps = _follow(lines, planned, len(units), progress)
+    if status() != 0:
         raise BuildError(_failure_line(output, units))
     return steps
 
 
-def _follow_ninja(proc, progress: bool) -> tuple[list[str], int]:
-    status = re.compile(r"^\[(\d+)/(\d+)\] (.*)$")
+def _run_on_terminal(cmd: list[str]):
+    """Run ninja on a pseudo-terminal: ninja prints a step's status line when the step *starts* only on a
+    terminal (into a pipe, only when it ends, which left a long first compile with no sign of life). Yields
+    ninja's lines with the terminal's carriage returns and erase codes taken out; ``status()`` waits for exit."""
+    master, slave = pty.openpty()
+    env = {**os.environ, "NINJA_STATUS": "[%f/%t] ", "TERM": os.environ.get("TERM", "xterm") or "xterm"}
+    if env["TERM"] == "dumb":
+        env["TERM"] = "xterm"
+    proc = subprocess.Popen(cmd, stdout=slave, stderr=slave, stdin=subprocess.DEVNULL, env=env)
+    os.close(slave)
+
+    def lines():
+        pending = ""
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a read may end inside a character
+        with os.fdopen(master, "rb", buffering=0) as stream:
+            while True:
+                try:
+                    chunk = stream.read(4096)
+                except OSError:  # the terminal closes when ninja exits
+                    break
+                if not chunk:
+                    break
+                pending = _TERMINAL_CODES.sub("", pending + decoder.decode(chunk))
+                *complete, pending = re.split(r"[\r\n]", pending)
+                yield from (line for line in complete if line.strip())
+        if pending.strip():
+            yield pending
+
+    return lines(), proc.wait
+
+
+def _events(output: list[str], lines) -> "Iterator[NinjaEvent]":
+    """Ninja's status lines as start/finish events (other lines, nvcc's messages, are kept in ``output``)."""
+    done = 0
+    for line in lines:
+        output.append(line)
+        m = _STATUS.match(line)
+        if m is None:
+            continue
+        finished = int(m.group(1))
+        yield NinjaEvent(finished == done, finished, int(m.group(2)), m.group(3))
+        done = finished
+
+
+def _follow(lines, planned: int, units: int, progress: bool) -> tuple[list[str], int]:
+    """Show the steps as they start and end; returns ninja's output and the number of steps that finished."""
     output: list[str] = []
+    console = Console(stderr=True)
+    if planned == 0:
+        for _ in _events(output, lines):
+            pass
+        return output, 0
+    if progress:
+        console.print(f"build: {planned} of {units + 1} step(s) to run ({units} nvcc compile units + the link; "
+                      f"the others are up to date)")
+    display = _Display(planned, console) if progress else contextlib.nullcontext()
     steps = 0
-    bar = _progress_bar() if progress else None
-    task = None
-    with bar or contextlib.nullcontext():
-        for line in proc.stdout:
-            output.append(line.rstrip("\n"))
-            m = status.match(line)
-            if m is None:
-                continue
-            steps += 1
-            if bar is not None:
-                if task is None:
-                    task = bar.add_task("compiling", total=int(m.group(2)))
-                bar.update(task, completed=int(m.group(1)) - 1, description=m.group(3)[:60])
-        if bar is not None and task is not None:
-            bar.update(task, completed=bar.tasks[0].total)
+    with display:
+        for event in _events(output, lines):
+            steps += 0 if event.started else 1
+            if progress:
+                display.show(event)
     return output, steps
 
 
-def _progress_bar():
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    transient=True)
+class _Display:
+    """A total bar and one line per running step with its elapsed time (transient: gone when the build ends)."""
+
+    def __init__(self, planned: int, console: Console) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), console=console, transient=True)
+        self.total = self.progress.add_task("build", total=planned)
+        self.running: dict[str, int] = {}
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.progress.__exit__(*exc)
+
+    def show(self, event: NinjaEvent) -> None:
+        if event.started:
+            self.running[event.label] = self.progress.add_task(f"  {event.label[:70]}", total=None)
+            return
+        task = self.running.pop(event.label, None)
+        if task is not None:
+            self.progress.remove_task(task)
+        self.progress.update(self.total, completed=event.finished, total=event.total)
 
 
 def _failure_line(output: list[str], units: list[CompileUnit]) -> str:

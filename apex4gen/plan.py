@@ -93,6 +93,20 @@ class Totals:
     speedup: float
 
 
+# What a user does about a GEMM that no kernel serves (the rationale names the size rule that failed)
+UNSERVED_FIX = ("meet the kernels' size rules named here (e.g. a model whose sizes are multiples of them) or plan "
+                "for a GPU whose kernel families serve this shape")
+
+
+def _m_ranges(buckets: tuple[Bucket, ...], all_buckets: tuple[Bucket, ...]) -> str:
+    """``every M``, or ``M <= 16, M 17-64, M >= 4097``: the ranges of M that ``buckets`` (of ``all_buckets``) cover."""
+    if len(buckets) == len(all_buckets):
+        return "every M"
+    lows = {id(b): (all_buckets[i - 1].m_max + 1 if i else 1) for i, b in enumerate(all_buckets)}
+    return ", ".join(f"M >= {lows[id(b)]}" if b.m_max is None else
+                     (f"M <= {b.m_max}" if lows[id(b)] == 1 else f"M {lows[id(b)]}-{b.m_max}") for b in buckets)
+
+
 @dataclass(frozen=True)
 class Plan:
     version: int
@@ -112,6 +126,20 @@ class Plan:
 
     def kernels(self) -> tuple[KernelConfig, ...]:
         return tuple(sorted({b.kernel for g in self.gemms for b in g.buckets if b.kernel is not None}))
+
+    def unserved(self) -> tuple[tuple[GemmPlan, tuple[Bucket, ...]], ...]:
+        """Each GEMM with M buckets that no kernel serves, and those buckets (each with its rationale)."""
+        return tuple((g, missing) for g in self.gemms
+                     if (missing := tuple(b for b in g.buckets if b.kernel is None)))
+
+    def unserved_summary(self) -> str:
+        """One line: which GEMMs lack a kernel at which M, and the legality rule that left them without one."""
+        parts = []
+        for gemm, buckets in self.unserved():
+            reason = buckets[0].rationale.removeprefix("kernel: null: ")
+            parts.append(f"{'/'.join(gemm.layers)} (N={gemm.n} K={gemm.k}) at {_m_ranges(buckets, gemm.buckets)}: "
+                         f"{reason}")
+        return "; ".join(parts)
 
     def gemm_for(self, layer: LayerPlan | str) -> GemmPlan:
         """The GEMM problem (and so the kernels) a layer runs on."""

@@ -23,7 +23,7 @@ Predictions cover the decoder's linear layers only (attention, norms and the LM 
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from . import __version__
@@ -148,12 +148,19 @@ class _Planner:
             out.append(PointPrediction(point.phase, point.m, weight, fp16, w4a4, fp16 / w4a4))
         return tuple(out)
 
+    def served(self, preds: tuple[PointPrediction, ...], prob: _Problem) -> tuple[PointPrediction, ...]:
+        """The predictions a plan reports: a GEMM without a kernel runs at FP16 in the user's engine, so it adds
+        no speedup (the cost that ranks options keeps the estimate: coverage ranks them first)."""
+        buckets = self.buckets(prob)
+        return tuple(p if next(b for b in buckets if b.covers(p.m)).kernel is not None
+                     else replace(p, w4a4_us=p.fp16_us, speedup=1.0) for p in preds)
+
     def option(self, grp: ActivationGroup, granularity: str, path: str) -> _Option:
         preds, coverage, cost = [], 0, 0.0
         for lin in grp.linears:
             prob = _Problem(lin.n, lin.k, group_field(granularity), path)
             p = self.predictions(lin, prob)
-            preds.append(p)
+            preds.append(self.served(p, prob))
             coverage += sum(b.kernel is not None for b in self.buckets(prob))
             cost += sum(x.weight * self.model.num_layers * x.w4a4_us / total
                         for x, total in zip(p, self.fp16_totals))

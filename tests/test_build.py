@@ -275,3 +275,19 @@ def test_shared_object_cache_serves_another_build_dir(tmp_path, full_plan, monke
     for unit in units:  # same key in both builds: the command does not depend on the build directory
         assert (tmp_path / "b" / unit["object"]).read_bytes() == (first.build_dir / unit["object"]).read_bytes()
     assert (tmp_path / "b" / build_stage.LIBRARY).is_file()
+
+
+def test_ninja_steps_are_reported_as_they_start(tmp_path):
+    """A step is shown when it starts, not only when it ends, and the count of steps is known up front."""
+    from apex4gen import ninjabuild
+
+    (tmp_path / "build.ninja").write_text(
+        "rule s\n  command = sleep $t && touch $out\n  description = step $out\n"
+        "build a: s\n  t = 0.5\nbuild b: s\n  t = 0.2\n")
+    assert ninjabuild.steps_to_run(tmp_path) == 2
+    lines, status = ninjabuild._run_on_terminal([ninjabuild.toolchain.ninja_path(), "-C", str(tmp_path), "-j1"])
+    output: list[str] = []
+    events = [(e.started, e.label) for e in ninjabuild._events(output, lines)]
+    assert status() == 0
+    assert events == [(True, "step a"), (False, "step a"), (True, "step b"), (False, "step b")], events
+    assert ninjabuild.steps_to_run(tmp_path) == 0

@@ -57,3 +57,89 @@ def test_specs_show_still_shows_a_valid_user_file(tmp_path):
     result = run("specs", "show", str(path))
     assert result.exit_code == 0, result.output
     assert "hidden 4096" in result.output
+
+
+def _tree(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_build_refuses_a_model_that_conflicts_with_the_plan(tmp_path):
+    plan = tmp_path / "a40.plan.yaml"
+    assert run("plan", "--gpu", "a40", "--model", "llama2-70b", "-o", str(plan)).exit_code == 0
+    out = tmp_path / "out"
+    one_line_error(run("build", "--gpu", "a40", "--model", "llama3-8b", "--plan", str(plan), "--out", str(out),
+                       "--emit-only"), 2, "--model llama3-8b conflicts with --plan", "llama2-70b", "drop --model")
+    one_line_error(run("build", "--gpu", "a40", "--budget", "x.yaml", "--plan", str(plan), "--out", str(out),
+                       "--emit-only"), 2, "--budget", "drop it")
+    assert not out.exists()
+    result = run("build", "--gpu", "a40", "--model", "llama2-70b", "--plan", str(plan), "--out", str(out),
+                 "--emit-only")
+    assert result.exit_code == 0, result.output
+
+
+def test_build_never_replaces_a_build_of_other_inputs_without_force(tmp_path):
+    """A user's model YAML reusing a shipped name lands in the same default folder: refused, files untouched."""
+    out = tmp_path / "generated" / "a40-llama2-70b"
+    assert run("build", "--gpu", "a40", "--model", "llama2-70b", "--out", str(out), "--emit-only").exit_code == 0
+    before = _tree(out)
+    mine = shipped("models", "llama2-70b")
+    mine["num_layers"] = 40
+    spec = write_yaml(tmp_path / "mine.yaml", mine)
+    one_line_error(run("build", "--gpu", "a40", "--model", str(spec), "--out", str(out), "--emit-only"), 2,
+                   "holds a build made from other inputs", "model_spec_sha256", "--force")
+    assert _tree(out) == before
+    result = run("build", "--gpu", "a40", "--model", str(spec), "--out", str(out), "--emit-only", "--force")
+    assert result.exit_code == 0, result.output
+
+
+def test_emit_only_into_an_old_build_leaves_nothing_loadable(tmp_path):
+    """Re-rendering other sources into a built folder removes the library with the manifest (neither matches)."""
+    out = tmp_path / "b"
+    assert run("build", "--gpu", "a40", "--model", "llama2-70b", "--out", str(out), "--emit-only").exit_code == 0
+    lib = out / "lib" / "libapex4gen.so"
+    lib.parent.mkdir()
+    lib.write_bytes(b"stale")          # as a compiled build leaves it
+    (out / "manifest.json").write_text("{}")
+    (out / "src" / "dispatch.cu").write_text("// edited\n")  # the sources no longer match the library
+    assert run("build", "--gpu", "a40", "--model", "llama2-70b", "--out", str(out), "--emit-only").exit_code == 0
+    assert not lib.exists() and not (out / "manifest.json").exists()
+
+
+def _model(tmp_path, name, **sizes):
+    data = shipped("models", "llama2-7b")
+    data.update(name=name, **sizes)
+    return write_yaml(tmp_path / f"{name}.yaml", data)
+
+
+def test_a_plan_no_kernel_serves_is_refused_with_the_rule_and_the_fix(tmp_path):
+    """hidden 4100 with 41 heads: every size a multiple of 4, none of the kernels' alignment."""
+    spec = _model(tmp_path, "odd", hidden_size=4100, num_attention_heads=41, num_key_value_heads=41,
+                  intermediate_size=11000)
+    out = tmp_path / "odd.plan.yaml"
+    one_line_error(run("plan", "--gpu", "a40", "--model", str(spec), "-o", str(out)), 2,
+                   "no kernel serves any GEMM", "qkv_proj", "N=12300 K=4100", "every M", "not a multiple of",
+                   "size rules")
+    assert not out.exists()
+    build_dir = tmp_path / "b"
+    one_line_error(run("build", "--gpu", "a40", "--model", str(spec), "--out", str(build_dir), "--emit-only",
+                       "--allow-partial"), 2, "would serve nothing", "down_proj")
+    assert not build_dir.exists()
+
+
+def test_a_partly_served_plan_says_what_is_missing_and_counts_it_at_fp16(tmp_path):
+    spec = _model(tmp_path, "oddffn", intermediate_size=11000)   # K = 11000: down_proj has no kernel
+    out = tmp_path / "p.yaml"
+    result = run("plan", "--gpu", "a40", "--model", str(spec), "-o", str(out))
+    assert result.exit_code == 0, result.output
+    assert "down_proj (N=4096 K=11000) at every M" in result.stderr and "--allow-partial" in result.stderr
+    from apex4gen.plan import Plan
+    plan = Plan.load(out)
+    down = plan.layer("down_proj")
+    assert all(p.w4a4_us == p.fp16_us and p.speedup == 1.0 for p in down.predictions)
+    build_dir = tmp_path / "b"
+    one_line_error(run("build", "--gpu", "a40", "--plan", str(out), "--out", str(build_dir), "--emit-only"), 2,
+                   "GEMMs without a kernel", "down_proj", "--allow-partial")
+    assert not build_dir.exists()
+    result = run("build", "--gpu", "a40", "--plan", str(out), "--out", str(build_dir), "--emit-only",
+                 "--allow-partial")
+    assert result.exit_code == 0, result.output

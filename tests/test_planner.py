@@ -49,8 +49,10 @@ def test_h100_is_not_planned_on_native_int4(registry):
 
 
 def test_a100_plan_predicts_at_least_1_2x_end_to_end(registry):
+    """With kernels; with none registered nothing is served, so nothing is faster than FP16."""
     for workload in ("default", PREFILL):
-        assert make_plan("a100-80gb", "llama2-70b", workload).totals.speedup >= 1.2
+        speedup = make_plan("a100-80gb", "llama2-70b", workload).totals.speedup
+        assert speedup == 1.0 if registry == "none" else speedup >= 1.2
 
 
 def test_same_inputs_give_byte_identical_plans(registry, tmp_path):

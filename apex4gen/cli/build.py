@@ -8,6 +8,7 @@ import click
 
 from .. import build as build_stage
 from .. import planner, specs
+from ..errors import SpecError
 from ..plan import Plan
 
 
@@ -22,20 +23,35 @@ from ..plan import Plan
               help="Build directory (default: generated/<gpu>-<model>).")
 @click.option("--emit-only", is_flag=True, help="Render the sources and stop (no nvcc needed).")
 @click.option("-j", "--jobs", type=int, default=None, help="Parallel compile jobs (default: ninja's).")
-@click.option("--force", is_flag=True, help="Write into a --out directory that holds other files.")
-def build_command(gpu, model, workload, budget, plan_path, out, emit_only, jobs, force):
+@click.option("--force", is_flag=True, help="Write into a --out directory that holds other files or another build.")
+@click.option("--allow-partial", is_flag=True,
+              help="Build a plan whose GEMMs are not all served by a kernel (the library refuses the others).")
+def build_command(gpu, model, workload, budget, plan_path, out, emit_only, jobs, force, allow_partial):
     """Plan, render and compile the W4A4 kernels of MODEL for GPU into one runtime module."""
     gpu_spec = specs.load_gpu(gpu)
     if plan_path is not None:
         plan = Plan.load(plan_path)
+        _check_plan_options(plan, plan_path, model, workload, budget)
     else:
         if not model:
             raise click.UsageError("--model is required unless --plan is given")
         plan = planner.make_plan(gpu_spec, model, workload=workload, budget=budget)
     out = out or build_stage.default_build_dir(gpu_spec.name, plan.model)
     started = time.monotonic()
-    result = build_stage.build(plan, gpu_spec, out, emit_only=emit_only, jobs=jobs, force=force)
+    result = build_stage.build(plan, gpu_spec, out, emit_only=emit_only, jobs=jobs, force=force,
+                                allow_partial=allow_partial)
     _report(result, gpu_spec, emit_only, time.monotonic() - started)
+
+
+def _check_plan_options(plan: Plan, plan_path: Path, model, workload, budget) -> None:
+    """With --plan the plan decides everything: an option that would plan differently is refused, not ignored."""
+    if model is not None and specs.load_model(model).name != plan.model:
+        raise SpecError(f"--model {model} conflicts with --plan {plan_path}, a plan for {plan.model}; drop --model, "
+                        f"or re-plan with `apex4gen plan --model {model}`")
+    ignored = [name for name, value in (("--workload", workload), ("--budget", budget)) if value is not None]
+    if ignored:
+        raise SpecError(f"{' and '.join(ignored)} cannot change the plan given with --plan {plan_path}; drop "
+                        f"{'them' if len(ignored) > 1 else 'it'}, or make a new plan with `apex4gen plan`")
 
 
 def _report(result, gpu_spec, emit_only: bool, seconds: float) -> None:

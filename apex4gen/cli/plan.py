@@ -8,7 +8,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..errors import SpecError
-from ..plan import Plan, is_plan_file
+from ..plan import UNSERVED_FIX, Plan, is_plan_file
 from ..planner import DEFAULT_WORKLOAD, make_plan
 
 _MIN_WIDTH = 120   # rich falls back to 80 columns off a terminal, which would wrap every row
@@ -55,10 +55,11 @@ def _print_summary(console: Console, plan: Plan, out: Path) -> None:
     console.print(_layer_table(plan))
     for lp in plan.layers:
         console.print(f"  {lp.name}: {lp.rationale}", soft_wrap=True)
-    missing = sum(b.kernel is None for g in plan.gemms for b in g.buckets)
-    kernels = f"{len(plan.kernels())} kernel configs" + (f", {missing} buckets without a kernel" if missing else "")
     console.print(f"end to end (workload-weighted, linear layers): {plan.totals.speedup:.2f}x over FP16; "
-                  f"{kernels}; wrote {out}", soft_wrap=True)
+                  f"{len(plan.kernels())} kernel configs; wrote {out}", soft_wrap=True)
+    if plan.unserved():
+        click.echo(f"apex4gen: warning: GEMMs without a kernel (counted at FP16 time in the speedup; `apex4gen "
+                   f"build` needs --allow-partial): {plan.unserved_summary()}; {UNSERVED_FIX}", err=True)
 
 
 @click.command("plan")
@@ -74,6 +75,9 @@ def plan_cmd(gpu: str, model: str, workload: str, budget: str | None, unfused: b
              force: bool) -> None:
     """Plan W4A4 granularity, compute path and kernels per layer; print the table and write the plan."""
     result = make_plan(gpu, model, workload, budget, fused=not unfused)
+    if not result.kernels():
+        raise SpecError(f"no kernel serves any GEMM of {result.model} on {result.gpu}: {result.unserved_summary()}; "
+                        f"{UNSERVED_FIX}")
     out = output or Path(f"{result.gpu}-{result.model}.plan.yaml")
     _check_output(out, force, result.to_yaml())
     result.save(out)
