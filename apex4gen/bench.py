@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 
 from . import reference
+from .granularity import Granularity
 
 DEFAULT_MS = (1, 4, 16, 64, 256, 1024, 4096)
 BASELINES = ("fp16", "int8", "fp8_tensor", "fp8_row", "int4_weight_only")
@@ -189,7 +190,7 @@ def bench_gemm(build, name: str, n: int, k: int, group: int, ms, dtype=torch.flo
         moved = w4a4_bytes(m, n, k, group)
         flops = 2.0 * m * n * k
         points.append(Point(
-            name, n, k, m, "channel" if group == k else f"g{group}", info.name, ours, base, moved,
+            name, n, k, m, Granularity.of_size(group, k).name, info.name, ours, base, moved,
             moved / (ours * 1e-6) / bandwidth if bandwidth else 0.0,
             flops / (ours * 1e-6) / (tc_peak_tops * 1e12) if tc_peak_tops else 0.0, *halves))
     return points

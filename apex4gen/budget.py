@@ -17,14 +17,7 @@ down_proj (down_proj reads the SiLU*up product, where activation outliers are la
 ``min_gain`` 0.05, so a few percent of scale traffic never costs accuracy. Where the finest granularity does not
 divide a layer's K (SmolLM2: K=576), the nearest finer one that does stands in for it.
 
-Sensitivity file (what a later ``apex4gen calibrate`` writes)::
-
-    apex4gen_sensitivity: 1
-    model: llama2-70b                 # must be the planned model
-    metric: "perplexity increase over W4A4-g128, 8k tokens of Pride and Prejudice"
-    layers:                           # per layer kind: the metric's increase at each granularity (>= 0)
-      qkv_proj: {g256: 0.01, g512: 0.02, g1024: 0.04, channel: 0.10}
-      down_proj: {g256: 0.05}
+Sensitivity file: :mod:`apex4gen.accuracy.sensitivity` (what ``apex4gen calibrate`` writes).
 
 With a sensitivity file a layer kind may leave its reference granularity only for granularities the file
 lists for it (no entry = no evidence = not allowed; a kind absent from the file stays at its reference), and the
@@ -35,103 +28,69 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .costmodel import GRANULARITIES, fits
+from .accuracy.sensitivity import Sensitivity, load_sensitivity, parse_sensitivity
 from .errors import SpecError
+from .granularity import CHANNEL, GRANULARITIES, GRANULARITY_NAMES, Granularity
 from .graph import FUSED_KINDS
 from .schema import Fields, read_yaml
 
-SENSITIVITY_VERSION = 1
 _KIND_KEYS = ("default",) + FUSED_KINDS
 DEFAULT_FINEST = {"default": "g128"}
 DEFAULT_COARSEST = {"default": "channel", "o_proj": "g1024", "down_proj": "g512"}
 DEFAULT_MIN_GAIN = 0.05
 
 
-def _rank(granularity: str) -> int:
+def _rank(granularity: Granularity) -> int:
     return GRANULARITIES.index(granularity)
 
 
 @dataclass(frozen=True)
-class Sensitivity:
-    model: str
-    metric: str
-    layers: tuple[tuple[str, tuple[tuple[str, float], ...]], ...]   # sorted (kind, ((granularity, increase),))
-
-    def increase(self, kind: str, granularity: str) -> float | None:
-        """The metric's increase, or None where the file gives no evidence."""
-        return dict(dict(self.layers).get(kind, ())).get(granularity)
-
-    def to_dict(self) -> dict:
-        return {"apex4gen_sensitivity": SENSITIVITY_VERSION, "model": self.model, "metric": self.metric,
-                "layers": {kind: dict(values) for kind, values in self.layers}}
-
-
-@dataclass(frozen=True)
 class Budget:
-    finest: tuple[tuple[str, str], ...]      # (kind, granularity) for every fused kind
-    coarsest: tuple[tuple[str, str], ...]
+    finest: tuple[tuple[str, Granularity], ...]      # (kind, granularity) for every fused kind
+    coarsest: tuple[tuple[str, Granularity], ...]
     min_gain: float
     sensitivity: Sensitivity | None = None
     max_total_increase: float | None = None
 
-    def reference(self, kind: str, k: int) -> str:
+    def reference(self, kind: str, k: int) -> Granularity:
         """The finest granularity ``kind`` needs, or the nearest finer one where it does not divide K."""
         finest = dict(self.finest)[kind]
-        finer_fits = [g for g in GRANULARITIES[:_rank(finest) + 1] if fits(g, k)]
+        finer_fits = [g for g in GRANULARITIES[:_rank(finest) + 1] if g.fits(k)]
         if not finer_fits:
-            return "channel"
+            return CHANNEL
         return finer_fits[-1]
 
-    def allowed(self, kind: str, k: int) -> tuple[str, ...]:
+    def allowed(self, kind: str, k: int) -> tuple[Granularity, ...]:
         """Granularities ``kind`` may use at this K, finest first; the reference is always first."""
         ref = self.reference(kind, k)
         coarser = [g for g in GRANULARITIES[_rank(dict(self.finest)[kind]) + 1:_rank(dict(self.coarsest)[kind]) + 1]
-                   if fits(g, k) and g != ref]
+                   if g.fits(k) and g != ref]
         if self.sensitivity is not None:
             coarser = [g for g in coarser if self.sensitivity.increase(kind, g) is not None]
         return (ref, *coarser)
 
-    def increase(self, kind: str, granularity: str, k: int) -> float:
+    def increase(self, kind: str, granularity: Granularity, k: int) -> float:
         if self.sensitivity is None or granularity == self.reference(kind, k):
             return 0.0
         return self.sensitivity.increase(kind, granularity)
 
     def to_dict(self) -> dict:
-        return {"finest": dict(self.finest), "coarsest": dict(self.coarsest), "min_gain": self.min_gain,
+        return {"finest": _names(self.finest), "coarsest": _names(self.coarsest), "min_gain": self.min_gain,
                 "sensitivity": self.sensitivity.to_dict() if self.sensitivity else None,
                 "max_total_increase": self.max_total_increase}
 
 
-def _per_kind(fields: Fields, key: str, shipped: dict) -> tuple[tuple[str, str], ...]:
+def _names(per_kind: tuple[tuple[str, Granularity], ...]) -> dict[str, str]:
+    return {kind: g.name for kind, g in per_kind}
+
+
+def _per_kind(fields: Fields, key: str, shipped: dict) -> tuple[tuple[str, Granularity], ...]:
     """A user's ``default`` replaces every shipped value; kinds named explicitly win over any default."""
     sub = fields.sub(key, _KIND_KEYS, None)
-    given = {} if sub is None else {k: sub.choice(k, GRANULARITIES) for k in _KIND_KEYS if sub.has(k)}
+    given = {} if sub is None else {k: sub.choice(k, GRANULARITY_NAMES) for k in _KIND_KEYS if sub.has(k)}
     base = {"default": given["default"]} if "default" in given else shipped
-    return tuple(sorted((kind, given.get(kind, base.get(kind, base["default"]))) for kind in FUSED_KINDS))
-
-
-def _increases(fields: Fields, kind: str) -> tuple[tuple[str, float], ...]:
-    sub = fields.sub(kind, GRANULARITIES)
-    values = {g: sub.take(g, float) for g in GRANULARITIES if sub.has(g)}
-    for g, v in values.items():
-        if v < 0:
-            raise sub.error(g, f"an increase must be >= 0, got {v}")
-    return tuple(sorted(values.items(), key=lambda item: _rank(item[0])))
-
-
-def parse_sensitivity(data: object, file: str | Path) -> Sensitivity:
-    fields = Fields(data, file, "", ("apex4gen_sensitivity", "model", "metric", "layers"))
-    version = fields.take("apex4gen_sensitivity", int)
-    if version != SENSITIVITY_VERSION:
-        raise fields.error("apex4gen_sensitivity", f"version {version} is not {SENSITIVITY_VERSION}")
-    layers = fields.sub("layers", FUSED_KINDS)
-    return Sensitivity(fields.take("model", str), fields.take("metric", str),
-                       tuple((kind, _increases(layers, kind)) for kind in FUSED_KINDS if layers.has(kind)))
-
-
-def load_sensitivity(path: str | Path) -> Sensitivity:
-    path = Path(path)
-    return parse_sensitivity(read_yaml(path), path)
+    return tuple(sorted((kind, Granularity.parse(given.get(kind, base.get(kind, base["default"]))))
+                        for kind in FUSED_KINDS))
 
 
 def _sensitivity(fields: Fields, base_dir: Path) -> Sensitivity | None:
@@ -145,8 +104,8 @@ def _sensitivity(fields: Fields, base_dir: Path) -> Sensitivity | None:
 
 def _check_order(fields: Fields, finest, coarsest) -> None:
     for (kind, fine), (_, coarse) in zip(finest, coarsest):
-        if _rank(fine) > _rank(coarse):
-            raise fields.error(f"coarsest.{kind}", f"{coarse} is finer than finest {fine}")
+        if fine > coarse:
+            raise fields.error(f"coarsest.{kind}", f"{coarse.name} is finer than finest {fine.name}")
 
 
 def parse_budget(data: object, file: str | Path, base_dir: Path | None = None) -> Budget:

@@ -60,7 +60,7 @@ def routes_of(plan, kernels: list[KernelConfig]) -> list[Route]:
         for bucket in gemm.buckets:
             if bucket.kernel is None:
                 continue
-            group = gemm.group or gemm.k
+            group = gemm.granularity.size(gemm.k)
             m_max = INT_MAX if bucket.m_max is None else int(bucket.m_max)
             routes.append(Route(gemm.n, gemm.k, group, gemm.out_dtype, m_max, index[bucket.kernel]))
     return sorted(routes, key=lambda r: (r.n, r.k, r.group, r.dtype, r.m_max))

@@ -50,14 +50,14 @@ def unpack_int32(packed: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _weight_args(layer: W4A4Linear) -> dict:
-    if layer.granularity == "channel":
+    if layer.granularity.is_channel:
         return {"strategy": "channel", "group_size": None}
     return {"strategy": "group", "group_size": layer.group}
 
 
 def _scheme(layer: W4A4Linear, targets: list[str]) -> dict:
     common = {"num_bits": 4, "type": "int", "symmetric": True}
-    acts = {"strategy": "token", "group_size": None} if layer.granularity == "channel" else \
+    acts = {"strategy": "token", "group_size": None} if layer.granularity.is_channel else \
         {"strategy": "group", "group_size": layer.group}
     return {
         "targets": targets,
@@ -72,7 +72,7 @@ def quantization_config(layers: dict[str, W4A4Linear]) -> dict:
     """The ``quantization_config`` entry: one config group per granularity, targets by module name."""
     by_gran: dict[str, list[str]] = {}
     for name, layer in layers.items():
-        by_gran.setdefault(layer.granularity, []).append(name)
+        by_gran.setdefault(layer.granularity.name, []).append(name)
     groups = {f"group_{i}": _scheme(layers[names[0]], names) for i, (_, names) in enumerate(sorted(by_gran.items()))}
     return {
         "quant_method": "compressed-tensors",

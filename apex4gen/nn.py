@@ -16,48 +16,29 @@ fraction of its absmax, so the scale computed next -- by PyTorch or by the kerne
 """
 from __future__ import annotations
 
-import re
-
 import torch
 from torch import nn
 
 from . import reference
 from .errors import SpecError
-
-_GRANULARITY = re.compile(r"^g(\d+)$")
-
-
-def parse_granularity(granularity: str | int | None) -> int | None:
-    """``"g128"`` -> 128, ``"channel"`` / ``0`` / ``None`` -> None (one group spanning K)."""
-    if granularity is None or granularity == "channel" or granularity == 0:
-        return None
-    if isinstance(granularity, int):
-        return granularity
-    match = _GRANULARITY.match(str(granularity))
-    if not match:
-        raise SpecError(f"unknown granularity {granularity!r}: use 'channel' or 'g<size>' such as 'g128'")
-    return int(match.group(1))
+from .granularity import Granularity
 
 
-def granularity_name(group: int | None, k: int) -> str:
-    return "channel" if group is None or group == k else f"g{group}"
-
-
-def effective_group(group: int | None, k: int) -> int | None:
-    """The group actually used for a layer with ``k`` inputs.
+def effective_granularity(granularity: Granularity, k: int) -> Granularity:
+    """The granularity actually used for a layer with ``k`` inputs.
 
     Kernels (and compressed-tensors) need K to be a multiple of the group. When it is not (SmolLM2's
     K=576 with g128), the largest power-of-two divisor of K below the request is used instead (g64 there),
     so every layer stays servable by a kernel instead of failing the whole model.
     """
-    if group is None or k % group == 0:
-        return group
-    g = 1 << (group.bit_length() - 1)
+    if granularity.fits(k):
+        return granularity
+    g = 1 << (granularity.group.bit_length() - 1)
     while g > 1 and k % g:
         g //= 2
     if g < 8:
-        raise SpecError(f"K={k} has no usable group size at or below {group}; use 'channel'")
-    return g
+        raise SpecError(f"K={k} has no usable group size at or below {granularity.group}; use 'channel'")
+    return Granularity(g)
 
 
 def clip_activation(x: torch.Tensor, group: int, ratio: float) -> torch.Tensor:
@@ -68,7 +49,7 @@ def clip_activation(x: torch.Tensor, group: int, ratio: float) -> torch.Tensor:
     return torch.maximum(torch.minimum(xg, bound), -bound).reshape(m, k)
 
 
-def fake_quant_activation(x: torch.Tensor, group: int | None) -> torch.Tensor:
+def fake_quant_activation(x: torch.Tensor, group: int) -> torch.Tensor:
     """``x`` [M, K] quantized per (token, group) by the contract and dequantized (fp32)."""
     return reference.dequantize(reference.quantize_activation(x, group))
 
@@ -76,13 +57,13 @@ def fake_quant_activation(x: torch.Tensor, group: int | None) -> torch.Tensor:
 class W4A4Linear(nn.Module):
     """y = x W^T + b with W int4 (symmetric, per group or per channel) and x quantized to int4 on the fly."""
 
-    def __init__(self, in_features: int, out_features: int, group: int | None, *, bias: bool = False,
+    def __init__(self, in_features: int, out_features: int, group: int, *, bias: bool = False,
                  scale_dtype: torch.dtype = torch.float16, act_clip: float = 1.0,
                  input_transform: torch.Tensor | None = None) -> None:
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
-        self.group = reference.resolve_group(group, in_features)
+        self.group = reference.check_group(group, in_features)  # elements a scale covers (K: per-channel)
         self.act_clip = float(act_clip)
         # diagnostic only (eval ppl --fp-acts): False leaves the input in full precision on the fake-quant
         # path (W4A16), to attribute the accuracy cost of 4-bit activations; the kernels always quantize
@@ -112,18 +93,18 @@ class W4A4Linear(nn.Module):
         return layer
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, granularity: str | int | None, *,
+    def from_linear(cls, linear: nn.Linear, granularity: Granularity, *,
                     scale_dtype: torch.dtype | None = None, act_clip: float = 1.0,
                     input_transform: torch.Tensor | None = None) -> "W4A4Linear":
         """Round-to-nearest quantization of ``linear`` (what a plan entry's granularity asks for)."""
         k = linear.in_features
-        group = effective_group(parse_granularity(granularity), k)
+        group = effective_granularity(granularity, k).size(k)
         w = reference.quantize_weight(linear.weight.detach(), group, scale_dtype or _scale_dtype(linear.weight))
         return cls.from_quantized(w, linear.bias, act_clip=act_clip, input_transform=input_transform)
 
     @property
-    def granularity(self) -> str:
-        return granularity_name(self.group, self.in_features)
+    def granularity(self) -> Granularity:
+        return Granularity.of_size(self.group, self.in_features)
 
     def quantized_weight(self) -> reference.QuantizedTensor:
         return reference.QuantizedTensor(q=reference.unpack_int4(self.qweight), scales=self.weight_scale,
@@ -186,7 +167,7 @@ class W4A4Linear(nn.Module):
         extra = f", act_clip={self.act_clip}" if self.act_clip < 1.0 else ""
         online = ", online_rotation" if self.input_transform is not None else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"granularity={self.granularity}{extra}{online}")
+                f"granularity={self.granularity.name}{extra}{online}")
 
 
 def _scale_dtype(weight: torch.Tensor) -> torch.dtype:

@@ -28,9 +28,9 @@ from pathlib import Path
 
 from . import __version__
 from .budget import Budget, load_budget
-from .costmodel import (DEFAULT_CONSTANTS, CostConstants, Estimate, fp16_time, granularity_of, group_field,
-                        w4a4_time)
+from .costmodel import DEFAULT_CONSTANTS, CostConstants, Estimate, fp16_time, w4a4_time
 from .errors import SpecError
+from .granularity import Granularity
 from .graph import ActivationGroup, Linear, activation_groups, layer_graph
 from .kernels import FAMILIES
 from .kernels.config import KernelConfig
@@ -55,7 +55,7 @@ def _ratio(x: float) -> float:
 class _Problem:
     n: int
     k: int
-    group: int
+    granularity: Granularity
     path: str
 
 
@@ -63,7 +63,7 @@ class _Problem:
 class _Option:
     """One (granularity, path) for one activation group, fully predicted."""
 
-    granularity: str
+    granularity: Granularity
     path: str
     cost: float                          # share of the model's FP16 linear-layer time, workload-weighted
     coverage: int                        # M buckets served by a kernel, over the group's layers
@@ -74,7 +74,8 @@ class _Option:
 def _ranking(est) -> tuple[float, float]:
     """Fastest first; among equal estimates (one bound hides the others) the config whose other resources are
     less loaded, e.g. a larger wgmma tile when the g128 promotion bounds both: its tensor work is not free in
-    reality, the overlap is imperfect (measured: 64x128 ran 0.76x of 128x128, bench/NOTES-sm90-prefill.md v3)."""
+    reality, the overlap is imperfect (measured: 64x128 ran 0.76x of 128x128; bench/notes/sm90-prefill.md,
+    "v3 g128")."""
     return est.us, est.tensor_us + est.dequant_us + est.memory_us
 
 
@@ -102,14 +103,14 @@ class _Planner:
 
     def _estimate(self, prob: _Problem, m: int, cfg: KernelConfig | None) -> Estimate:
         path = prob.path if cfg is None else cfg.path
-        return w4a4_time(self.gpu, m, prob.n, prob.k, granularity_of(prob.group), path, cfg, self.c)
+        return w4a4_time(self.gpu, m, prob.n, prob.k, prob.granularity, path, cfg, self.c)
 
     def _bucket(self, prob: _Problem, m_max: int | None) -> Bucket:
         """Each M bucket may compute on any tensor-core path the GPU has (Hopper: int8 decode kernels, fp8
         prefill kernels); the activation format follows the kernel, the weights stay 4-bit."""
         m = m_max or UNBOUNDED_REPRESENTATIVE_M
         legal = sorted(cfg for path in self.gpu.compute_paths
-                       for cfg in legal_configs(self.gpu, path, prob.group, prob.n, prob.k, self.model.out_dtype,
+                       for cfg in legal_configs(self.gpu, path, prob.granularity, prob.n, prob.k, self.model.out_dtype,
                                                 m=m_max or _UNBOUNDED_M))
         if not legal:
             return Bucket(m_max, None, _us(self._estimate(prob, m, None).us), self._no_kernel_reason(prob, m_max))
@@ -121,18 +122,18 @@ class _Planner:
                       f"-bound")
 
     def _no_kernel_reason(self, prob: _Problem, m_max: int | None) -> str:
-        kind = "per-channel" if prob.group == 0 else "group-wise"
+        kind = "per-channel" if prob.granularity.is_channel else "group-wise"
         fams = [f for f in sorted(FAMILIES.values(), key=lambda f: f.name)
                 if f.path == prob.path and self.gpu.kernel_arch in f.archs
-                and (f.granularity == "channel") == (prob.group == 0)]
+                and (f.granularity == "channel") == prob.granularity.is_channel]
         if not fams:
             return f"kernel: null: no {kind} {prob.path} kernel family is registered for {self.gpu.kernel_arch}"
         if all(f.max_m is not None and (m_max is None or m_max > f.max_m) for f in fams):
             return f"kernel: null: {', '.join(f.name for f in fams)} serve only smaller M"
         names = ", ".join(f.name for f in fams)
-        configs = [c for f in fams for c in f.configs(self.gpu.kernel_arch, prob.group, self.model.out_dtype)]
+        configs = [c for f in fams for c in f.configs(self.gpu.kernel_arch, prob.granularity, self.model.out_dtype)]
         if not configs:
-            return f"kernel: null: {names} offer no configuration for group {prob.group}"
+            return f"kernel: null: {names} offer no configuration for group {prob.granularity.size(prob.k)}"
         reasons = violations(configs[0], self.gpu, prob.n, prob.k)
         return f"kernel: null: no legal {names} config for N={prob.n} K={prob.k} ({'; '.join(reasons[:2])})"
 
@@ -155,10 +156,10 @@ class _Planner:
         return tuple(p if next(b for b in buckets if b.covers(p.m)).kernel is not None
                      else replace(p, w4a4_us=p.fp16_us, speedup=1.0) for p in preds)
 
-    def option(self, grp: ActivationGroup, granularity: str, path: str) -> _Option:
+    def option(self, grp: ActivationGroup, granularity: Granularity, path: str) -> _Option:
         preds, coverage, cost = [], 0, 0.0
         for lin in grp.linears:
-            prob = _Problem(lin.n, lin.k, group_field(granularity), path)
+            prob = _Problem(lin.n, lin.k, granularity, path)
             p = self.predictions(lin, prob)
             preds.append(self.served(p, prob))
             coverage += sum(b.kernel is not None for b in self.buckets(prob))
@@ -204,7 +205,7 @@ class _Planner:
             why = self.rationale(grp, chosen, chain)
             for lin, preds in zip(grp.linears, chosen.predictions):
                 out.append(LayerPlan(lin.name, lin.activation, lin.n, lin.k, self.model.num_layers,
-                                     chosen.granularity, group_field(chosen.granularity), chosen.path,
+                                     chosen.granularity, chosen.path,
                                      tuple(_rounded(p) for p in preds), why))
         return tuple(out)
 
@@ -214,15 +215,15 @@ class _Planner:
         first = chain[0]
         est = w4a4_time(self.gpu, m, lin.n, lin.k, first.granularity, first.path, None, self.c)
         rho = self.gpu.rho_of(chosen.path)
-        dq = f"at M={m} {first.granularity} dequant is {est.dequant_us / est.tensor_us:.2f}x tensor time (rho {rho:.0f})"
+        dq = f"at M={m} {first.granularity.name} dequant is {est.dequant_us / est.tensor_us:.2f}x tensor time (rho {rho:.0f})"
         if chosen is first:
             allowed = self.budget.allowed(grp.kind_name, lin.k)
             tail = "no coarser granularity allowed" if len(allowed) == 1 else \
                 f"coarser groups gain < {self.budget.min_gain:.0%}"
-            why = f"{chosen.granularity}: {tail}; {dq}"
+            why = f"{chosen.granularity.name}: {tail}; {dq}"
         else:
-            why = (f"{chosen.granularity}: {first.cost / chosen.cost:.2f}x less time than {first.granularity};"
-                   f" {dq}; coarsest allowed {dict(self.budget.coarsest)[grp.kind_name]}")
+            why = (f"{chosen.granularity.name}: {first.cost / chosen.cost:.2f}x less time than {first.granularity.name};"
+                   f" {dq}; coarsest allowed {dict(self.budget.coarsest)[grp.kind_name].name}")
         dropped = len(self.budget.allowed(grp.kind_name, lin.k)) - len(self.candidates(grp))
         if dropped:
             why += f"; {dropped} allowed granularities have fewer M buckets with a registered kernel"
@@ -235,10 +236,9 @@ class _Planner:
     def gemm_plans(self, layers: tuple[LayerPlan, ...]) -> tuple[GemmPlan, ...]:
         users: dict[_Problem, list[str]] = {}
         for lp in layers:
-            users.setdefault(_Problem(lp.n, lp.k, lp.group, lp.path), []).append(lp.name)
-        return tuple(GemmPlan(p.n, p.k, p.group, p.path, self.model.out_dtype, tuple(names), self.buckets(p))
-                     for p, names in sorted(users.items(), key=lambda item: (item[0].n, item[0].k, item[0].group,
-                                                                               item[0].path)))
+            users.setdefault(_Problem(lp.n, lp.k, lp.granularity, lp.path), []).append(lp.name)
+        return tuple(GemmPlan(p.n, p.k, p.granularity, p.path, self.model.out_dtype, tuple(names), self.buckets(p))
+                     for p, names in sorted(users.items(), key=lambda item: _gemm_order(item[0])))
 
     def totals(self, choices) -> Totals:
         per_point = []
@@ -249,6 +249,11 @@ class _Planner:
             per_point.append(PointPrediction(point.phase, point.m, weight, fp16, w4a4, fp16 / w4a4))
         end_to_end = 1.0 / sum(p.weight * p.w4a4_us / p.fp16_us for p in per_point)
         return Totals(tuple(_rounded(p) for p in per_point), _ratio(end_to_end))
+
+
+def _gemm_order(p: _Problem) -> tuple:
+    """Plans list GEMMs by shape, per-channel before group-wise (groups fine to coarse), then path."""
+    return p.n, p.k, not p.granularity.is_channel, p.granularity, p.path
 
 
 def _rounded(p: PointPrediction) -> PointPrediction:

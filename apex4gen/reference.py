@@ -11,7 +11,8 @@ Contract (also in README.md, "Numerics"):
 * Activations X[M, K]: quantized at run time per (token m, group g), scale kept in fp32:
   ``s = absmax(fp32(x)) / 7`` (fp32 division), ``q = clamp(rint(fp32(x) / s), -8, 7)``; ``s == 0`` gives 0.
   rint is round-half-to-even (CUDA ``__float2int_rn``, ``torch.round``).
-* Per-channel granularity is one group of length K (``group = K``); callers say ``group=None``.
+* Per-channel granularity is one group of length K: ``group`` is always the elements a scale covers
+  (:meth:`apex4gen.granularity.Granularity.size`, K for per-channel).
 * GEMM: ``Y[m, n] = sum_g sX[m,g] * sW[n,g] * P[m,n,g]`` with ``P[m,n,g] = sum_{k in g} qX[m,k] qW[n,k]``
   exact in int32 (|P| <= 64 * group), the sum over groups in fp32, then ``+ bias[n]`` and one rounding to
   the output dtype (fp16 or bf16).
@@ -50,12 +51,11 @@ class QuantizedTensor:
         return tuple(self.q.shape)  # type: ignore[return-value]
 
 
-def resolve_group(group: int | None, k: int) -> int:
-    """``None`` means per-channel: one group spanning all of K."""
-    g = k if group is None else int(group)
-    if g <= 0 or k % g != 0:
-        raise ValueError(f"K={k} is not a multiple of the group size {g}; pad K or choose a divisor of K")
-    return g
+def check_group(group: int, k: int) -> int:
+    """``group`` (elements a scale covers; K for per-channel), checked to divide ``k``."""
+    if group <= 0 or k % group != 0:
+        raise ValueError(f"K={k} is not a multiple of the group size {group}; pad K or choose a divisor of K")
+    return group
 
 
 def _grouped(t: torch.Tensor, group: int) -> torch.Tensor:
@@ -75,7 +75,7 @@ def _round_clamp(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return torch.where(s == 0, torch.zeros_like(q), q).to(torch.int8)
 
 
-def quantize_weight(w: torch.Tensor, group: int | None, scale_dtype: torch.dtype | None = None) -> QuantizedTensor:
+def quantize_weight(w: torch.Tensor, group: int, scale_dtype: torch.dtype | None = None) -> QuantizedTensor:
     """Quantize a weight matrix [N, K]; scales are stored in ``scale_dtype`` (default: w's dtype if 16-bit)."""
     if w.dim() != 2:
         raise ValueError(f"weight must be 2-D [N, K], got shape {tuple(w.shape)}")
@@ -83,18 +83,18 @@ def quantize_weight(w: torch.Tensor, group: int | None, scale_dtype: torch.dtype
         scale_dtype = w.dtype if w.dtype in _OUT_DTYPES else torch.float16
     if scale_dtype not in _OUT_DTYPES:
         raise ValueError(f"weight scales must be float16 or bfloat16, got {scale_dtype}")
-    g = resolve_group(group, w.shape[1])
+    g = check_group(group, w.shape[1])
     wg = _grouped(w.float(), g)
     s = _scale_of(wg.abs().amax(dim=-1)).to(scale_dtype)
     q = _round_clamp(wg, s.float().unsqueeze(-1)).reshape(w.shape)
     return QuantizedTensor(q=q, scales=s, group=g)
 
 
-def quantize_activation(x: torch.Tensor, group: int | None) -> QuantizedTensor:
+def quantize_activation(x: torch.Tensor, group: int) -> QuantizedTensor:
     """Quantize activations [M, K] per (token, group); scales are fp32 as the kernels produce them."""
     if x.dim() != 2:
         raise ValueError(f"activations must be 2-D [M, K], got shape {tuple(x.shape)}")
-    g = resolve_group(group, x.shape[1])
+    g = check_group(group, x.shape[1])
     xg = _grouped(x.float(), g)
     s = _scale_of(xg.abs().amax(dim=-1))
     q = _round_clamp(xg, s.unsqueeze(-1)).reshape(x.shape)

@@ -5,19 +5,20 @@ from click.testing import CliRunner
 
 from apex4gen.accuracy import PLAN_KINDS, QuantConfig, quantize_model
 from apex4gen.accuracy.data import DataError, join_paragraphs, load_text
-from apex4gen.budget import load_sensitivity
-from apex4gen.calibrate import kind_errors, kind_in_features, layer_errors, sensitivity, write_sensitivity
+from apex4gen.accuracy.calibrate import kind_errors, kind_in_features, layer_errors, sensitivity, write_sensitivity
+from apex4gen.accuracy.sensitivity import load_sensitivity
 from apex4gen.checkpoint import quantized_layers
 from apex4gen.cli import cli
+from apex4gen.granularity import Granularity
 from tiny_llama import token_batch, tiny_llama
 
 
 @torch.no_grad()
 @pytest.mark.parametrize("cfg", [
-    QuantConfig.uniform("g16"),
-    QuantConfig.uniform("channel", rotate=True),
-    QuantConfig.uniform("g16", rotate=True, gptq=True, clip_weights=True, clip_acts=True),
-    QuantConfig.uniform("g32", gptq=True, act_order=True),
+    QuantConfig.uniform(Granularity.parse("g16")),
+    QuantConfig.uniform(Granularity.parse("channel"), rotate=True),
+    QuantConfig.uniform(Granularity.parse("g16"), rotate=True, gptq=True, clip_weights=True, clip_acts=True),
+    QuantConfig.uniform(Granularity.parse("g32"), gptq=True, act_order=True),
 ], ids=lambda c: c.describe())
 def test_every_linear_becomes_w4a4_and_stays_close(cfg):
     model = tiny_llama(seed=7)
@@ -33,7 +34,7 @@ def test_every_linear_becomes_w4a4_and_stays_close(cfg):
 
 def test_gptq_needs_calibration_tokens():
     with pytest.raises(ValueError, match="calibration"):
-        quantize_model(tiny_llama(), QuantConfig.uniform("g16", gptq=True))
+        quantize_model(tiny_llama(), QuantConfig.uniform(Granularity.parse("g16"), gptq=True))
 
 
 @torch.no_grad()
@@ -41,13 +42,14 @@ def test_calibration_writes_what_the_planner_reads(tmp_path):
     model = tiny_llama(seed=10, hidden=192, ffn=256)
     errors = kind_errors(layer_errors(model, token_batch(2, 32, seed=11)))
     assert set(errors) == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
-    assert set(errors["qkv_proj"]) == {"g64", "channel"}  # K=192: g128 and coarser groups do not divide it
-    assert set(errors["down_proj"]) == {"g64", "g128", "g256", "channel"}  # K=256
-    assert errors["down_proj"]["g64"] < errors["down_proj"]["channel"]
+    names = {kind: {g.name: e for g, e in errs.items()} for kind, errs in errors.items()}
+    assert set(names["qkv_proj"]) == {"g64", "channel"}  # K=192: g128 and coarser groups do not divide it
+    assert set(names["down_proj"]) == {"g64", "g128", "g256", "channel"}  # K=256
+    assert names["down_proj"]["g64"] < names["down_proj"]["channel"]
     sens = sensitivity(errors, kind_in_features(model), "smollm2-135m")
     # the reference of qkv_proj is g64 (g128 does not divide 192): channel is its only coarser option
-    assert [g for g, _ in dict(sens.layers)["qkv_proj"]] == ["channel"]
-    assert [g for g, _ in dict(sens.layers)["down_proj"]] == ["g256", "channel"]
+    assert [g.name for g, _ in dict(sens.layers)["qkv_proj"]] == ["channel"]
+    assert [g.name for g, _ in dict(sens.layers)["down_proj"]] == ["g256", "channel"]
     path = write_sensitivity(sens, tmp_path / "sens.yaml", errors)
     assert load_sensitivity(path) == sens
 
@@ -76,7 +78,7 @@ def test_act_order_without_gptq_is_refused(tmp_path):
 
 def test_table_rows_are_method_sets_and_plan_columns_are_the_planners():
     from apex4gen.accuracy.pipeline import KIND_OF, PLAN_KINDS
-    from apex4gen.cli.eval import column_granularities, parse_method
+    from apex4gen.accuracy.options import column_granularities, parse_method
     from apex4gen.errors import SpecError
     from apex4gen.planner import make_plan
 
@@ -86,7 +88,7 @@ def test_table_rows_are_method_sets_and_plan_columns_are_the_planners():
     for bad in ("gptq+sparsity", "rotation+act-order"):
         with pytest.raises(SpecError, match="--methods"):
             parse_method(bad)
-    assert column_granularities("channel", "smollm2-135m") == dict.fromkeys(PLAN_KINDS, "channel")
+    assert column_granularities("channel", "smollm2-135m") == dict.fromkeys(PLAN_KINDS, Granularity(None))
     grans = column_granularities("plan:rtx3090", "smollm2-135m")
     assert grans == {lp.name: lp.granularity for lp in make_plan("rtx3090", "smollm2-135m").layers}
     assert all(kind in grans or KIND_OF[kind] in grans for kind in KIND_OF)
@@ -102,8 +104,8 @@ def test_a_calibrated_budget_keeps_the_sensitive_kinds_fine():
     budget = str(Path(__file__).parents[1] / "specs" / "budgets" / "budget-smollm2-calibrated.yaml")
     for gpu in ("a100-80gb", "rtx3090", "h100-sxm"):
         grans = column_granularities(f"plan:{gpu}", "smollm2-135m", budget)
-        assert grans["qkv_proj"] == grans["o_proj"] == grans["gate_up_proj"] == "g64", (gpu, grans)
-        assert grans["down_proj"] in ("g128", "g256", "g512"), (gpu, grans)
+        assert grans["qkv_proj"] == grans["o_proj"] == grans["gate_up_proj"] == Granularity(64), (gpu, grans)
+        assert grans["down_proj"].name in ("g128", "g256", "g512"), (gpu, grans)
 
 
 @torch.no_grad()
@@ -111,7 +113,7 @@ def test_keep_activations_fp_switches_only_the_named_kinds():
     from apex4gen.accuracy.pipeline import keep_activations_fp
     from apex4gen.nn import W4A4Linear
 
-    model = quantize_model(tiny_llama(seed=7), QuantConfig.uniform("g16", rotate=True))
+    model = quantize_model(tiny_llama(seed=7), QuantConfig.uniform(Granularity.parse("g16"), rotate=True))
     ids = token_batch(2, 32, seed=8)
     before = model(input_ids=ids).logits
     assert keep_activations_fp(model, ("down_proj",)) == len(model.model.layers)
@@ -135,7 +137,7 @@ def test_keep_weights_fp_with_fp_activations_is_the_rotated_fp_model():
     fp = tiny_llama(seed=9)
     ids = token_batch(2, 32, seed=10)
     expected = fp(input_ids=ids).logits
-    quant = quantize_model(copy.deepcopy(fp), QuantConfig.uniform("g16", rotate=True, seed=3))
+    quant = quantize_model(copy.deepcopy(fp), QuantConfig.uniform(Granularity.parse("g16"), rotate=True, seed=3))
     w4a4 = quant(input_ids=ids).logits
     rotate_model(fp, seed=3)
     assert keep_weights_fp(quant, fp) == 7 * len(quant.model.layers)

@@ -104,10 +104,11 @@ def test_dense_orthogonal_falls_back_to_matmul():
 @torch.no_grad()
 def test_fast_online_rotation_layer_matches_the_plain_layer():
     from apex4gen.accuracy.rotation import OnlineRotatedW4A4Linear, set_fast_online_rotation
+    from apex4gen.granularity import G128
     from apex4gen.nn import W4A4Linear
 
     lin = torch.nn.Linear(1536, 64, bias=False)
-    layer = W4A4Linear.from_linear(lin, "g128", act_clip=0.9, input_transform=random_orthogonal(1536, 1).float())
+    layer = W4A4Linear.from_linear(lin, G128, act_clip=0.9, input_transform=random_orthogonal(1536, 1).float())
     model = torch.nn.Sequential(layer)
     x = torch.randn(8, 1536)
     dense = model(x)

@@ -9,6 +9,7 @@ import jinja2
 import pytest
 from click.testing import CliRunner
 
+from apex4gen.granularity import CHANNEL, G128, Granularity
 from apex4gen import build as build_stage
 from apex4gen import emit, objcache, planner, specs, toolchain
 from apex4gen.manifest import NAME as MANIFEST
@@ -36,9 +37,9 @@ def full_plan():
     return planner.make_plan("a40", "llama2-7b")
 
 
-def one_kernel_plan(plan, granularity_group: int | None = None):
+def one_kernel_plan(plan, granularity: Granularity | None = None):
     """The plan cut down to its first GEMM with a single unbounded bucket: one kernel to compile."""
-    gemm = next(g for g in plan.gemms if granularity_group is None or g.group == granularity_group)
+    gemm = next(g for g in plan.gemms if granularity is None or g.granularity == granularity)
     last = dataclasses.replace(gemm.buckets[-1], m_max=None)
     return dataclasses.replace(plan, gemms=(dataclasses.replace(gemm, buckets=(last,)),))
 
@@ -67,9 +68,10 @@ def test_every_generated_file_has_a_banner(tmp_path, full_plan):
 
 
 def test_kernel_names_cover_every_field():
-    base = KernelConfig("sm80_group", "sm_86", "int4", 128, 64, 128, 128, 2, 2, 3, 1, "f16")
-    changed = dict(family="sm80_channel", arch="sm_80", path="int8", group=64, tile_m=32, tile_n=64, tile_k=256,
-                   warps_m=1, warps_n=4, stages=4, split_k=2, out_dtype="bf16", scheduler="streamk")
+    base = KernelConfig("sm80_group", "sm_86", "int4", G128, 64, 128, 128, 2, 2, 3, 1, "f16")
+    changed = dict(family="sm80_channel", arch="sm_80", path="int8", granularity=Granularity(64), tile_m=32,
+                   tile_n=64, tile_k=256, warps_m=1, warps_n=4, stages=4, split_k=2, out_dtype="bf16",
+                   scheduler="streamk")
     assert set(changed) == {f.name for f in dataclasses.fields(KernelConfig)}
     for field, value in changed.items():
         other = dataclasses.replace(base, **{field: value})
@@ -80,14 +82,14 @@ def test_names_unique_across_all_registered_configs():
     names = {}
     for fam in FAMILIES.values():
         for arch in fam.archs:
-            for group in ((0,) if fam.granularity == "channel" else (64, 128, 1024)):
-                for cfg in fam.configs(arch, group, "bf16"):
+            for g in ((CHANNEL,) if fam.granularity == "channel" else (Granularity(64), G128, Granularity(1024))):
+                for cfg in fam.configs(arch, g, "bf16"):
                     assert names.setdefault(cfg.procedural_name(), cfg) == cfg
     assert len(names) > 10
 
 
 def test_strict_undefined_catches_a_missing_value():
-    cfg = KernelConfig("sm80_group", "sm_86", "int4", 128, 64, 128, 128, 2, 2, 3, 1, "f16")
+    cfg = KernelConfig("sm80_group", "sm_86", "int4", G128, 64, 128, 128, 2, 2, 3, 1, "f16")
     context = emit.kernel_context(cfg)
     context.pop("tile_m")
     with pytest.raises(jinja2.UndefinedError):
@@ -128,7 +130,7 @@ def _with_last_kernel(plan, **changes):
 
 
 @pytest.mark.parametrize("changes, problem", [
-    ({"group": 64}, "the GEMM's group is 128, the kernel's 64"),
+    ({"granularity": Granularity(64)}, "the GEMM's granularity is g128, the kernel's g64"),
     ({"out_dtype": "bf16"}, "the GEMM's out_dtype is f16, the kernel's bf16"),
     ({"split_k": 3}, "is instantiated with split-K"),
     ({"path": "int8"}, "computes on int4 tensor cores, not int8"),
@@ -137,7 +139,7 @@ def test_a_kernel_that_does_not_serve_its_gemm_is_refused(tmp_path, full_plan, c
     """Hand edits that compile but would run wrong numerics (another group or output dtype) or a template
     instance that does not exist are refused before anything is written."""
     with pytest.raises(Apex4genError, match=problem):
-        build_stage.build(_with_last_kernel(one_kernel_plan(full_plan, 128), **changes), A40, tmp_path / "b",
+        build_stage.build(_with_last_kernel(one_kernel_plan(full_plan, G128), **changes), A40, tmp_path / "b",
                           emit_only=True)
     assert not (tmp_path / "b").exists()
 

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from apex4gen import reference as ref
 from apex4gen.accuracy import QuantConfig, quantize_model
 from apex4gen.checkpoint import load_quantized, pack_int32, quantized_layers, save_quantized, unpack_int32
+from apex4gen.granularity import Granularity
 from apex4gen.nn import W4A4Linear
 from tiny_llama import token_batch, tiny_llama
 
@@ -39,8 +40,9 @@ def test_pack_int32_matches_compressed_tensors():
 def saved(tmp_path_factory):
     """A tiny model, rotated (online down_proj rotation), activation clipping searched, mixed granularities."""
     model = tiny_llama(seed=4)
-    cfg = QuantConfig(granularity={"qkv_proj": "g16", "o_proj": "channel", "gate_up_proj": "g16",
-                                   "down_proj": "g32"}, rotate=True, clip_acts=True)
+    grans = {"qkv_proj": "g16", "o_proj": "channel", "gate_up_proj": "g16", "down_proj": "g32"}
+    cfg = QuantConfig(granularity={kind: Granularity.parse(g) for kind, g in grans.items()}, rotate=True,
+                      clip_acts=True)
     quantize_model(model, cfg, token_batch(4, 32, seed=5))
     out = save_quantized(model, tmp_path_factory.mktemp("ckpt"))
     return model, out

@@ -48,7 +48,7 @@ def test_plan_accepts_workload_and_budget_names_and_paths(tmp_path):
                  "--budget", str(budget), "--unfused", "-o", str(out))
     assert result.exit_code == 0, result.output
     plan = Plan.load(out)
-    assert plan.workload.name == "mine" and not plan.fused and {lp.granularity for lp in plan.layers} == {"g128"}
+    assert plan.workload.name == "mine" and not plan.fused and {lp.granularity.name for lp in plan.layers} == {"g128"}
     again = ("plan", "--gpu", "l40s", "--model", "qwen2.5-7b", "--workload", "decode", "-o", str(out))
     assert_one_line_error(run(*again), "holds another plan")  # another plan replaces this one only when asked
     assert run(*again, "--force").exit_code == 0

@@ -53,7 +53,7 @@ def quantized(request):
 
     import apex4gen.loader as loader
     from apex4gen.accuracy import QuantConfig, quantize_model
-    from apex4gen.cli.quantize import plan_granularities
+    from apex4gen.accuracy.options import plan_granularities
     from apex4gen.specs import load_model
 
     with warnings.catch_warnings():

@@ -5,7 +5,8 @@ from torch import nn
 
 from apex4gen import reference as ref
 from apex4gen.errors import SpecError
-from apex4gen.nn import W4A4Linear, clip_activation, effective_group, parse_granularity
+from apex4gen.granularity import Granularity
+from apex4gen.nn import W4A4Linear, clip_activation, effective_granularity
 
 
 def _linear(n, k, seed=0, bias=False):
@@ -25,21 +26,21 @@ def _bound(xq, wq, bias, out_dtype):
     return (k + 4) * 2.0 ** -23 * abssum + 2 * eps * exact.abs() + torch.finfo(out_dtype).tiny
 
 
-@pytest.mark.parametrize("granularity,group", [("g64", 64), ("g128", 128), ("channel", None)])
+@pytest.mark.parametrize("granularity,group", [("g64", 64), ("g128", 128), ("channel", 256)])
 def test_weights_are_the_reference_quantization(granularity, group):
     lin = _linear(96, 256)
-    layer = W4A4Linear.from_linear(lin, granularity)
+    layer = W4A4Linear.from_linear(lin, Granularity.parse(granularity))
     want = ref.quantize_weight(lin.weight.detach(), group, torch.float16)
     got = layer.quantized_weight()
     assert torch.equal(got.q, want.q) and torch.equal(got.scales, want.scales) and got.group == want.group
-    assert layer.granularity == granularity
+    assert layer.granularity.name == granularity
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("group", [64, None])
-def test_fake_quant_matches_reference_gemm(dtype, group):
+@pytest.mark.parametrize("granularity", [Granularity(64), Granularity(None)])
+def test_fake_quant_matches_reference_gemm(dtype, granularity):
     lin = _linear(80, 384, bias=True).to(dtype)
-    layer = W4A4Linear.from_linear(lin, group if group else "channel")
+    layer = W4A4Linear.from_linear(lin, granularity)
     x = torch.randn(2, 7, 384).to(dtype)
     y = layer(x)
     assert y.shape == (2, 7, 80) and y.dtype == dtype
@@ -52,21 +53,21 @@ def test_fake_quant_matches_reference_gemm(dtype, group):
 
 def test_fake_quant_fp16_is_close_to_reference_linear():
     lin = _linear(64, 256).half()
-    layer = W4A4Linear.from_linear(lin, "g128")
+    layer = W4A4Linear.from_linear(lin, Granularity.parse("g128"))
     x = torch.randn(9, 256).half()
     want = ref.reference_linear(x, layer.quantized_weight())
     assert torch.allclose(layer(x).float(), want.float(), rtol=2e-3, atol=1e-3)
 
 
 def test_fp32_input_keeps_fp32_output():
-    layer = W4A4Linear.from_linear(_linear(32, 128), "g64")
+    layer = W4A4Linear.from_linear(_linear(32, 128), Granularity.parse("g64"))
     assert layer(torch.randn(3, 128)).dtype == torch.float32
 
 
 def test_act_clip_and_input_transform_feed_the_contract():
     lin = _linear(32, 128)
     q, _ = torch.linalg.qr(torch.randn(128, 128))
-    layer = W4A4Linear.from_linear(lin, "g64", act_clip=0.8, input_transform=q)
+    layer = W4A4Linear.from_linear(lin, Granularity.parse("g64"), act_clip=0.8, input_transform=q)
     x = torch.randn(5, 128)
     xin = clip_activation(x @ q, 64, 0.8)
     want = ref.dequantize(ref.quantize_activation(xin, 64)) @ ref.dequantize(layer.quantized_weight()).t()
@@ -89,7 +90,7 @@ class _CpuBackend:
 
 
 def test_attached_backend_is_called_and_detach_returns_to_fake_quant():
-    layer = W4A4Linear.from_linear(_linear(32, 128, bias=True).half(), "g64")
+    layer = W4A4Linear.from_linear(_linear(32, 128, bias=True).half(), Granularity.parse("g64"))
     x = torch.randn(4, 128).half()
     fake = layer(x)
     backend = _CpuBackend()
@@ -103,8 +104,8 @@ def test_attached_backend_is_called_and_detach_returns_to_fake_quant():
 
 
 def test_state_dict_round_trip():
-    layer = W4A4Linear.from_linear(_linear(32, 128), "channel")
-    other = W4A4Linear(128, 32, None)
+    layer = W4A4Linear.from_linear(_linear(32, 128), Granularity.parse("channel"))
+    other = W4A4Linear(128, 32, 128)
     x = torch.randn(3, 128)
     other(x)  # fills the dequantized-weight cache, which loading must invalidate
     other.load_state_dict(layer.state_dict())
@@ -112,16 +113,20 @@ def test_state_dict_round_trip():
 
 
 def test_granularity_parsing_and_fallback():
-    assert parse_granularity("g128") == 128 and parse_granularity("channel") is None
-    assert effective_group(128, 576) == 64 and effective_group(128, 1536) == 128 and effective_group(None, 576) is None
-    with pytest.raises(SpecError):
-        parse_granularity("group128")
+    g128, channel = Granularity.parse("g128"), Granularity.parse("channel")
+    assert g128.group == 128 and channel.is_channel and g128 < Granularity(256) < channel
+    assert (g128.size(576), channel.size(576), channel.template_group) == (128, 576, 0)
+    assert effective_granularity(g128, 576) == Granularity(64) and effective_granularity(g128, 1536) == g128
+    assert effective_granularity(channel, 576) == channel
+    for bad in ("group128", "g0", "g-1", "128"):
+        with pytest.raises(SpecError, match="unknown granularity"):
+            Granularity.parse(bad)
 
 
 def test_quantize_input_false_leaves_activations_fp_and_refuses_kernels():
     torch.manual_seed(3)
     lin = nn.Linear(64, 16, bias=False)
-    layer = W4A4Linear.from_linear(lin, "g32")
+    layer = W4A4Linear.from_linear(lin, Granularity.parse("g32"))
     x = torch.randn(5, 64)
     w = ref.dequantize(layer.quantized_weight())
     quantized = layer(x)
@@ -135,7 +140,7 @@ def test_quantize_input_false_leaves_activations_fp_and_refuses_kernels():
 def test_weight_override_multiplies_full_precision_weights_and_refuses_kernels():
     torch.manual_seed(4)
     lin = nn.Linear(64, 16, bias=False)
-    layer = W4A4Linear.from_linear(lin, "g32")
+    layer = W4A4Linear.from_linear(lin, Granularity.parse("g32"))
     x = torch.randn(5, 64)
     layer.weight_override = lin.weight.detach()
     torch.testing.assert_close(layer(x), ref.dequantize(ref.quantize_activation(x, 32)) @ lin.weight.detach().t())

@@ -6,8 +6,10 @@ import dataclasses
 import pytest
 import yaml
 
-from apex4gen.budget import DEFAULT_BUDGET, load_budget, load_sensitivity
+from apex4gen.accuracy.sensitivity import load_sensitivity
+from apex4gen.budget import DEFAULT_BUDGET, load_budget
 from apex4gen.errors import SpecError
+from apex4gen.granularity import Granularity
 from apex4gen.kernels.families import FAMILIES
 from apex4gen.kernels.legality import legal_configs, violations
 from apex4gen.plan import BUCKET_BOUNDS, Plan
@@ -32,13 +34,13 @@ def registry(request):
 @pytest.mark.parametrize("gpu", ["a40", "rtx3090", "l40s"])
 def test_low_rho_gpus_keep_g128_everywhere_on_prefill(registry, gpu):
     plan = make_plan(gpu, "llama2-70b", PREFILL)
-    assert [lp.granularity for lp in plan.layers] == ["g128"] * 4
+    assert [lp.granularity.name for lp in plan.layers] == ["g128"] * 4
     assert {lp.path for lp in plan.layers} == {"int4"}
 
 
 def test_a100_coarsens_some_layers_on_prefill(registry):
     plan = make_plan("a100-80gb", "llama2-70b", PREFILL)
-    assert any(lp.granularity != "g128" for lp in plan.layers)
+    assert any(lp.granularity.name != "g128" for lp in plan.layers)
     assert all(lp.granularity in DEFAULT_BUDGET.allowed(lp.name, lp.k) for lp in plan.layers)
 
 
@@ -70,12 +72,12 @@ def test_a_plan_loads_back_equal(registry, tmp_path):
 
 def test_plan_structure_for_the_build_stage(registry):
     plan = make_plan("a40", "llama2-70b")
-    assert (plan.version, plan.out_dtype, plan.gpu, plan.model) == (1, "f16", "a40", "llama2-70b")
+    assert (plan.version, plan.out_dtype, plan.gpu, plan.model) == (2, "f16", "a40", "llama2-70b")
     assert plan.gpu_spec_sha256 == load_gpu("a40").sha256()
     assert make_plan("a40", "llama3-8b").out_dtype == "bf16"
     for lp in plan.layers:
         gemm = plan.gemm_for(lp)
-        assert (gemm.n, gemm.k, gemm.group, gemm.path) == (lp.n, lp.k, lp.group, lp.path)
+        assert (gemm.n, gemm.k, gemm.granularity, gemm.path) == (lp.n, lp.k, lp.granularity, lp.path)
         assert lp.name in gemm.layers and lp.count == 80
         assert [b.m_max for b in gemm.buckets] == list(BUCKET_BOUNDS)
         assert len(lp.predictions) == len(plan.workload.points)
@@ -89,7 +91,7 @@ def test_buckets_take_the_fastest_legal_kernel(registry):
         for gemm in plan.gemms:
             for bucket in gemm.buckets:
                 legal = [c for path in gpu.compute_paths  # a bucket may use any path the GPU has
-                         for c in legal_configs(gpu, path, gemm.group, gemm.n, gemm.k, gemm.out_dtype,
+                         for c in legal_configs(gpu, path, gemm.granularity, gemm.n, gemm.k, gemm.out_dtype,
                                                 m=bucket.m_max or 2**31 - 1)]
                 if not legal:
                     assert bucket.kernel is None and "kernel: null" in bucket.rationale
@@ -118,11 +120,11 @@ def test_decode_only_families_serve_only_small_buckets():
 
 
 def test_granularity_falls_back_to_a_finer_group_when_g128_does_not_divide_k(registry, tmp_path):
-    assert DEFAULT_BUDGET.allowed("qkv_proj", 576) == ("g64", "channel")
+    assert DEFAULT_BUDGET.allowed("qkv_proj", 576) == (Granularity(64), Granularity(None))
     no_coarsening = write_yaml(tmp_path / "b.yaml", {"coarsest": {"default": "g128"}})
     plan = make_plan("a40", "smollm2-135m", None, no_coarsening)
-    assert plan.layer("qkv_proj").k == 576 and plan.layer("qkv_proj").granularity == "g64"
-    assert plan.layer("down_proj").granularity == "g128"
+    assert plan.layer("qkv_proj").k == 576 and plan.layer("qkv_proj").granularity.name == "g64"
+    assert plan.layer("down_proj").granularity.name == "g128"
 
 
 def test_gemms_reading_one_activation_share_granularity_and_one_kernel_serves_equal_problems(registry):
@@ -140,13 +142,13 @@ def test_gemms_reading_one_activation_share_granularity_and_one_kernel_serves_eq
 def test_a_budget_can_forbid_coarsening(tmp_path):
     budget = write_yaml(tmp_path / "b.yaml", {"coarsest": {"default": "g128"}})
     plan = make_plan("a100-80gb", "llama2-70b", PREFILL, budget)
-    assert [lp.granularity for lp in plan.layers] == ["g128"] * 4
+    assert [lp.granularity.name for lp in plan.layers] == ["g128"] * 4
     assert plan.budget == load_budget(budget)
 
 
 def test_default_budget_is_documented_and_per_kind():
-    assert DEFAULT_BUDGET.allowed("down_proj", 28672) == ("g128", "g256", "g512")
-    assert DEFAULT_BUDGET.allowed("qkv_proj", 8192)[-1] == "channel"
+    assert [g.name for g in DEFAULT_BUDGET.allowed("down_proj", 28672)] == ["g128", "g256", "g512"]
+    assert DEFAULT_BUDGET.allowed("qkv_proj", 8192)[-1].is_channel
     assert DEFAULT_BUDGET.min_gain == 0.05
 
 
@@ -161,11 +163,11 @@ def _sensitivity(tmp_path, model="llama2-70b", layers=None):
 
 def test_sensitivity_file_loads_and_bounds_coarsening(tmp_path):
     sens = load_sensitivity(_sensitivity(tmp_path))
-    assert sens.increase("qkv_proj", "g512") == 0.2 and sens.increase("down_proj", "channel") is None
+    assert sens.increase("qkv_proj", Granularity(512)) == 0.2 and sens.increase("down_proj", Granularity(None)) is None
     budget = write_yaml(tmp_path / "b.yaml", {"sensitivity": "sens.yaml", "max_total_increase": 0.6})
     plan = make_plan("a100-80gb", "llama2-70b", PREFILL, budget)
-    chosen = {lp.name: lp.granularity for lp in plan.layers}
-    total = sum(sens.increase(name, g) or 0.0 for name, g in chosen.items() if g != "g128")
+    chosen = {lp.name: lp.granularity.name for lp in plan.layers}
+    total = sum(sens.increase(name, Granularity.parse(g)) or 0.0 for name, g in chosen.items() if g != "g128")
     assert total <= 0.6 + 1e-9 and any(g != "g128" for g in chosen.values())
     assert chosen["down_proj"] != "g512"                     # 0.9 alone exceeds the budget
     assert all("ppl increase" in lp.rationale for lp in plan.layers)
@@ -175,13 +177,13 @@ def test_sensitivity_file_loads_and_bounds_coarsening(tmp_path):
 def test_zero_sensitivity_budget_keeps_the_reference(tmp_path):
     _sensitivity(tmp_path)
     budget = write_yaml(tmp_path / "b.yaml", {"sensitivity": "sens.yaml", "max_total_increase": 0})
-    assert {lp.granularity for lp in make_plan("a100-80gb", "llama2-70b", PREFILL, budget).layers} == {"g128"}
+    assert {lp.granularity.name for lp in make_plan("a100-80gb", "llama2-70b", PREFILL, budget).layers} == {"g128"}
 
 
 def test_kinds_missing_from_the_sensitivity_file_stay_at_their_reference(tmp_path):
     _sensitivity(tmp_path, layers={"qkv_proj": {"g512": 0.0}})
     budget = write_yaml(tmp_path / "b.yaml", {"sensitivity": "sens.yaml", "max_total_increase": 1})
-    chosen = {lp.name: lp.granularity for lp in make_plan("a100-80gb", "llama2-70b", PREFILL, budget).layers}
+    chosen = {lp.name: lp.granularity.name for lp in make_plan("a100-80gb", "llama2-70b", PREFILL, budget).layers}
     assert chosen == {"qkv_proj": "g512", "o_proj": "g128", "gate_up_proj": "g128", "down_proj": "g128"}
 
 
@@ -220,11 +222,13 @@ def _saved(tmp_path):
 
 
 @pytest.mark.parametrize("mutate, problem", [
-    (lambda d: d.update(version=2), "'version': plan format 2 is not 1"),
+    (lambda d: d.update(version=1), "'version': plan format 1 is not 2"),
     (lambda d: d.pop("gemms"), "'gemms': missing"),
     (lambda d: d.update(extra=1), "'extra': unknown field"),
     (lambda d: d["layers"][0].update(granularity="g100"), "'layers[0].granularity'"),
-    (lambda d: d["layers"][0].update(group=256), "'layers[0].group': 256 does not match granularity g128"),
+    (lambda d: d["layers"][0].update(group=256), "'layers[0].group': unknown field"),
+    (lambda d: d["gemms"][0]["buckets"][0]["kernel"].update(granularity="g0"),
+     "'gemms[0].buckets[0].kernel.granularity': unknown granularity 'g0'"),
     (lambda d: d["gemms"][0]["buckets"][-1].update(m_max=4096), "'gemms[0].buckets': the last bucket"),
     (lambda d: d["gemms"][0]["buckets"][0].update(kernel={"family": "x"}),
      "'gemms[0].buckets[0].kernel.family': 'x' is not one of"),

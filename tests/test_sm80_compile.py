@@ -13,12 +13,14 @@ import pytest
 
 from apex4gen.emit import environment, kernel_context, render_kernel
 from apex4gen.errors import ToolchainError
+from apex4gen.granularity import CHANNEL as PER_CHANNEL
+from apex4gen.granularity import G128, GRANULARITIES, Granularity
 from apex4gen.kernels import FAMILIES, KernelConfig, family_of
 from apex4gen.kernels.legality import legal_configs, violations
 from apex4gen.paths import runtime_dir
 
-GROUP = KernelConfig("sm80_group", "sm_86", "int4", 128, 128, 128, 128, 2, 4, 3, 1, "f16")
-CHANNEL = KernelConfig("sm80_channel", "sm_86", "int4", 0, 128, 128, 128, 2, 2, 3, 1, "bf16")
+GROUP = KernelConfig("sm80_group", "sm_86", "int4", G128, 128, 128, 128, 2, 4, 3, 1, "f16")
+CHANNEL = KernelConfig("sm80_channel", "sm_86", "int4", PER_CHANNEL, 128, 128, 128, 2, 2, 3, 1, "bf16")
 
 A40 = SimpleNamespace(name="a40", kernel_arch="sm_86", smem_per_block_bytes=99 * 1024)
 A100 = SimpleNamespace(name="a100", kernel_arch="sm_80", smem_per_block_bytes=163 * 1024)
@@ -44,7 +46,7 @@ def _all_configs() -> list[KernelConfig]:
     out = []
     for name in ("sm80_group", "sm80_channel"):
         fam = FAMILIES[name]
-        groups = (64, 128, 256, 512, 1024) if fam.granularity == "group" else (0,)
+        groups = GRANULARITIES[:-1] if fam.granularity == "group" else (PER_CHANNEL,)
         out += [c for arch in fam.archs for g in groups for dt in ("f16", "bf16") for c in fam.configs(arch, g, dt)]
     return out
 
@@ -90,8 +92,8 @@ def test_shared_memory_limits_stages_and_tiles():
     assert family_of(group_s4).smem_bytes(group_s4) == 69632
     tiny_gpu = SimpleNamespace(name="tiny", kernel_arch="sm_86", smem_per_block_bytes=48 * 1024)
     assert any("shared memory" in v for v in violations(group_s4, tiny_gpu))
-    a40 = legal_configs(A40, "int4", 128, 4096, 4096, "f16")
-    a100 = legal_configs(A100, "int4", 128, 4096, 4096, "f16")
+    a40 = legal_configs(A40, "int4", G128, 4096, 4096, "f16")
+    a100 = legal_configs(A100, "int4", G128, 4096, 4096, "f16")
     assert a40 and a100 and all(c.arch == "sm_80" for c in a100)
     assert {(c.tile_m, c.tile_n) for c in a40} >= {(16, 64), (128, 128)}
 
@@ -99,8 +101,8 @@ def test_shared_memory_limits_stages_and_tiles():
 def test_group_and_k_legality():
     assert not violations(GROUP, A40, n=11008, k=4096)
     assert violations(GROUP, A40, n=4100, k=4096)             # N not a multiple of 8
-    assert violations(replace(GROUP, group=64, tile_k=256), A40, n=4096, k=4224)  # K not a multiple of 256
-    assert violations(replace(GROUP, group=96), A40)            # group and tile_k must nest
+    assert violations(replace(GROUP, granularity=Granularity(64), tile_k=256), A40, n=4096, k=4224)  # K not a multiple of 256
+    assert violations(replace(GROUP, granularity=Granularity(96)), A40)            # group and tile_k must nest
 
 
 def _compile(source: Path, tmp_path: Path) -> str:

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from apex4gen.granularity import CHANNEL, G128, Granularity
 from apex4gen import reference as ref
 from apex4gen.errors import ToolchainError
 from apex4gen.kernels import FAMILIES, KernelConfig, legality, sm90_decode
@@ -85,12 +86,12 @@ def _h100():
     return SimpleNamespace(name="h100-sxm", kernel_arch="sm_90a", smem_per_block_bytes=227 * 1024)
 
 
-@pytest.mark.parametrize("group,family", [(128, "sm90_decode"), (0, "sm90_decode_channel")])
-def test_legal_for_llama2_70b_shapes(group, family):
+@pytest.mark.parametrize("granularity,family", [(G128, "sm90_decode"), (CHANNEL, "sm90_decode_channel")])
+def test_legal_for_llama2_70b_shapes(granularity, family):
     for n, k in ((10240, 8192), (8192, 8192), (57344, 8192), (8192, 28672)):
-        ours = [c for c in legality.legal_configs(_h100(), "int8", group, n, k, "f16", m=16) if c.family == family]
+        ours = [c for c in legality.legal_configs(_h100(), "int8", granularity, n, k, "f16", m=16) if c.family == family]
         assert len(ours) == 1
-        too_many_tokens = legality.legal_configs(_h100(), "int8", group, n, k, "f16",
+        too_many_tokens = legality.legal_configs(_h100(), "int8", granularity, n, k, "f16",
                                                  m=sm90_decode.PLANNER_MAX_M + 1)
         assert family not in {c.family for c in too_many_tokens}
 
@@ -111,17 +112,17 @@ def test_workspace_mirror_follows_the_token_tiles():
     assert sm90_decode.workspace_bytes(64, 28672, 128) == 64 * 14336 + 224 * 64 * 4
 
 
-def decode_config(group: int, out_dtype: str) -> KernelConfig:
-    """The one configuration of each family (group 0 = per-channel)."""
+def decode_config(granularity: Granularity, out_dtype: str) -> KernelConfig:
+    """The one configuration of each family."""
     t = sm90_decode.TILES[0]
-    family = "sm90_decode_channel" if group == 0 else "sm90_decode"
-    return KernelConfig(family, "sm_90a", "int8", group, t.tile_m, t.tile_n, t.tile_k, t.warps_m, t.warps_n,
+    family = "sm90_decode_channel" if granularity.is_channel else "sm90_decode"
+    return KernelConfig(family, "sm_90a", "int8", granularity, t.tile_m, t.tile_n, t.tile_k, t.warps_m, t.warps_n,
                         sm90_decode.VARIANTS_GROUP[1].p, 1, out_dtype)
 
 
 def test_render_rejects_other_groups():
     with pytest.raises(ValueError, match="power-of-two"):
-        sm90_decode.render_group(decode_config(96, "f16"))
+        sm90_decode.render_group(decode_config(Granularity(96), "f16"))
 
 
 # ------------------------------------------------------------------------------------------------- nvcc
@@ -145,9 +146,10 @@ def _build_library(cfg: KernelConfig, tmp_path) -> tuple[ctypes.CDLL, str]:
 
 
 @pytest.mark.nvcc
-@pytest.mark.parametrize("group,dtype", [(128, "f16"), (0, "bf16")])
-def test_compiles_for_sm90a_without_spills(tmp_path, group, dtype):
-    cfg = decode_config(group, dtype)
+@pytest.mark.parametrize("granularity,dtype", [(G128, "f16"), (CHANNEL, "bf16")])
+def test_compiles_for_sm90a_without_spills(tmp_path, granularity, dtype):
+    cfg = decode_config(granularity, dtype)
+    group = granularity.template_group
     lib, report = _build_library(cfg, tmp_path)
     kernels = re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", report)
     distinct = {v for large_k in (False, True) for v in sm90_decode.variants(group, large_k)}

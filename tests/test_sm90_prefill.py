@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from apex4gen.granularity import CHANNEL, G128, Granularity
 from apex4gen import reference as ref
 from apex4gen.kernels import FAMILIES, KernelConfig
 from apex4gen.kernels import layouts
@@ -21,8 +22,8 @@ LLAMA2_70B = [(10240, 8192), (8192, 8192), (57344, 8192), (8192, 28672)]  # (N, 
 
 def config(family: str, tile_m: int = 128, stages: int = 4, out_dtype: str = "f16") -> KernelConfig:
     fam = FAMILIES[family]
-    group = GROUP if fam.granularity == "group" else 0
-    return KernelConfig(family, "sm_90a", fam.path, group, tile_m, 128, 128, 1, 8, stages, 1, out_dtype)
+    granularity = G128 if fam.granularity == "group" else CHANNEL
+    return KernelConfig(family, "sm_90a", fam.path, granularity, tile_m, 128, 128, 1, 8, stages, 1, out_dtype)
 
 
 # ---------------------------------------------------------------------------------------------- CPU only
@@ -35,16 +36,17 @@ def test_families_registered_with_their_formats():
 
 
 def test_group_family_serves_g128_only():
-    assert SM90_PREFILL_GROUP.configs("sm_90a", 64, "f16") == []
-    assert SM90_PREFILL_GROUP.configs("sm_90a", 256, "f16") == []
-    assert all(c.group == GROUP for c in SM90_PREFILL_GROUP.configs("sm_90a", GROUP, "bf16"))
+    assert SM90_PREFILL_GROUP.configs("sm_90a", Granularity(64), "f16") == []
+    assert SM90_PREFILL_GROUP.configs("sm_90a", Granularity(256), "f16") == []
+    assert SM90_PREFILL_GROUP.configs("sm_90a", CHANNEL, "f16") == []
+    assert all(c.granularity == G128 for c in SM90_PREFILL_GROUP.configs("sm_90a", G128, "bf16"))
 
 
 @pytest.mark.parametrize("family", ["sm90_prefill_channel", "sm90_prefill_group"])
 def test_every_config_fits_hopper_shared_memory(family):
     fam = FAMILIES[family]
-    group = GROUP if fam.granularity == "group" else 0
-    for cfg in fam.configs("sm_90a", group, "f16"):
+    granularity = G128 if fam.granularity == "group" else CHANNEL
+    for cfg in fam.configs("sm_90a", granularity, "f16"):
         assert 0 < fam.smem_bytes(cfg) <= H100_SMEM_PER_BLOCK, cfg.procedural_name()
 
 
@@ -59,7 +61,7 @@ def test_streamk_only_where_the_template_implements_it():
     from apex4gen.kernels.legality import violations
     from apex4gen.specs import load_gpu
     h100 = load_gpu("h100-sxm")
-    channel = {c.scheduler for c in SM90_PREFILL_CHANNEL.configs("sm_90a", 0, "f16")}
+    channel = {c.scheduler for c in SM90_PREFILL_CHANNEL.configs("sm_90a", CHANNEL, "f16")}
     assert channel == {"persistent", "streamk"}
     group = dataclasses.replace(config("sm90_prefill_group"), scheduler="streamk")
     assert any("no streamk scheduler" in v for v in violations(group, h100, 8192, 8192))
@@ -158,6 +160,5 @@ def test_legality_names_an_unserved_group_size():
     from apex4gen.specs import load_gpu
 
     gpu = load_gpu("h100-sxm")
-    assert SM90_PREFILL_GROUP.configs("sm_90a", 256, "f16") == []
-    cfg = dataclasses.replace(SM90_PREFILL_GROUP.configs("sm_90a", GROUP, "f16")[0], group=256)
-    assert any("serves group sizes (128,), not 256" in r for r in violations(cfg, gpu, 8192, 8192))
+    cfg = dataclasses.replace(SM90_PREFILL_GROUP.configs("sm_90a", G128, "f16")[0], granularity=Granularity(256))
+    assert any("serves group sizes (128,), not g256" in r for r in violations(cfg, gpu, 8192, 8192))

@@ -45,12 +45,12 @@ def _scales_for(w: torch.Tensor, group: int, scale_dtype: torch.dtype, clip: boo
     return reference.quantize_weight(w.float(), group, scale_dtype).scales
 
 
-def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, group: int | None, scale_dtype: torch.dtype, *,
+def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, group: int, scale_dtype: torch.dtype, *,
                   act_order: bool = False, clip: bool = False, block_size: int = 128,
                   damp: float = 0.01) -> reference.QuantizedTensor:
     """Quantize ``w`` [N, K] given the input Hessian [K, K]."""
     n, k = w.shape
-    g = reference.resolve_group(group, k)
+    g = reference.check_group(group, k)
     W = w.detach().double().clone()
     H = hessian.double().clone()
     dead = torch.diag(H) == 0

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .. import reference
-from ..nn import W4A4Linear, effective_group, parse_granularity
+from ..granularity import G128, Granularity
+from ..nn import W4A4Linear, effective_granularity
 from . import rotation
 from .gptq import HessianAccumulator, gptq_quantize
 from .progress import progress
@@ -38,9 +38,9 @@ _ACT_SAMPLE_TOKENS = 2048  # inputs kept per linear for the activation clipping 
 @dataclass
 class QuantConfig:
     """What to do; ``granularity`` maps each plan layer kind (or, for unfused plans, each projection such as
-    q_proj) to 'g<size>' or 'channel'."""
+    q_proj) to a granularity."""
 
-    granularity: dict[str, str] = field(default_factory=lambda: {k: "g128" for k in PLAN_KINDS})
+    granularity: dict[str, Granularity] = field(default_factory=lambda: {k: G128 for k in PLAN_KINDS})
     rotate: bool = False
     gptq: bool = False
     act_order: bool = False
@@ -49,8 +49,7 @@ class QuantConfig:
     seed: int = 0
 
     @classmethod
-    def uniform(cls, granularity: str, **kwargs) -> "QuantConfig":
-        parse_granularity(granularity)  # fail early on a typo
+    def uniform(cls, granularity: Granularity, **kwargs) -> "QuantConfig":
         return cls(granularity={k: granularity for k in PLAN_KINDS}, **kwargs)
 
     @property
@@ -58,9 +57,9 @@ class QuantConfig:
         return self.gptq or self.clip_weights or self.clip_acts
 
     def describe(self) -> str:
-        grans = sorted(set(self.granularity.values()))
+        grans = sorted({g.name for g in self.granularity.values()})
         parts = [grans[0] if len(grans) == 1 else
-                 ",".join(f"{k}={g}" for k, g in self.granularity.items())]
+                 ",".join(f"{k}={g.name}" for k, g in self.granularity.items())]
         parts += [name for name, on in (("rotation", self.rotate), ("gptq", self.gptq),
                                         ("act-order", self.gptq and self.act_order),
                                         ("clip-w", self.clip_weights), ("clip-a", self.clip_acts)) if on]
@@ -77,10 +76,10 @@ def decoder_linears(layer: nn.Module) -> dict[str, tuple[nn.Module, str]]:
     return found
 
 
-def group_for(cfg: QuantConfig, proj: str, k: int) -> int | None:
-    """A projection's group: its own entry (unfused plans) or its kind's."""
+def group_for(cfg: QuantConfig, proj: str, k: int) -> int:
+    """A projection's group size (K: per-channel): its own entry (unfused plans) or its kind's."""
     gran = cfg.granularity.get(proj) or cfg.granularity[KIND_OF[proj]]
-    return effective_group(parse_granularity(gran), k)
+    return effective_granularity(gran, k).size(k)
 
 
 @torch.no_grad()
@@ -224,7 +223,7 @@ def _shared_inputs(linears, cfg: QuantConfig) -> dict[tuple[str, int], list[str]
     inputs: dict[tuple[str, int], list[str]] = {}
     for name, (parent, attr) in linears.items():
         k = getattr(parent, attr).in_features
-        group = reference.resolve_group(group_for(cfg, attr, k), k)
+        group = group_for(cfg, attr, k)
         inputs.setdefault((_source(name, attr), group), []).append(name)
     return inputs
 

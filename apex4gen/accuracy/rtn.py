@@ -31,11 +31,11 @@ def clip_groups(w: torch.Tensor, group: int, ratio: torch.Tensor | float) -> tor
     return torch.maximum(torch.minimum(wg, bound), -bound).reshape(n, k)
 
 
-def rtn_quantize(w: torch.Tensor, group: int | None, scale_dtype: torch.dtype, *, clip: bool = False,
+def rtn_quantize(w: torch.Tensor, group: int, scale_dtype: torch.dtype, *, clip: bool = False,
                  importance: torch.Tensor | None = None) -> reference.QuantizedTensor:
     """RTN of ``w`` [N, K]; with ``clip`` each (row, group) gets the clipping ratio that minimises
     ``sum_k importance[k] * (w - deq)**2`` (importance: the inputs' mean square, diag of the GPTQ Hessian)."""
-    g = reference.resolve_group(group, w.shape[1])
+    g = reference.check_group(group, w.shape[1])
     if clip:
         w = clip_groups(w, g, search_weight_clip(w, g, scale_dtype, importance))
     return reference.quantize_weight(w.float(), g, scale_dtype)

@@ -45,7 +45,7 @@ def bench_command(build_dir: Path, ms: str, json_path: Path | None, baselines: s
     bandwidth = bench_stage.copy_bandwidth()
     points = []
     for layer in plan.layers:
-        group = layer.group or layer.k
+        group = layer.granularity.size(layer.k)
         dtype = torch.float16 if plan.out_dtype == "f16" else torch.bfloat16
         points += bench_stage.bench_gemm(build, layer.name, layer.n, layer.k, group, m_values, dtype, want,
                                          tc_peak_tops=gpu.tops(layer.path), bandwidth=bandwidth,

@@ -29,8 +29,8 @@ def calibrate_cmd(model_path, model_name, rotate, calib_text, calib_samples, cal
     """Measure each layer kind's W4A4 output error per granularity on real activations."""
     from ..accuracy.models import load_model
     from ..accuracy.rotation import rotate_model
-    from ..calibrate import kind_errors, kind_in_features, layer_errors, sensitivity, write_sensitivity
-    from .quantize import calibration_ids
+    from ..accuracy.calibrate import kind_errors, kind_in_features, layer_errors, sensitivity, write_sensitivity
+    from ..accuracy.options import calibration_ids
 
     if model_name is None:
         if model_path is not None:
@@ -43,7 +43,7 @@ def calibrate_cmd(model_path, model_name, rotate, calib_text, calib_samples, cal
     errors = kind_errors(layer_errors(model, calib))
     write_sensitivity(sensitivity(errors, kind_in_features(model), model_name), output, errors)
     for kind, grans in sorted(errors.items()):
-        click.echo(f"{kind:13s} " + "  ".join(f"{g}={e:.4f}" for g, e in grans.items()))
+        click.echo(f"{kind:13s} " + "  ".join(f"{g.name}={e:.4f}" for g, e in grans.items()))
     click.echo(f"wrote {output}")
 
 

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import click
 
-from ..errors import SpecError
-from .quantize import build_config, check_methods, method_options, quantize_loaded
+from ..accuracy.options import METHOD_FLAGS, build_config, column_granularities, parse_method, quantize_loaded
+from ..granularity import Granularity
+from .quantize import method_options
 
 
 @click.group("eval")
@@ -45,14 +46,14 @@ def ppl_cmd(model_path, plan_path, granularity, calib_text, calib_samples, calib
     """Perplexity of the FP model and of its W4A4 variant; the last line is
     `fp_ppl=<x> quant_ppl=<y> ratio=<y/x>`."""
     from ..accuracy.data import load_text
-    from ..accuracy import PLAN_KINDS
+    from ..accuracy.pipeline import PLAN_KINDS
     from ..accuracy.models import load_model
     from ..accuracy.pipeline import check_kinds, keep_activations_fp, keep_weights_fp
     from ..accuracy.rotation import rotate_model, set_fast_online_rotation
     from ..checkpoint import load_quantized
-    from ..evaluation import perplexity, tokenize
+    from ..accuracy.evaluation import perplexity, tokenize
 
-    cfg = build_config(plan_path, granularity, **methods)
+    cfg = build_config(plan_path, Granularity.parse(granularity), **methods)
     fp_kinds = PLAN_KINDS if fp_acts == "all" else tuple(k for k in fp_acts.split(",") if k)
     try:
         check_kinds(fp_kinds)
@@ -91,36 +92,6 @@ def ppl_cmd(model_path, plan_path, granularity, calib_text, calib_samples, calib
     click.echo(f"fp_ppl={fp:.3f} quant_ppl={quant:.3f} ratio={quant / fp:.4f}")
 
 
-METHOD_FLAGS = {"rotation": "rotate", "gptq": "gptq", "act-order": "act_order", "clip-weights": "clip_weights",
-                "clip-acts": "clip_acts"}
-
-
-def parse_method(text: str) -> dict[str, bool]:
-    """'rotation+gptq+clip-acts' -> the method options; 'rtn' is none of them."""
-    names = [] if text == "rtn" else text.split("+")
-    unknown = [n for n in names if n not in METHOD_FLAGS]
-    if unknown:
-        raise SpecError(f"--methods: unknown method {unknown[0]!r} in {text!r}: use 'rtn' or a '+'-joined "
-                        f"subset of {', '.join(METHOD_FLAGS)}")
-    flags = dict.fromkeys(METHOD_FLAGS.values(), False)
-    flags.update(dict.fromkeys((METHOD_FLAGS[n] for n in names), True))
-    check_methods(flags, f"--methods {text!r}")
-    return flags
-
-
-def column_granularities(column: str, model_spec: str, budget: str | None = None):
-    """'g128' / 'channel' -> that granularity everywhere; 'plan:<gpu>' -> the planner's per-layer choice for
-    ``model_spec`` on that GPU (default workload; ``budget``, else the default budget)."""
-    from ..accuracy.pipeline import QuantConfig
-    from ..planner import make_plan
-    from .quantize import granularities_of
-
-    if column.startswith("plan:"):
-        gpu = column.removeprefix("plan:")
-        return granularities_of(make_plan(gpu, model_spec, budget=budget), f"plan for {gpu}")
-    return QuantConfig.uniform(column).granularity
-
-
 @eval_group.command("table")
 @click.option("--model-path", default=None, help="as for `eval ppl` [default: SmolLM2-135M-Instruct]")
 @click.option("--model-spec", default="smollm2-135m", show_default=True,
@@ -146,7 +117,7 @@ def table_cmd(model_path, model_spec, methods, columns, budget, text, tokens, wi
     from ..accuracy.models import load_model
     from ..accuracy.pipeline import QuantConfig
     from ..accuracy.rotation import set_fast_online_rotation
-    from ..evaluation import perplexity, tokenize
+    from ..accuracy.evaluation import perplexity, tokenize
 
     if output is not None and output.exists():
         raise click.UsageError(f"{output} exists: remove it or pass another --output")

@@ -26,7 +26,7 @@ def _layer_table(plan: Plan) -> Table:
         table.add_column(name, justify=justify)
     for lp in plan.layers:
         for i, p in enumerate(lp.predictions):
-            head = (lp.name, f"{lp.n} x {lp.k}", lp.granularity, lp.path) if i == 0 else ("", "", "", "")
+            head = (lp.name, f"{lp.n} x {lp.k}", lp.granularity.name, lp.path) if i == 0 else ("", "", "", "")
             table.add_row(*head, f"{p.phase} M={p.m}", f"{p.fp16_us:.1f}", f"{p.w4a4_us:.1f}", f"{p.speedup:.2f}x")
         table.add_section()
     for i, p in enumerate(plan.totals.predictions):

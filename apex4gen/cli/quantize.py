@@ -6,10 +6,9 @@ import time
 from pathlib import Path
 
 import click
-import torch
 
-from ..accuracy.pipeline import KIND_OF, PLAN_KINDS, QuantConfig
-from ..errors import SpecError
+from ..accuracy.options import build_config, quantize_loaded
+from ..granularity import Granularity
 
 
 def method_options(fn):
@@ -40,56 +39,6 @@ def method_options(fn):
     return functools.reduce(lambda f, opt: opt(f), reversed(options), fn)
 
 
-def check_methods(methods: dict, where: str) -> None:
-    """One rule for the flags (``where``: the option that set them): act-order orders GPTQ's columns."""
-    if methods["act_order"] and not methods["gptq"]:
-        raise SpecError(f"{where}: act-order is a GPTQ option: add gptq")
-
-
-def build_config(plan_path: Path | None, granularity: str, **methods) -> QuantConfig:
-    """``methods``: the method options by name (rotate, gptq, act_order, clip_weights, clip_acts, seed)."""
-    check_methods(methods, "--act-order")
-    if plan_path is None:
-        return QuantConfig.uniform(granularity, **methods)
-    return QuantConfig(granularity=plan_granularities(plan_path), **methods)
-
-
-def plan_granularities(plan_path: Path) -> dict[str, str]:
-    """Per layer kind (fused plans) or projection (unfused plans) the plan's granularity."""
-    from ..plan import Plan
-
-    return granularities_of(Plan.load(plan_path), str(plan_path))
-
-
-def granularities_of(plan, where: str) -> dict[str, str]:
-    grans = {lp.name: lp.granularity for lp in plan.layers}
-    unknown = sorted(set(grans) - set(PLAN_KINDS) - set(KIND_OF))
-    if unknown:
-        raise SpecError(f"{where}: layers {', '.join(unknown)} are not LLaMA projections")
-    missing = [p for p in KIND_OF if p not in grans and KIND_OF[p] not in grans]
-    if missing:
-        raise SpecError(f"{where}: no granularity for {', '.join(missing)}")
-    return grans
-
-
-def calibration_ids(tokenizer, text: str, samples: int, seq_len: int) -> torch.Tensor:
-    from ..accuracy.data import load_text
-    from ..evaluation import tokenize, windows
-
-    try:
-        return windows(tokenize(tokenizer, load_text(text), samples * seq_len), seq_len)
-    except ValueError as err:
-        raise SpecError(f"calibration text {text!r}: {err}") from None
-
-
-def quantize_loaded(model, tokenizer, cfg: QuantConfig, calib_text: str, calib_samples: int,
-                    calib_seq_len: int):
-    from ..accuracy import quantize_model
-
-    calib = calibration_ids(tokenizer, calib_text, calib_samples, calib_seq_len) if cfg.needs_calibration else None
-    return quantize_model(model, cfg, calib)
-
-
 @click.command("quantize")
 @method_options
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False, path_type=Path),
@@ -100,7 +49,7 @@ def quantize_cmd(model_path, plan_path, granularity, calib_text, calib_samples, 
     from ..accuracy.models import load_model
     from ..checkpoint import save_quantized
 
-    cfg = build_config(plan_path, granularity, **methods)
+    cfg = build_config(plan_path, Granularity.parse(granularity), **methods)
     start = time.perf_counter()
     model, tokenizer = load_model(model_path)
     quantize_loaded(model, tokenizer, cfg, calib_text, calib_samples, calib_seq_len)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from ..granularity import Granularity
+
 ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90a")
 PATHS = ("int4", "int8", "fp8")
 OUT_DTYPES = ("f16", "bf16")
@@ -19,12 +21,12 @@ SCHEDULERS = ("persistent", "streamk", "hybrid")
 
 @dataclass(frozen=True, order=True)
 class KernelConfig:
-    """One kernel instance. ``group == 0`` means per-channel (one group of length K)."""
+    """One kernel instance."""
 
     family: str
     arch: str
     path: str
-    group: int
+    granularity: Granularity
     tile_m: int
     tile_n: int
     tile_k: int
@@ -36,6 +38,8 @@ class KernelConfig:
     scheduler: str = "persistent"   # trailing, with a default: plans and names written before it stay valid
 
     def __post_init__(self) -> None:
+        if not isinstance(self.granularity, Granularity):
+            raise ValueError(f"kernel granularity must be a Granularity, got {self.granularity!r}")
         if self.arch not in ARCHS:
             raise ValueError(f"kernel arch {self.arch!r} is not one of {', '.join(ARCHS)}")
         if self.path not in PATHS:
@@ -46,10 +50,6 @@ class KernelConfig:
             raise ValueError(f"kernel scheduler {self.scheduler!r} is not one of {', '.join(SCHEDULERS)}")
 
     @property
-    def granularity(self) -> str:
-        return "channel" if self.group == 0 else f"g{self.group}"
-
-    @property
     def threads(self) -> int:
         return 32 * self.warps_m * self.warps_n
 
@@ -58,10 +58,11 @@ class KernelConfig:
         scheduler adds nothing (names from before the field are unchanged); any other adds ``_<scheduler>``."""
         scheduler = "" if self.scheduler == "persistent" else f"_{self.scheduler}"
         return (
-            f"apex4gen_{self.family}_{self.arch.replace('_', '')}_{self.path}_{self.granularity}"
+            f"apex4gen_{self.family}_{self.arch.replace('_', '')}_{self.path}_{self.granularity.name}"
             f"_{self.tile_m}x{self.tile_n}x{self.tile_k}_w{self.warps_m}x{self.warps_n}"
             f"_s{self.stages}_k{self.split_k}{scheduler}_{self.out_dtype}"
         )
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Plain values, the granularity by name (as plans spell it)."""
+        return {**asdict(self), "granularity": self.granularity.name}

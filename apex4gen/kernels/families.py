@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from ..granularity import Granularity
 from .config import KernelConfig
 
 ACT_FORMATS = ("s4", "s8", "e4m3", "raw")  # packed int4 / int8 a value / e4m3 a value / fused quantization
@@ -27,7 +28,7 @@ class Family:
     name: str
     archs: tuple[str, ...]
     path: str                       # int4 | int8 | fp8 (tensor-core type the kernel computes on)
-    granularity: str                # "group" | "channel"
+    granularity: str                # "group" | "channel": which kind of Granularity the template serves
     template: str                   # file name under templates/
     act_format: str                 # activation storage the kernel reads (see ACT_FORMATS)
     weight_layout: str              # "canonical" or the name of a pack function in apex4gen.kernels.layouts
@@ -44,18 +45,21 @@ class Family:
     m_step: int | None = None       # set when the launcher picks an instantiation per M (padding M to a multiple
                                     # of m_step) and splits K at run time to fill the GPU, ignoring tile_m/split_k
 
-    def configs(self, arch: str, group: int, out_dtype: str) -> list[KernelConfig]:
-        """Every instance of this family for one arch/group/dtype (legality filters them later)."""
-        if not self.serves_group(group):
+    def configs(self, arch: str, granularity: Granularity, out_dtype: str) -> list[KernelConfig]:
+        """Every instance of this family for one arch/granularity/dtype (legality filters them later)."""
+        if not self.serves(granularity):
             return []
         return [
-            KernelConfig(self.name, arch, self.path, group, t.tile_m, t.tile_n, t.tile_k, t.warps_m, t.warps_n,
+            KernelConfig(self.name, arch, self.path, granularity, t.tile_m, t.tile_n, t.tile_k, t.warps_m, t.warps_n,
                          s, k, out_dtype, sched)
             for t in self.tiles for s in self.stages for k in self.split_k for sched in self.schedulers
         ]
 
-    def serves_group(self, group: int) -> bool:
-        return self.groups is None or group in self.groups
+    def serves(self, granularity: Granularity) -> bool:
+        """Per-channel families serve per-channel; group-wise ones the group sizes they list (None: any)."""
+        if granularity.is_channel != (self.granularity == "channel"):
+            return False
+        return self.groups is None or granularity.group in self.groups
 
 
 FAMILIES: dict[str, Family] = {}

@@ -5,6 +5,7 @@ Shared memory per block comes from the GPU spec; alignment and divisibility from
 from __future__ import annotations
 
 from ..errors import ShapeError
+from ..granularity import Granularity
 from .config import KernelConfig
 from .families import FAMILIES, family_of
 
@@ -23,13 +24,15 @@ def violations(cfg: KernelConfig, gpu, n: int | None = None, k: int | None = Non
         out.append(f"{fam.name} is instantiated with split-K {fam.split_k}, not {cfg.split_k}")
     if cfg.scheduler not in fam.schedulers:
         out.append(f"{fam.name} has no {cfg.scheduler} scheduler (it has {', '.join(fam.schedulers)})")
-    if not fam.serves_group(cfg.group):
-        out.append(f"{fam.name} serves group sizes {fam.groups}, not {cfg.group}")
+    if not fam.serves(cfg.granularity):
+        served = "per-channel" if fam.granularity == "channel" else f"group sizes {fam.groups or 'any'}"
+        out.append(f"{fam.name} serves {served}, not {cfg.granularity.name}")
     smem = fam.smem_bytes(cfg)
     if smem > gpu.smem_per_block_bytes:
         out.append(f"needs {smem} B shared memory per block, {gpu.name} allows {gpu.smem_per_block_bytes} B")
-    if cfg.group and cfg.group % cfg.tile_k and cfg.tile_k % cfg.group:
-        out.append(f"tile_k={cfg.tile_k} and group={cfg.group} must divide one another")
+    group = cfg.granularity.group
+    if group and group % cfg.tile_k and cfg.tile_k % group:
+        out.append(f"tile_k={cfg.tile_k} and group={group} must divide one another")
     if k is not None:
         out += _k_violations(cfg, fam.align_k, k)
     if n is not None and n % fam.align_n:
@@ -41,18 +44,18 @@ def _k_violations(cfg: KernelConfig, align_k: int, k: int) -> list[str]:
     out = []
     if k % align_k:
         out.append(f"K={k} is not a multiple of {align_k}")
-    if cfg.group and k % cfg.group:
-        out.append(f"K={k} is not a multiple of the group size {cfg.group}")
+    if not cfg.granularity.fits(k):
+        out.append(f"K={k} is not a multiple of the group size {cfg.granularity.group}")
     if k % (cfg.tile_k * cfg.split_k):
         out.append(f"K={k} is not a multiple of tile_k*split_k={cfg.tile_k * cfg.split_k}")
     return out
 
 
 def check(cfg: KernelConfig, gpu, gemm) -> None:
-    """``cfg`` runs ``gemm`` (a plan's GemmPlan: shape, group, output dtype; its buckets may compute on another
+    """``cfg`` runs ``gemm`` (a plan's GemmPlan: shape, granularity, output dtype; its buckets may compute on another
     tensor-core path, e.g. an int8 decode kernel under an fp8 GEMM) on ``gpu``."""
     reasons = violations(cfg, gpu, gemm.n, gemm.k)
-    for field in ("group", "out_dtype"):
+    for field in ("granularity", "out_dtype"):
         if getattr(cfg, field) != getattr(gemm, field):
             reasons.append(f"the GEMM's {field} is {getattr(gemm, field)}, the kernel's {getattr(cfg, field)}")
     if reasons:
@@ -60,16 +63,14 @@ def check(cfg: KernelConfig, gpu, gemm) -> None:
                          + "; ".join(reasons))
 
 
-def legal_configs(gpu, path: str, group: int, n: int, k: int, out_dtype: str,
+def legal_configs(gpu, path: str, granularity: Granularity, n: int, k: int, out_dtype: str,
                   m: int | None = None) -> list[KernelConfig]:
     """All legal instances for one GEMM on one GPU, sorted (deterministic)."""
     found = []
     for fam in FAMILIES.values():
         if fam.path != path or gpu.kernel_arch not in fam.archs:
             continue
-        if (group == 0) != (fam.granularity == "channel"):
-            continue
         if m is not None and fam.max_m is not None and m > fam.max_m:
             continue
-        found += [c for c in fam.configs(gpu.kernel_arch, group, out_dtype) if not violations(c, gpu, n, k)]
+        found += [c for c in fam.configs(gpu.kernel_arch, granularity, out_dtype) if not violations(c, gpu, n, k)]
     return sorted(found)

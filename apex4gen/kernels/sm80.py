@@ -49,9 +49,10 @@ def _operand_stage_bytes(cfg: KernelConfig) -> int:
 
 def _groups_per_tile(cfg: KernelConfig) -> int:
     """Groups whose scales one stage holds: those the tile ends (one when a group spans several tiles)."""
-    if cfg.group <= 0:
-        raise ValueError(f"{cfg.family} is group-wise; got group={cfg.group}")
-    return 1 if cfg.group >= cfg.tile_k else cfg.tile_k // cfg.group
+    group = cfg.granularity.group
+    if group is None:
+        raise ValueError(f"{cfg.family} is group-wise; got {cfg.granularity.name}")
+    return 1 if group >= cfg.tile_k else cfg.tile_k // group
 
 
 def group_smem_bytes(cfg: KernelConfig) -> int:
@@ -79,7 +80,8 @@ def render_group(cfg: KernelConfig) -> dict:
     if cfg.split_k != 1:
         raise ValueError(f"sm80_group has no split-K; got split_k={cfg.split_k}")
     _groups_per_tile(cfg)
-    return {**_common_values(cfg), "group": cfg.group, "smem_bytes": group_smem_bytes(cfg)}
+    return {**_common_values(cfg), "group": cfg.granularity.template_group,
+            "smem_bytes": group_smem_bytes(cfg)}
 
 
 def render_channel(cfg: KernelConfig) -> dict:

@@ -129,15 +129,17 @@ def workspace_bytes(m: int, k: int, group: int) -> int:
 
 
 def smem_bytes(cfg: KernelConfig) -> int:
-    return max(variant_smem_bytes(v, cfg.group, NOMINAL_SLICE_K)
-               for large_k in (False, True) for v in variants(cfg.group, large_k))
+    group = cfg.granularity.template_group
+    return max(variant_smem_bytes(v, group, NOMINAL_SLICE_K)
+               for large_k in (False, True) for v in variants(group, large_k))
 
 
 def _check_group(cfg: KernelConfig, channel: bool) -> None:
-    if channel and cfg.group != 0:
-        raise ValueError(f"{cfg.family} is per-channel; got group={cfg.group}")
-    if not channel and (cfg.group < CHUNK_K or cfg.group & (cfg.group - 1)):
-        raise ValueError(f"{cfg.family} takes power-of-two groups >= {CHUNK_K}; got group={cfg.group}")
+    group = cfg.granularity.template_group
+    if channel and not cfg.granularity.is_channel:
+        raise ValueError(f"{cfg.family} is per-channel; got {cfg.granularity.name}")
+    if not channel and (group < CHUNK_K or group & (group - 1)):
+        raise ValueError(f"{cfg.family} takes power-of-two groups >= {CHUNK_K}; got {cfg.granularity.name}")
     if cfg.split_k != 1:
         raise ValueError(f"{cfg.family} picks its K split at run time; configure split_k=1, got {cfg.split_k}")
 
@@ -149,16 +151,17 @@ def _args(v: Variant) -> str:
 
 def _render(cfg: KernelConfig, channel: bool) -> dict:
     _check_group(cfg, channel)
+    group = cfg.granularity.template_group
     return {
         "element_out": cpp_names.CUDA_OUT[cfg.out_dtype],
-        "group": cfg.group,
+        "group": group,
         "max_m": MAX_M,
         "align_n": ALIGN_N,
         "align_k": WINDOW_K,
         "quant_iters": QUANT_ITERS,
         "large_k": LARGE_K,
         "variants": [{"mt": small.mt, "small": _args(small), "large": _args(large)}
-                     for small, large in zip(variants(cfg.group, False), variants(cfg.group, True))],
+                     for small, large in zip(variants(group, False), variants(group, True))],
     }
 
 

@@ -133,15 +133,15 @@ def _channel_schedule(cfg: KernelConfig) -> dict:
 
 
 def render_channel(cfg: KernelConfig) -> dict:
-    if cfg.group != 0:
-        raise ValueError(f"sm90_prefill_channel is per-channel (group 0); got group={cfg.group}")
+    if not cfg.granularity.is_channel:
+        raise ValueError(f"sm90_prefill_channel is per-channel; got {cfg.granularity.name}")
     return {**_common_values(cfg), **_channel_schedule(cfg), "max_k": MAX_CHANNEL_K,
             "smem_bytes": channel_smem_bytes(cfg)}
 
 
 def render_group(cfg: KernelConfig) -> dict:
-    if cfg.group != GROUP:
-        raise ValueError(f"sm90_prefill_group serves group={GROUP} only; got group={cfg.group}")
+    if cfg.granularity.group != GROUP:
+        raise ValueError(f"sm90_prefill_group serves group={GROUP} only; got {cfg.granularity.name}")
     return {**_common_values(cfg), "group": GROUP, "smem_bytes": group_smem_bytes(cfg),
             "wgmma_tokens": min(cfg.tile_m, GROUP_WGMMA_TOKENS),
             # a second widened-weight buffer fits beside a sum of at most one wgmma block (64 x 128 registers)

@@ -12,8 +12,9 @@ from torch.nn.utils import parametrizations
 from apex4gen.accuracy.models import load_model
 from apex4gen.accuracy import rotation
 from apex4gen.accuracy.pipeline import QuantConfig, quantize_model
-from apex4gen.cli.quantize import calibration_ids
-from apex4gen.evaluation import perplexity, tokenize
+from apex4gen.accuracy.evaluation import perplexity, tokenize
+from apex4gen.accuracy.options import calibration_ids
+from apex4gen.granularity import G128
 from apex4gen.accuracy.data import load_text
 
 steps = int(sys.argv[1]); lr = float(sys.argv[2]); bs = int(sys.argv[3]); mode = sys.argv[4] if len(sys.argv)>4 else "adam"
@@ -97,7 +98,7 @@ rotation.random_orthogonal = patched
 ids = tokenize(tok, load_text("prideprejudice"), 2048)
 with torch.no_grad():
     fp = perplexity(model, ids, 1024, "fp")
-    cfg = QuantConfig.uniform("g128", rotate=True, gptq=True, act_order=True, clip_weights=True, clip_acts=True)
+    cfg = QuantConfig.uniform(G128, rotate=True, gptq=True, act_order=True, clip_weights=True, clip_acts=True)
     qm = quantize_model(copy.deepcopy(model), cfg, calibration_ids(tok, "emma", 16, 512))
     rotation.set_fast_online_rotation(qm)
     qp = perplexity(qm, ids, 1024, "quant")

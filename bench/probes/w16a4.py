@@ -11,7 +11,7 @@ from torch import nn
 from apex4gen.accuracy.models import load_model
 from apex4gen.accuracy import rotation
 from apex4gen.nn import fake_quant_activation
-from apex4gen.evaluation import tokenize, windows
+from apex4gen.accuracy.evaluation import tokenize, windows
 import math
 BOS=int(os.environ.get("BOS","-1"))
 @torch.no_grad()

@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from .accuracy.progress import progress
+from .progress import progress
 
 
 def tokenize(tokenizer, text: str, n_tokens: int | None = None) -> torch.Tensor:

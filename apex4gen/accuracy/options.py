@@ -1,0 +1,88 @@
+"""What the accuracy commands (``quantize``, ``eval``, ``calibrate``) ask for, as library functions: a
+:class:`QuantConfig` from a plan or one granularity and the method flags, calibration tokens, a quantized model."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..errors import SpecError
+from ..granularity import Granularity
+from .pipeline import KIND_OF, PLAN_KINDS, QuantConfig
+
+METHOD_FLAGS = {"rotation": "rotate", "gptq": "gptq", "act-order": "act_order", "clip-weights": "clip_weights",
+                "clip-acts": "clip_acts"}
+
+
+def check_methods(methods: dict, where: str) -> None:
+    """One rule for the flags (``where``: the option that set them): act-order orders GPTQ's columns."""
+    if methods["act_order"] and not methods["gptq"]:
+        raise SpecError(f"{where}: act-order is a GPTQ option: add gptq")
+
+
+def parse_method(text: str) -> dict[str, bool]:
+    """'rotation+gptq+clip-acts' -> the method options; 'rtn' is none of them."""
+    names = [] if text == "rtn" else text.split("+")
+    unknown = [n for n in names if n not in METHOD_FLAGS]
+    if unknown:
+        raise SpecError(f"--methods: unknown method {unknown[0]!r} in {text!r}: use 'rtn' or a '+'-joined "
+                        f"subset of {', '.join(METHOD_FLAGS)}")
+    flags = dict.fromkeys(METHOD_FLAGS.values(), False)
+    flags.update(dict.fromkeys((METHOD_FLAGS[n] for n in names), True))
+    check_methods(flags, f"--methods {text!r}")
+    return flags
+
+
+def build_config(plan_path: Path | None, granularity: Granularity, **methods) -> QuantConfig:
+    """``methods``: the method options by name (rotate, gptq, act_order, clip_weights, clip_acts, seed)."""
+    check_methods(methods, "--act-order")
+    if plan_path is None:
+        return QuantConfig.uniform(granularity, **methods)
+    return QuantConfig(granularity=plan_granularities(plan_path), **methods)
+
+
+def plan_granularities(plan_path: Path) -> dict[str, Granularity]:
+    """Per layer kind (fused plans) or projection (unfused plans) the plan's granularity."""
+    from ..plan import Plan
+
+    return granularities_of(Plan.load(plan_path), str(plan_path))
+
+
+def granularities_of(plan, where: str) -> dict[str, Granularity]:
+    grans = {lp.name: lp.granularity for lp in plan.layers}
+    unknown = sorted(set(grans) - set(PLAN_KINDS) - set(KIND_OF))
+    if unknown:
+        raise SpecError(f"{where}: layers {', '.join(unknown)} are not LLaMA projections")
+    missing = [p for p in KIND_OF if p not in grans and KIND_OF[p] not in grans]
+    if missing:
+        raise SpecError(f"{where}: no granularity for {', '.join(missing)}")
+    return grans
+
+
+def column_granularities(column: str, model_spec: str, budget: str | None = None) -> dict[str, Granularity]:
+    """'g128' / 'channel' -> that granularity everywhere; 'plan:<gpu>' -> the planner's per-layer choice for
+    ``model_spec`` on that GPU (default workload; ``budget``, else the default budget)."""
+    from ..planner import make_plan
+
+    if column.startswith("plan:"):
+        gpu = column.removeprefix("plan:")
+        return granularities_of(make_plan(gpu, model_spec, budget=budget), f"plan for {gpu}")
+    return QuantConfig.uniform(Granularity.parse(column)).granularity
+
+
+def calibration_ids(tokenizer, text: str, samples: int, seq_len: int) -> torch.Tensor:
+    from .data import load_text
+    from .evaluation import tokenize, windows
+
+    try:
+        return windows(tokenize(tokenizer, load_text(text), samples * seq_len), seq_len)
+    except ValueError as err:
+        raise SpecError(f"calibration text {text!r}: {err}") from None
+
+
+def quantize_loaded(model, tokenizer, cfg: QuantConfig, calib_text: str, calib_samples: int,
+                    calib_seq_len: int):
+    from .pipeline import quantize_model
+
+    calib = calibration_ids(tokenizer, calib_text, calib_samples, calib_seq_len) if cfg.needs_calibration else None
+    return quantize_model(model, cfg, calib)
