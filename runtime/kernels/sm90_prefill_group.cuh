@@ -16,15 +16,6 @@
 //   kGroup, kTileM, kTileN, kTileK, kStages, kAlignN, kAlignK, kWgmmaTokens, kWidenAhead, kSmemBytes.
 #pragma once
 
-#include <cutlass/cutlass.h>
-#include <cute/tensor.hpp>
-#include <cutlass/epilogue/collective/collective_builder.hpp>
-#include <cutlass/epilogue/fusion/sm90_callbacks_tma_warpspecialized.hpp>
-#include <cutlass/gemm/collective/collective_builder.hpp>
-#include <cutlass/gemm/device/gemm_universal_adapter.h>
-#include <cutlass/gemm/kernel/gemm_universal.hpp>
-#include <cutlass/util/packed_stride.hpp>
-
 #include "kernels/sm90_cutlass.cuh"
 
 namespace apex4gen::kernels::sm90_prefill_group {
@@ -79,53 +70,31 @@ CUTLASS_DEVICE void copy_async_or_zero(void* smem, const void* gmem, bool valid)
 }
 
 template <class Config>
-struct Gemm {
-  using ElementW = typename Config::ElementW;
-  using ElementX = typename Config::ElementX;
-  using ElementAcc = typename Config::ElementAcc;
-  using ElementCompute = typename Config::ElementCompute;
-  using ElementOut = typename Config::ElementOut;
-  using ArchTag = typename Config::ArchTag;
+struct Gemm : Sm90Prefill<Config>, AdapterLauncher<Gemm<Config>> {
+  using Types = Sm90Prefill<Config>;
+  using typename Types::ElementW, typename Types::ElementX, typename Types::ElementAcc,
+      typename Types::ElementCompute, typename Types::ElementOut, typename Types::TileShape,
+      typename Types::ChannelVector;
+  using Types::kAlignY, Types::kRound;
+  static constexpr bool kPdl = false;
 
   static constexpr int kGroup = Config::kGroup;
   static constexpr int kStages = Config::kStages;
-  // CUTLASS's (M, N, K) is apex4gen's (N, M, K): channels x tokens.
-  using TileShape = Shape<Int<Config::kTileN>, Int<Config::kTileM>, Int<Config::kTileK>>;
-  using ClusterShape = Shape<_1, _1, _1>;
   static_assert(Config::kTileK == kGroup, "one K tile must be exactly one group");
+  static_assert(Config::kAlignN % kAlignY == 0, "align_n of the family must allow the output's 16-byte stores");
 
   using WeightAtom = decltype(weight_reorder_atom<ElementX>());
   static_assert(cute::is_same_v<WeightAtom, typename Config::WeightAtom>,
                 "apex4gen/kernels/layouts.py SM90_GROUP_ATOM (what pack_sm90_group writes) is not CUTLASS's atom");
   using LayoutW = decltype(tile_to_shape(WeightAtom{}, Layout<Shape<int, int, int>, Stride<int64_t, _1, int64_t>>{}));
-  using LayoutX = cutlass::layout::ColumnMajor;   // X [M, K] seen as B [K, M]
-  using LayoutY = cutlass::layout::ColumnMajor;   // Y [M, N] seen as D [N, M]
-  static constexpr int kAlignW = 128 / cutlass::sizeof_bits<ElementW>::value;
-  static constexpr int kAlignX = 128 / cutlass::sizeof_bits<ElementX>::value;
-  static constexpr int kAlignY = 128 / cutlass::sizeof_bits<ElementOut>::value;
-  static_assert(Config::kAlignN % kAlignY == 0, "align_n of the family must allow the output's 16-byte stores");
 
   // Epilogue: the mainloop already applied both scales; add bias[n] (a column vector of D; NULL reads 0).
-  static constexpr auto kRound = cutlass::FloatRoundStyle::round_to_nearest;
-  using ChannelVector = Sm90ColBroadcast<0, TileShape, ElementOut, ElementCompute, Stride<_1, _0, int64_t>>;
   using Fusion = Sm90EVT<Sm90Compute<cutlass::plus, ElementOut, ElementCompute, kRound>, Sm90AccFetch, ChannelVector>;
+  using EpilogueCollective = typename Types::template Epilogue<Fusion>;
 
-  using EpilogueCollective = typename cutlass::epilogue::collective::CollectiveBuilder<
-      ArchTag, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
-      cutlass::epilogue::collective::EpilogueTileAuto, ElementAcc, ElementCompute,
-      void, LayoutY, kAlignY, ElementOut, LayoutY, kAlignY,
-      cutlass::epilogue::TmaWarpSpecializedCooperative, Fusion>::CollectiveOp;
-
-  // The builder picks the mixed-input mainloop's layouts, copy atoms and the register-sourced e4m3 wgmma; it
-  // sizes pipelines only from a byte carveout, so the result is re-instantiated with the plan's stage count.
-  using BuiltMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
-      ArchTag, cutlass::arch::OpClassTensorOp,
-      ElementW, LayoutW, kAlignW,
-      ElementX, LayoutX, kAlignX,
-      ElementAcc, TileShape, ClusterShape,
-      cutlass::gemm::collective::StageCountAutoCarveout<0>,  // replaced below; a literal keeps host code simple
-      cutlass::gemm::KernelTmaWarpSpecializedCooperative>::CollectiveOp;
-  using MixedInputMainloop = typename WithStages<kStages, BuiltMainloop>::type;
+  // The stage count comes from the plan (WithStages), so the builder's carveout is a placeholder.
+  using BuiltMainloop = typename Types::template Mainloop<LayoutW, cutlass::gemm::collective::StageCountAutoCarveout<0>>;
+  using MixedInputMainloop = typename BuiltMainloop::type;
 
   using MixedInputTensorStorage = typename MixedInputMainloop::TensorStorage;
   using MixedInputParams = typename MixedInputMainloop::Params;
@@ -133,7 +102,7 @@ struct Gemm {
 
   struct GroupScaledMainloop : MixedInputMainloop {
     using Base = MixedInputMainloop;
-    using DispatchPolicy = GroupScaledPolicy<typename WithStages<kStages, BuiltMainloop>::Policy>;
+    using DispatchPolicy = GroupScaledPolicy<typename BuiltMainloop::Policy>;
     using typename Base::MainloopPipeline;
     using typename Base::PipelineState;
     using Utils = cutlass::gemm::collective::detail::MixedInputUtils<Base>;
@@ -337,52 +306,27 @@ struct Gemm {
   // Stream-K persistent scheduler (heuristic decomposition): whole waves of output tiles run data-parallel, and
   // when the last wave would leave SMs idle, its tiles' K iterations (groups) are spread over all SMs and the
   // fp32 sums are reduced through the workspace in a fixed order (deterministic).
-  using GemmKernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, GroupScaledMainloop,
-                                                          EpilogueCollective, typename Config::Scheduler>;
-  using Adapter = cutlass::gemm::device::GemmUniversalAdapter<GemmKernel>;
+  using Adapter = typename Types::template AdapterOf<GroupScaledMainloop, EpilogueCollective>;
+  using GemmKernel = typename Adapter::GemmKernel;
   static_assert(sizeof(typename GemmKernel::SharedStorage) == Config::kSmemBytes,
                 "apex4gen/kernels/sm90_prefill.py group_smem_bytes disagrees with the kernel's layout");
 
   static bool shape_ok(int m, int n, int k) {
     return m >= 1 && n >= 1 && k >= 1 && n % Config::kAlignN == 0 && k % Config::kAlignK == 0 && k % kGroup == 0;
   }
+  static int group_of(int) { return kGroup; }
 
   static typename Adapter::Arguments make_arguments(const apex4gen_gemm_args& a) {
-    using StrideX = typename GemmKernel::StrideB;
-    using StrideY = typename GemmKernel::StrideD;
-    const LayoutW layout_w = tile_to_shape(WeightAtom{}, cute::make_shape(a.n, a.k, 1));
-    const auto stride_x = cutlass::make_cute_packed_stride(StrideX{}, cute::make_shape(a.m, a.k, 1));
-    const auto stride_y = cutlass::make_cute_packed_stride(StrideY{}, cute::make_shape(a.n, a.m, 1));
-
     typename GroupScaledMainloop::Arguments mainloop{};
     mainloop.ptr_A = static_cast<const ElementW*>(a.qw);
-    mainloop.dA = layout_w;
+    mainloop.dA = tile_to_shape(WeightAtom{}, cute::make_shape(a.n, a.k, 1));
     mainloop.ptr_B = static_cast<const ElementX*>(a.qx);
-    mainloop.dB = stride_x;
+    mainloop.dB = Types::template x_stride<Adapter>(a);
     mainloop.token_scale = a.sx;
     mainloop.channel_scale = static_cast<const ElementOut*>(a.sw);
-
-    typename Adapter::Arguments args{
-        cutlass::gemm::GemmUniversalMode::kGemm,
-        {a.n, a.m, a.k, 1},
-        mainloop,
-        { {}, nullptr, stride_y, static_cast<ElementOut*>(a.y), stride_y},
-        hardware_info()};
+    auto args = Types::template arguments<Adapter>(a, mainloop);
     args.epilogue.thread = { {}, {static_cast<const ElementOut*>(a.bias), ElementOut(0), {}}, {} };
     return args;
-  }
-
-  static size_t workspace(int m, int n, int k) {
-    if (!shape_ok(m, n, k)) return 0;
-    apex4gen_gemm_args a{};
-    a.m = m; a.n = n; a.k = k; a.group = kGroup;
-    return Adapter::get_workspace_size(make_arguments(a));
-  }
-
-  static int run(const apex4gen_gemm_args* args, cudaStream_t stream) {
-    if (!has_operands(args)) return APEX4GEN_BAD_ARGUMENT;
-    if (!shape_ok(args->m, args->n, args->k) || args->group != kGroup) return APEX4GEN_BAD_SHAPE;
-    return run_adapter<Adapter>(make_arguments(*args), *args, stream, /*launch_with_pdl=*/false);
   }
 };
 
