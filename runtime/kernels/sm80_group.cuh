@@ -91,7 +91,7 @@ struct Sm80GroupGemm {
 
   template <int kRows>
   static __device__ __forceinline__ void load_operand_tile(uint8_t* dst, const uint8_t* src, int row0, int rows,
-                                                    int kt, int ld_bytes) {
+                                                           int kt, int ld_bytes) {
     constexpr int kChunks = kRows * kChunksPerRow;
 #pragma unroll
     for (int j = 0; j < (kChunks + kThreads - 1) / kThreads; ++j) {
@@ -111,7 +111,7 @@ struct Sm80GroupGemm {
 
   // Scales of groups g0 .. g0 + kGroupsPerTile - 1 for the tile's rows (sx) and columns (sw).
   static __device__ __forceinline__ void load_scales(uint32_t* sx_s, uint32_t* sw_s, const Problem& p, int m0, int n0,
-                                              int g0) {
+                                                     int g0) {
     constexpr int kSx = kGroupsPerTile * kTileM, kSw = kGroupsPerTile * kTileN;
 #pragma unroll
     for (int j = 0; j < (kSx + kThreads - 1) / kThreads; ++j) {
@@ -156,7 +156,7 @@ struct Sm80GroupGemm {
 
   // acc.sum += float(P) * sx[m] * sw[n] for the finished group gi of this stage: FADD, FMUL, FFMA an element.
   static __device__ __forceinline__ void promote(Accumulators& acc, const uint8_t* stage, int gi, int g,
-                                          const Problem& p, int warp_row, int warp_col, int n0) {
+                                                 const Problem& p, int warp_row, int warp_col, int n0) {
     const float* sx_s = reinterpret_cast<const float*>(stage + kABytes + kBBytes) + gi * kTileM;
     const uint32_t* sw_s = reinterpret_cast<const uint32_t*>(stage + kABytes + kBBytes + kSxBytes) + gi * kTileN;
     const int lane = threadIdx.x % 32;
@@ -191,7 +191,7 @@ struct Sm80GroupGemm {
   // All mma k-steps of one stage. kStartsGroup: the stage's first k-step opens a group spanning tiles.
   template <bool kStartsGroup>
   static __device__ __forceinline__ void mma_stage(Accumulators& acc, const uint8_t* stage, const Problem& p, int kt,
-                                            int warp_row, int warp_col, int n0) {
+                                                   int warp_row, int warp_col, int n0) {
     const int lane = threadIdx.x % 32;
     const uint8_t* a_s = stage;
     const uint8_t* b_s = stage + kABytes;
@@ -237,7 +237,7 @@ struct Sm80GroupGemm {
   }
 
   static __device__ __forceinline__ void store_output(const Accumulators& acc, const Problem& p, int m0, int n0,
-                                               int warp_row, int warp_col) {
+                                                      int warp_row, int warp_col) {
     const int lane = threadIdx.x % 32;
     cutlass::NumericArrayConverter<Out, float, 2, cutlass::FloatRoundStyle::round_to_nearest> convert;
 #pragma unroll

@@ -12,7 +12,8 @@
 // 2. decode_kernel: K is split over the S blocks of a thread-block cluster; each block copies its weight
 //    scales (group-wise), issues its first weight loads, waits for the quantization grid
 //    (griddepcontrol.wait), copies its K-slice of the quantized x to shared memory and streams its weights;
-//    the cluster reduces its partial sums through distributed shared memory in a fixed order (deterministic), adds the bias and rounds once.
+//    the cluster reduces its partial sums through distributed shared memory in a fixed order (deterministic),
+//    adds the bias and rounds once.
 //
 // The launcher holds one GEMM instantiation per token-tile count and K class (variants() in
 // apex4gen/kernels/sm90_decode.py) and picks by M and K.
@@ -132,7 +133,9 @@ struct Kernels {
   }
   static __device__ __forceinline__ void copy_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
   template <int PENDING>
-  static __device__ __forceinline__ void copy_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(PENDING) : "memory"); }
+  static __device__ __forceinline__ void copy_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(PENDING) : "memory");
+  }
 
   // Cluster barrier halves. arrive.release + wait.acquire order the partial sums written to shared memory before
   // the other ranks read them; the last barrier only keeps every block alive until the others have read its
@@ -147,7 +150,9 @@ struct Kernels {
   // Programmatic dependent launch (sm_90): the quantization grid lets the GEMM grid start, and the GEMM waits
   // for the quantization grid's completion (and its memory) before reading the workspace. Without the launch
   // attribute both are no-ops.
-  static __device__ __forceinline__ void allow_dependents() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
+  static __device__ __forceinline__ void allow_dependents() {
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  }
   static __device__ __forceinline__ void wait_prerequisites() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
 
   // 8 nibbles -> two int8x4 words holding value * 16: high nibbles in place, low nibbles shifted up.
@@ -155,7 +160,7 @@ struct Kernels {
   static __device__ __forceinline__ uint32_t nibbles_lo(uint32_t w) { return (w << 4) & 0xF0F0F0F0u; }
 
   static __device__ __forceinline__ void mma_s8(int (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                         uint32_t b0, uint32_t b1) {
+                                                uint32_t b0, uint32_t b1) {
     asm volatile(
         "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 { %0,%1,%2,%3}, { %4,%5,%6,%7}, { %8,%9}, "
         "{ %0,%1,%2,%3};"
@@ -404,7 +409,7 @@ struct Kernels {
   // Fold the finished group's int32 partials into the fp32 sums: acc += float(P) * sx[m,g] * sw[n,g].
   template <int MT, int WARPS, int RT>
   static __device__ __forceinline__ void promote_group(int g, int (&acc_i)[RT][MT][4], float (&acc_f)[RT][MT][4],
-                                                const float* sxs, const Out* sws) {
+                                                       const float* sxs, const Out* sws) {
     constexpr int kTok = MT * 8, kRows = WARPS * RT * 16;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2, t = lane & 3;
     float sx[MT][2];
@@ -486,13 +491,16 @@ __global__ void __launch_bounds__(WARPS * 32, (Kernel::template Tile<MT, WARPS, 
 #pragma unroll
     for (int i = 0; i < RT; ++i) {
       const uint4 w = stream.take(c, s, i);
-      a[i][0] = Kernel::nibbles_hi(w.x); a[i][1] = Kernel::nibbles_lo(w.x); a[i][2] = Kernel::nibbles_hi(w.y); a[i][3] = Kernel::nibbles_lo(w.y);
-      a[i][4] = Kernel::nibbles_hi(w.z); a[i][5] = Kernel::nibbles_lo(w.z); a[i][6] = Kernel::nibbles_hi(w.w); a[i][7] = Kernel::nibbles_lo(w.w);
+      a[i][0] = Kernel::nibbles_hi(w.x); a[i][1] = Kernel::nibbles_lo(w.x);
+      a[i][2] = Kernel::nibbles_hi(w.y); a[i][3] = Kernel::nibbles_lo(w.y);
+      a[i][4] = Kernel::nibbles_hi(w.z); a[i][5] = Kernel::nibbles_lo(w.z);
+      a[i][6] = Kernel::nibbles_hi(w.w); a[i][7] = Kernel::nibbles_lo(w.w);
     }
 #pragma unroll
     for (int j = 0; j < MT; ++j) {
       const uint2 v = *reinterpret_cast<const uint2*>(qx + ((c * MT + j) * 32 + lane) * 8);
-      const uint32_t b[4] = {Kernel::nibbles_hi(v.x), Kernel::nibbles_lo(v.x), Kernel::nibbles_hi(v.y), Kernel::nibbles_lo(v.y)};
+      const uint32_t b[4] = {Kernel::nibbles_hi(v.x), Kernel::nibbles_lo(v.x), Kernel::nibbles_hi(v.y),
+                             Kernel::nibbles_lo(v.y)};
 #pragma unroll
       for (int i = 0; i < RT; ++i) {
         Kernel::mma_s8(acc_i[i][j], a[i][0], a[i][1], a[i][2], a[i][3], b[0], b[1]);

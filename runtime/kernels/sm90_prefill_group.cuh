@@ -93,7 +93,8 @@ struct Gemm : Sm90Prefill<Config>, AdapterLauncher<Gemm<Config>> {
   using EpilogueCollective = typename Types::template Epilogue<Fusion>;
 
   // The stage count comes from the plan (WithStages), so the builder's carveout is a placeholder.
-  using BuiltMainloop = typename Types::template Mainloop<LayoutW, cutlass::gemm::collective::StageCountAutoCarveout<0>>;
+  using BuiltMainloop =
+      typename Types::template Mainloop<LayoutW, cutlass::gemm::collective::StageCountAutoCarveout<0>>;
   using MixedInputMainloop = typename BuiltMainloop::type;
 
   using MixedInputTensorStorage = typename MixedInputMainloop::TensorStorage;
@@ -112,7 +113,8 @@ struct Gemm : Sm90Prefill<Config>, AdapterLauncher<Gemm<Config>> {
     // registers while the widened weights serve every block.
     static constexpr int kWgmmaTokens = Config::kWgmmaTokens;
     using TiledMma = decltype(make_tiled_mma(
-        SM90::GMMA::rs_op_selector<ElementX, ElementX, ElementAcc, Shape<_64, Int<kWgmmaTokens>, Int<Config::kTileK>>>(),
+        SM90::GMMA::rs_op_selector<ElementX, ElementX, ElementAcc,
+                                   Shape<_64, Int<kWgmmaTokens>, Int<Config::kTileK>>>(),
         Layout<Shape<_2, _1, _1>>{}));
     static constexpr int kTileChannels = size<0>(TileShape{});
     static constexpr int kTileTokens = size<1>(TileShape{});
