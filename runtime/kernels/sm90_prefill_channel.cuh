@@ -60,13 +60,13 @@ struct Gemm : Sm90Prefill<Config>, AdapterLauncher<Gemm<Config>> {
   static typename Adapter::Arguments make_arguments(const apex4gen_gemm_args& a) {
     using StrideW = typename GemmKernel::StrideA;
     const auto stride_w = cutlass::make_cute_packed_stride(StrideW{}, cute::make_shape(a.n, a.k, 1));
-    const auto* sw = static_cast<const ElementOut*>(a.sw);
-    const auto* bias = static_cast<const ElementOut*>(a.bias);  // NULL: ColBroadcast reads 0 instead
     typename CollectiveMainloop::Arguments mainloop{static_cast<const ElementW*>(a.qw), stride_w,
                                                     static_cast<const ElementX*>(a.qx),
                                                     Types::template x_stride<Adapter>(a)};
     auto args = Types::template arguments<Adapter>(a, mainloop);
     Config::schedule(args.scheduler);
+    const auto* sw = static_cast<const ElementOut*>(a.sw);
+    const auto* bias = static_cast<const ElementOut*>(a.bias);  // NULL: ColBroadcast reads 0 instead
     args.epilogue.thread = {
         { {}, {sw, ElementOut(0), {}}, {} },  // P * sw[n]
         {a.sx, ElementCompute(0), {}},      // * sx[m]
