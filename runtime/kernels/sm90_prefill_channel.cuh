@@ -65,12 +65,10 @@ struct Gemm : Sm90Prefill<Config>, AdapterLauncher<Gemm<Config>> {
                                                     Types::template x_stride<Adapter>(a)};
     auto args = Types::template arguments<Adapter>(a, mainloop);
     Config::schedule(args.scheduler);
-    const auto* sw = static_cast<const ElementOut*>(a.sw);
-    const auto* bias = static_cast<const ElementOut*>(a.bias);  // NULL: ColBroadcast reads 0 instead
     args.epilogue.thread = {
-        { {}, {sw, ElementOut(0), {}}, {} },  // P * sw[n]
-        {a.sx, ElementCompute(0), {}},      // * sx[m]
-        {bias, ElementOut(0), {}},          // + bias[n]
+        { {}, {static_cast<const ElementOut*>(a.sw), ElementOut(0), {}}, {} },  // P * sw[n]
+        {a.sx, ElementCompute(0), {}},                                        // * sx[m]
+        {static_cast<const ElementOut*>(a.bias), ElementOut(0), {}},          // + bias[n] (NULL reads 0)
         {}};
     return args;
   }
