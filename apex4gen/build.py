@@ -41,7 +41,9 @@ from . import toolchain
 LIBRARY = "lib/libapex4gen.so"
 INT_MAX = 2**31 - 1
 RUNTIME_SOURCES = ("quantize.cu",)
-RUNTIME_HEADERS = ("apex4gen.h",)
+# The C ABI and the kernel headers the rendered sources include (paths under runtime/); the object cache key
+# hashes them all.
+RUNTIME_HEADERS = ("apex4gen.h", *sorted(f"kernels/{p.name}" for p in (runtime_dir() / "kernels").glob("*.cuh")))
 
 
 @dataclass(frozen=True)

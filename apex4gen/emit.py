@@ -1,7 +1,9 @@
 """Emit: render kernel configurations into CUDA sources through one Jinja environment.
 
 Decisions are made in Python (families' ``render``); templates get plain values and never spell C++ types
-themselves (apex4gen.kernels.cpp_names does). Every file starts with a banner naming the versions and the
+themselves (apex4gen.kernels.cpp_names does). Kernel bodies are C++ templates in runtime/kernels/*.cuh; a
+kernel's template renders only its configuration (a ``Config`` struct), the explicit instantiation and the
+C ABI pair (templates/_launcher.jinja, shared by every family). Every file starts with a banner naming the versions and the
 hashes of its inputs; writing is deterministic and write-if-different so unchanged files keep their mtime.
 """
 from __future__ import annotations

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import jinja2
@@ -198,6 +199,37 @@ def test_cache_key_covers_nvccs_environment_flags(monkeypatch):
     before = objcache.cache_key("source", ["nvcc", "-O3"], versions)
     monkeypatch.setenv("NVCC_APPEND_FLAGS", "-G")
     assert objcache.cache_key("source", ["nvcc", "-O3"], versions) != before
+
+
+def _included_headers(text: str, runtime: Path) -> set[str]:
+    """The runtime headers a source includes, transitively (quoted includes resolve under runtime/)."""
+    found, todo = set(), re.findall(r'^#include "([^"]+)"', text, re.M)
+    while todo:
+        name = todo.pop()
+        if name not in found:
+            found.add(name)
+            todo += re.findall(r'^#include "([^"]+)"', (runtime / name).read_text(), re.M)
+    return found
+
+
+@needs_nvcc
+def test_cache_key_covers_every_header_a_kernel_includes(tmp_path, full_plan):
+    """Kernel bodies live in runtime/kernels/*.cuh: the build copies every header a source includes into its
+    runtime/ folder, and a change to any of them changes the object's cache key (and so recompiles it)."""
+    build_stage.build(full_plan, A40, tmp_path, emit_only=True)
+    kernels = list(full_plan.kernels())
+    units = {u.label: u.key for u in build_stage.compile_units(tmp_path, kernels, "sm_86")}
+    source = (tmp_path / "src" / f"{kernels[0].procedural_name()}.cu").read_text()
+    headers = _included_headers(source, tmp_path / "runtime")
+    assert {"apex4gen.h", "kernels/common.cuh"} < headers
+    assert any(h.startswith("kernels/sm80_") for h in headers)
+    for header in sorted(headers):
+        path = tmp_path / "runtime" / header
+        original = path.read_text()
+        path.write_text(original + "\n// edited\n")
+        changed = {u.label: u.key for u in build_stage.compile_units(tmp_path, kernels, "sm_86")}
+        path.write_text(original)
+        assert changed[kernels[0].procedural_name()] != units[kernels[0].procedural_name()], header
 
 
 def test_cli_errors_are_one_line(tmp_path):

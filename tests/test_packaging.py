@@ -15,7 +15,9 @@ def test_installed_package_finds_its_data(tmp_path):
             "assert 'apex4gen/_' in str(paths.specs_dir()), paths.specs_dir(); "
             "assert 'a40' in specs.list_gpus(); "
             "assert (paths.runtime_dir() / 'apex4gen.h').is_file(); "
-            "emit.environment().get_template('dispatch.cu.jinja'); print('ok')")
+            "assert (paths.runtime_dir() / 'kernels' / 'sm90_decode.cuh').is_file(); "
+            "emit.environment().get_template('dispatch.cu.jinja'); "
+            "emit.environment().get_template('sm80_group.cu.jinja'); print('ok')")
     env = {**os.environ, "PYTHONPATH": str(target)}
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
