@@ -20,10 +20,6 @@ from .hadamard import OnlineHadamard
 from .weights import KINDS, LayerWeights, ModelWeights, Projection
 
 
-def _bytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
-
-
 class DenseLinear(nn.Module):
     """``F.linear`` on a 16-bit weight (the baseline)."""
 
@@ -35,8 +31,8 @@ class DenseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
 
-    def weight_bytes(self) -> int:
-        return _bytes((self.weight, self.bias))
+    def weight_tensors(self) -> list:
+        return [self.weight, self.bias]
 
 
 class KernelLinear(nn.Module):
@@ -55,15 +51,15 @@ class KernelLinear(nn.Module):
             x = clip_activation(x.reshape(-1, self.packed.k), self.packed.group, self.act_clip).reshape(x.shape)
         return self.build.linear(x, self.packed, self.bias)
 
-    def weight_bytes(self) -> int:
-        return _bytes([t for pair in self.packed.layouts.values() for t in pair] + [self.bias])
+    def weight_tensors(self) -> list:
+        return [t for pair in self.packed.layouts.values() for t in pair] + [self.bias]
 
 
 class FakeQuantLinear(W4A4Linear):
     """:class:`apex4gen.nn.W4A4Linear` (the fake-quant path) with the engine's weight count."""
 
-    def weight_bytes(self) -> int:
-        return _bytes((self.qweight, self.weight_scale, self.bias))
+    def weight_tensors(self) -> list:
+        return [self.qweight, self.weight_scale, self.bias]
 
 
 def make_linear(proj: Projection, build=None) -> nn.Module:
@@ -180,11 +176,11 @@ class DecoderLayer(nn.Module):
         h = h + self.attn(self.input_norm(h), rope, cache, pos, mask)
         return h + self.mlp(self.post_norm(h))
 
-    def weight_bytes(self) -> int:
+    def weight_tensors(self) -> list:
         linears = (self.attn.qkv, self.attn.o, self.mlp.gate_up, self.mlp.down)
         online = [] if self.mlp.online is None else list(self.mlp.online.buffers())
-        return sum(m.weight_bytes() for m in linears) + _bytes(
-            [self.input_norm.weight, self.post_norm.weight] + online)
+        return [t for m in linears for t in m.weight_tensors()] + [self.input_norm.weight, self.post_norm.weight] \
+            + online
 
 
 class Decoder(nn.Module):
@@ -218,5 +214,7 @@ class Decoder(nn.Module):
         return F.linear(self.norm(h), self.lm_head)
 
     def decoder_weight_bytes(self) -> int:
-        """Bytes of the decoder layers' weights as held (kernel layouts, scales, norms, online transform)."""
-        return sum(layer.weight_bytes() for layer in self.layers)
+        """Bytes of the decoder layers' weights as held (kernel layouts, scales, norms, the online transform;
+        a tensor shared by layers counted once)."""
+        tensors = {t.data_ptr(): t for layer in self.layers for t in layer.weight_tensors() if t is not None}
+        return sum(t.numel() * t.element_size() for t in tensors.values())

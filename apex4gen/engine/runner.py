@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import SpecError
 from .cache import KVCache
 from .model import Decoder
 
@@ -31,9 +32,11 @@ class DecodeStep:
         self.pos.add_(1)
 
     def _capture(self) -> torch.cuda.CUDAGraph:
-        """Warm up on a side stream (lazy initialisation stays out of the graph), then capture; the cache and
-        position are restored, so capturing leaves no trace."""
+        """Warm up on a side stream (lazy initialisation stays out of the graph), then capture. The warm-up step
+        runs at the cache's last position, which any step reaching it writes before reading, so capturing
+        changes nothing a later step sees; tokens and position are restored."""
         saved = (self.tokens.clone(), self.pos.clone())
+        self.pos.fill_(self.cache.length - 1)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -70,10 +73,13 @@ class Generation:
 def generate(model: Decoder, prompt: torch.Tensor, new_tokens: int, graph: bool = False) -> Generation:
     """Greedy generation: prefill the prompt [batch, T], then ``new_tokens`` - 1 decode steps."""
     batch, length = prompt.shape
+    if length + new_tokens > model.rope.cos.shape[0]:
+        raise SpecError(f"{length} prompt tokens + {new_tokens} new ones exceed the model's "
+                        f"{model.rope.cos.shape[0]} positions; ask for fewer tokens")
     cache = KVCache.allocate(model.config, batch, length + new_tokens, prompt.device)
     logits = model(prompt, cache)[:, -1]
-    first = logits.argmax(-1, keepdim=True)
     step = DecodeStep(model, cache, batch, graph)
+    first = logits.argmax(-1, keepdim=True)
     step.start(first, length)
     out = [first]
     for _ in range(new_tokens - 1):

@@ -66,36 +66,39 @@ class ModelWeights:
 
 def random_weights(config: DecoderConfig, groups: dict | None, device: torch.device | str,
                    seed: int = 0) -> ModelWeights:
-    """Random weights at ``config``'s shapes: W4A4 with ``groups`` (kind -> group size, the build's plan) or
-    16-bit with ``groups=None`` (the FP baseline). A W4A4 model gets an online Hadamard before down_proj, as a
-    rotated checkpoint has."""
+    """Random weights at ``config``'s shapes (normal, transformers' LLaMA init; norms near 1): 16-bit with
+    ``groups=None`` (the baseline), else that same model quantized to W4A4 with ``groups`` (kind -> group size,
+    the build's plan) and rotated as a checkpoint of ``apex4gen quantize --rotate`` is where it matters for run
+    time: an online Hadamard ``T`` before down_proj, down_proj's weight ``W T``. Layer ``i`` is the same for any
+    order of calls (its own seed)."""
     device = torch.device(device)
-    gen = torch.Generator(device=device).manual_seed(seed)
     dtype = config.dtype
-
-    def randn(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=gen, device=device, dtype=dtype) * INIT_STD
-
-    def norm_weight() -> torch.Tensor:
-        return 1.0 + 0.1 * torch.rand(config.hidden_size, generator=gen, device=device, dtype=dtype)
-
     online = None if groups is None else hadamard.for_size(config.intermediate_size, seed).to(device)
     shapes = {"qkv_proj": (config.q_dim + 2 * config.kv_dim, config.hidden_size),
               "o_proj": (config.hidden_size, config.q_dim),
               "gate_up_proj": (2 * config.intermediate_size, config.hidden_size),
               "down_proj": (config.hidden_size, config.intermediate_size)}
 
-    def projection(kind: str) -> Projection:
-        w = randn(*shapes[kind])
+    def projection(kind: str, gen: torch.Generator) -> Projection:
+        w = torch.randn(*shapes[kind], generator=gen, device=device, dtype=dtype) * INIT_STD
         if groups is None:
             return Projection(w)
-        return Projection(reference.quantize_weight(w, groups[kind], dtype))
+        if kind == "down_proj":
+            w = online(w)  # rows times T: the model computes (x T)(W T)^T = x W^T
+        return Projection(reference.quantize_weight(w, groups[kind]))  # scales: 16-bit dtype, fp16 for fp32
 
-    def make_layer(_index: int) -> LayerWeights:
-        return LayerWeights(norm_weight(), norm_weight(), {kind: projection(kind) for kind in KINDS}, online)
+    def norm_weight(gen: torch.Generator) -> torch.Tensor:
+        return 1.0 + 0.1 * torch.rand(config.hidden_size, generator=gen, device=device, dtype=dtype)
 
-    embed = randn(config.vocab_size, config.hidden_size) * (1 / INIT_STD)  # unit-scale embeddings, as trained
-    return ModelWeights(config, embed, norm_weight(), randn(config.vocab_size, config.hidden_size), make_layer)
+    def make_layer(index: int) -> LayerWeights:
+        gen = torch.Generator(device=device).manual_seed(seed * 100_003 + index + 1)
+        norms = norm_weight(gen), norm_weight(gen)
+        return LayerWeights(*norms, {kind: projection(kind, gen) for kind in KINDS}, online)
+
+    gen = torch.Generator(device=device).manual_seed(seed * 100_003)
+    embed = torch.randn(config.vocab_size, config.hidden_size, generator=gen, device=device, dtype=dtype)
+    head = torch.randn(config.vocab_size, config.hidden_size, generator=gen, device=device, dtype=dtype) * INIT_STD
+    return ModelWeights(config, embed, norm_weight(gen), head, make_layer)
 
 
 # ---------------------------------------------------------------------------------------------- checkpoint

@@ -1,0 +1,188 @@
+"""The inference engine on the CPU: the fake-quant path (reference numerics) of the same model code that runs
+the kernels on the GPU (tests/test_engine_gpu.py)."""
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from apex4gen.cli import cli
+from apex4gen.engine import Decoder, DecodeStep, KVCache, generate, load_checkpoint, random_weights
+from apex4gen.engine import hadamard
+from apex4gen.engine.config import DecoderConfig
+from apex4gen.engine.weights import LayerWeights, ModelWeights, Projection
+from apex4gen.errors import SpecError
+
+from tiny_llama import VOCAB, tiny_llama, token_batch
+
+pytest.importorskip("transformers")
+
+
+def _dense_weights(model) -> ModelWeights:
+    """A transformers LLaMA's own weights, unquantized, q/k/v and gate/up fused as the engine holds them."""
+    c = model.config
+    config = DecoderConfig("tiny", c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads,
+                           c.head_dim, c.num_hidden_layers, c.vocab_size, torch.float32, c.rms_norm_eps)
+
+    def fused(*linears) -> Projection:
+        return Projection(torch.cat([lin.weight.detach() for lin in linears]))
+
+    def layer(i: int) -> LayerWeights:
+        block = model.model.layers[i]
+        att, mlp = block.self_attn, block.mlp
+        return LayerWeights(block.input_layernorm.weight.detach(), block.post_attention_layernorm.weight.detach(),
+                            {"qkv_proj": fused(att.q_proj, att.k_proj, att.v_proj), "o_proj": fused(att.o_proj),
+                             "gate_up_proj": fused(mlp.gate_proj, mlp.up_proj), "down_proj": fused(mlp.down_proj)},
+                            None)
+
+    return ModelWeights(config, model.model.embed_tokens.weight.detach(), model.model.norm.weight.detach(),
+                        model.lm_head.weight.detach(), layer)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A rotated (online Hadamard before down_proj), g16 W4A4 checkpoint of a tiny LLaMA, and its model."""
+    from apex4gen.accuracy import QuantConfig, quantize_model
+    from apex4gen.checkpoint import load_quantized, save_quantized
+
+    out = tmp_path_factory.mktemp("ckpt")
+    fp = tiny_llama(layers=2, tie=False)
+    save_quantized(quantize_model(copy.deepcopy(fp), QuantConfig.uniform("g16", rotate=True)), out)
+    return out, load_quantized(out), fp
+
+
+@torch.no_grad()
+def test_fp_path_is_transformers_llama():
+    model = tiny_llama(layers=2, tie=False)
+    ids = token_batch(2, 11)
+    want = model(input_ids=ids).logits
+    got = Decoder(_dense_weights(model))(ids, all_logits=True)
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), float((got - want).abs().max())
+
+
+@torch.no_grad()
+def test_checkpoint_fake_quant_matches_transformers_model(checkpoint):
+    """Fused q/k/v and gate/up, the fast online Hadamard and the engine's attention compute what the quantized
+    transformers model computes (float32: the same quantized values, so agreement to float rounding)."""
+    path, quantized, fp = checkpoint
+    decoder = Decoder(load_checkpoint(path, dtype=torch.float32))
+    assert isinstance(decoder.layers[0].mlp.online, hadamard.OnlineHadamard)
+    ids = token_batch(2, 11)
+    want = quantized(input_ids=ids).logits
+    got = decoder(ids, all_logits=True)
+    quant_error = (want - fp(input_ids=ids).logits).norm()
+    assert (got - want).norm() < 1e-4 * quant_error, (float((got - want).norm()), float(quant_error))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@torch.no_grad()
+def test_kv_cache_decode_equals_full_recompute(checkpoint, dtype):
+    path, _, _ = checkpoint
+    decoder = Decoder(load_checkpoint(path, dtype=dtype))
+    ids = token_batch(3, 12)
+    cache = KVCache.allocate(decoder.config, 3, 16, "cpu")
+    decoder(ids[:, :8], cache)
+    for pos in range(8, 12):
+        step = decoder(ids[:, pos:pos + 1], cache, torch.tensor([pos]))
+        full = decoder(ids[:, :pos + 1])
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        assert torch.allclose(step.float(), full.float(), atol=tol, rtol=tol), (pos, float((step - full).abs().max()))
+
+
+@torch.no_grad()
+def test_greedy_generation_is_argmax_of_full_recompute(checkpoint):
+    path, _, _ = checkpoint
+    decoder = Decoder(load_checkpoint(path, dtype=torch.float32))
+    prompt = token_batch(2, 5)
+    out = generate(decoder, prompt, 8)
+    seq = prompt
+    for _ in range(8):
+        seq = torch.cat([seq, decoder(seq)[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(out.tokens, seq[:, 5:])
+
+
+@torch.no_grad()
+def test_decode_step_object_runs_eagerly_on_cpu(checkpoint):
+    path, _, _ = checkpoint
+    decoder = Decoder(load_checkpoint(path, dtype=torch.float32))
+    ids = token_batch(2, 6)
+    cache = KVCache.allocate(decoder.config, 4, 10, "cpu")
+    decoder(ids, cache.narrow(2))
+    step = DecodeStep(decoder, cache, 2, graph=False)
+    step.start(ids[:, -1:], 6)
+    tokens = step().clone()
+    assert int(step.pos) == 7
+    assert torch.equal(tokens, step.logits[:, -1].argmax(-1, keepdim=True))
+
+
+def test_random_w4a4_model_is_the_quantized_fp_model():
+    """Same seed: the W4A4 random model is the FP one quantized, with down_proj rotated by the online Hadamard
+    (so both compute nearly the same function), layer by layer in any order."""
+    config = DecoderConfig("tiny", 64, 128, 4, 2, 16, 2, VOCAB, torch.float32)
+    fp = random_weights(config, None, "cpu", seed=3)
+    q = random_weights(config, {"qkv_proj": 16, "o_proj": 64, "gate_up_proj": 32, "down_proj": 32}, "cpu", seed=3)
+    assert torch.equal(fp.layer(1).projections["o_proj"].weight, fp.layer(1).projections["o_proj"].weight)
+    assert q.layer(0).projections["qkv_proj"].weight.group == 16
+    with torch.no_grad():
+        ids = token_batch(2, 7)
+        a, b = Decoder(fp)(ids, all_logits=True), Decoder(q)(ids, all_logits=True)
+    assert (a - b).norm() < 0.5 * a.norm()
+    groups = {"qkv_proj": 16, "o_proj": 64, "gate_up_proj": 32, "down_proj": 32}
+    shapes = {"qkv_proj": (128, 64), "o_proj": (64, 64), "gate_up_proj": (256, 64), "down_proj": (64, 128)}
+    int4 = sum(n * k // 2 + n * k // groups[kind] * 2 for kind, (n, k) in shapes.items())  # values + fp16 scales
+    online = 128 * 4 + 128 * 128 * 4  # signs and one 128-factor, fp32, shared by the layers
+    norms = 2 * 64 * 4
+    assert Decoder(q).decoder_weight_bytes() == 2 * (int4 + norms) + online
+    assert Decoder(fp).decoder_weight_bytes() == 2 * (sum(n * k for n, k in shapes.values()) + 2 * 64) * 4
+
+
+@pytest.mark.parametrize("n", [96, 1536, 2752, 4096])
+def test_fast_hadamard_is_orthogonal_and_applies_its_matrix(n):
+    t = hadamard.for_size(n, seed=1)
+    dense = t.dense()
+    assert max(t.sizes[i] for i in t.dense_axes) <= hadamard.MAX_FACTOR
+    assert torch.allclose(dense @ dense.T, torch.eye(n, dtype=torch.float64), atol=1e-9)
+    x = torch.randn(2, 3, n)
+    assert torch.allclose(t(x).double(), x.double() @ dense, atol=1e-5)
+
+
+def test_stored_rotation_is_recognised_and_others_refused():
+    from apex4gen.accuracy.rotation import random_orthogonal
+
+    t = random_orthogonal(1536, seed=4).float()
+    fast = hadamard.from_dense(t, "ckpt")
+    assert fast.sizes != (1536,) and torch.allclose(fast.dense(), t.double(), atol=1e-6)
+    q, _ = torch.linalg.qr(torch.randn(96, 96, dtype=torch.float64))
+    with pytest.raises(SpecError, match="no fast form"):
+        hadamard.from_dense(q.float(), "ckpt")
+
+
+def test_engine_does_not_import_the_compiler():
+    code = ("import sys, apex4gen.engine, apex4gen.engine.benchmark, apex4gen.engine.buildinfo; "
+            "bad = [m for m in ('jinja2', 'apex4gen.emit', 'apex4gen.build', 'apex4gen.planner', "
+            "'apex4gen.costmodel') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_generate_command_on_a_checkpoint(checkpoint):
+    path, _, _ = checkpoint
+    result = CliRunner().invoke(cli, ["generate", str(path), "--prompt", "hi there", "--max-new-tokens", "4",
+                                      "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    tokens = result.stdout.split("\n")[0].split()
+    assert len(tokens) == 4 and all(0 <= int(t) < VOCAB for t in tokens)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate", "llama2-7b", "--prompt", "x"], "give --build"),
+    (["generate", "no-such-model", "--prompt", "x"], "no-such-model"),
+    (["e2e-bench", "llama2-7b", "--build", ".", "--batches", "1,x"], "--batches takes comma-separated integers"),
+])
+def test_bad_input_is_one_line(args, message):
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output, result.output
