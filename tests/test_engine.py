@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -186,3 +187,58 @@ def test_generate_command_on_a_checkpoint(checkpoint):
 def test_bad_input_is_one_line(args, message):
     result = CliRunner().invoke(cli, args)
     assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output, result.output
+
+
+class _ReferenceBuild:
+    """The Build API (pack, linear on [..., K]) computed by the reference: the kernel path's plumbing on the CPU."""
+
+    def pack(self, w):
+        from apex4gen.loader import PackedWeight
+        return PackedWeight(w.shape[0], w.shape[1], w.group, w.scales.dtype, {"canonical": (w.q, w.scales)})
+
+    def linear(self, x, packed, bias=None):
+        from apex4gen import reference
+        q, scales = packed.layouts["canonical"]
+        w = reference.QuantizedTensor(q, scales, packed.group)
+        y = reference.reference_linear(x.reshape(-1, packed.k), w, bias)
+        return y.reshape(*x.shape[:-1], packed.n)
+
+
+@torch.no_grad()
+def test_kernel_path_plumbing_on_reference_ops(checkpoint):
+    """KernelLinear (packing once, [..., K] in, bias, clipping) through a build whose ops are the reference: the
+    logits are the fake-quant path's up to its summation order."""
+    from apex4gen.engine.model import KernelLinear
+
+    path, _, _ = checkpoint
+    weights = load_checkpoint(path, dtype=torch.bfloat16)
+    kernel = Decoder(weights, _ReferenceBuild())
+    assert sum(isinstance(m, KernelLinear) for m in kernel.modules()) == 8
+    ids = token_batch(2, 9)
+    got, want = kernel(ids, all_logits=True).float(), Decoder(weights)(ids, all_logits=True).float()
+    assert (got - want).norm() < 0.05 * want.norm(), float((got - want).norm() / want.norm())
+
+
+def test_e2e_report_targets_json_and_summary(tmp_path, capsys):
+    """The benchmark's verdicts, table, JSON and the device script's summary line, on made-up measurements."""
+    from apex4gen.cli.generate import _print_report
+    from apex4gen.engine import benchmark as bench
+
+    fp = bench.ModelResult("fp16", 32, {512: 1000.0, 2048: 900.0}, {1: 100.0, 16: 1500.0, 64: 5000.0}, 100, 200)
+    w4 = bench.ModelResult("w4a4", 32, {512: 1200.0, 2048: 1000.0}, {1: 260.0, 16: 2900.0, 64: 6600.0}, 28, 90)
+    targets = bench.targets(w4, fp, per_channel=True)
+    verdicts = {t.label: t.met for t in targets}
+    assert verdicts == {"decode batch 1 vs fp16": True, "decode batch 16 vs fp16": False,
+                        "decode batch 64 vs fp16": True, "prefill 2048 vs fp16 (per-channel plan)": False,
+                        "decoder weight memory vs fp16": True}
+    assert [t.minimum for t in bench.targets(w4, fp, per_channel=False) if "prefill" in t.label] == [1.0]
+    report = bench.Report("llama2-7b", "b", "GPU", "2", bench.Settings(), (fp, w4), targets)
+    _print_report(report)
+    printed = capsys.readouterr().out
+    assert "2.60x" in printed and "target decode batch 16 vs fp16: 1.93x (>= 2.0x: NOT met)" in printed
+    report.write_json(tmp_path / "e2e-x.json")
+    script = Path(__file__).resolve().parents[1] / "scripts" / "e2e_summary.py"
+    line = subprocess.run([sys.executable, str(script), str(tmp_path / "e2e-x.json")],
+                          capture_output=True, text=True, check=True).stdout
+    assert "decode b1 2.60x" in line and "prefill2048 1.11x" in line and "(0.28x)" in line
+    assert "not met: decode batch 16 vs fp16, prefill 2048 vs fp16 (per-channel plan)" in line

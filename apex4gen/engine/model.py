@@ -68,7 +68,7 @@ def make_linear(proj: Projection, build=None) -> nn.Module:
         return DenseLinear(proj)
     if build is not None:
         return KernelLinear(proj, build)
-    return FakeQuantLinear.from_quantized(proj.weight, proj.bias, act_clip=proj.act_clip)
+    return FakeQuantLinear.from_quantized(proj.weight, proj.bias, act_clip=proj.act_clip).to(proj.weight.q.device)
 
 
 class RMSNorm(nn.Module):
