@@ -135,20 +135,21 @@ def test_random_w4a4_model_is_the_quantized_fp_model():
     groups = {"qkv_proj": 16, "o_proj": 64, "gate_up_proj": 32, "down_proj": 32}
     shapes = {"qkv_proj": (128, 64), "o_proj": (64, 64), "gate_up_proj": (256, 64), "down_proj": (64, 128)}
     int4 = sum(n * k // 2 + n * k // groups[kind] * 2 for kind, (n, k) in shapes.items())  # values + fp16 scales
-    online = 128 * 4 + 128 * 128 * 4  # signs and one 128-factor, fp32, shared by the layers
+    online = 128 * 4 + (16 * 16 + 8 * 8) * 4  # scale and the 16 x 8 factors, fp32, shared by the layers
     norms = 2 * 64 * 4
     assert Decoder(q).decoder_weight_bytes() == 2 * (int4 + norms) + online
     assert Decoder(fp).decoder_weight_bytes() == 2 * (sum(n * k for n, k in shapes.values()) + 2 * 64) * 4
 
 
-@pytest.mark.parametrize("n", [96, 1536, 2752, 4096])
-def test_fast_hadamard_is_orthogonal_and_applies_its_matrix(n):
+@pytest.mark.parametrize("n, factors", [(96, (12, 8)), (1536, (48, 32)), (2752, (43, 64)), (4096, (64, 64))])
+def test_fast_hadamard_is_orthogonal_and_applies_its_matrix(n, factors):
     t = hadamard.for_size(n, seed=1)
+    assert (t.a, t.b) == factors  # 2752 = 43 x 64: no small Hadamard of order 2752 here, so 43 blocks of 64
     dense = t.dense()
-    assert max(t.sizes[i] for i in t.dense_axes) <= hadamard.MAX_FACTOR
     assert torch.allclose(dense @ dense.T, torch.eye(n, dtype=torch.float64), atol=1e-9)
     x = torch.randn(2, 3, n)
     assert torch.allclose(t(x).double(), x.double() @ dense, atol=1e-5)
+    assert torch.allclose(t.to(torch.bfloat16)(x.bfloat16()).double(), x.double() @ dense, atol=0.05)
 
 
 def test_stored_rotation_is_recognised_and_others_refused():
@@ -156,7 +157,7 @@ def test_stored_rotation_is_recognised_and_others_refused():
 
     t = random_orthogonal(1536, seed=4).float()
     fast = hadamard.from_dense(t, "ckpt")
-    assert fast.sizes != (1536,) and torch.allclose(fast.dense(), t.double(), atol=1e-6)
+    assert (fast.a, fast.b) == (48, 32) and torch.allclose(fast.dense(), t.double(), atol=1e-6)
     q, _ = torch.linalg.qr(torch.randn(96, 96, dtype=torch.float64))
     with pytest.raises(SpecError, match="no fast form"):
         hadamard.from_dense(q.float(), "ckpt")

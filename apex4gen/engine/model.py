@@ -170,7 +170,8 @@ class DecoderLayer(nn.Module):
         self.input_norm = RMSNorm(weights.input_norm, config.rms_norm_eps)
         self.post_norm = RMSNorm(weights.post_norm, config.rms_norm_eps)
         self.attn = Attention(config, lin["qkv_proj"], lin["o_proj"])
-        self.mlp = MLP(lin["gate_up_proj"], lin["down_proj"], weights.online)
+        online = None if weights.online is None else weights.online.to(config.dtype)  # in place: shared by layers
+        self.mlp = MLP(lin["gate_up_proj"], lin["down_proj"], online)
 
     def forward(self, h, rope, cache, pos, mask):
         h = h + self.attn(self.input_norm(h), rope, cache, pos, mask)
