@@ -22,7 +22,9 @@ def _line(path: Path) -> str:
                 cells.append(f"{kind}{n} {value:,.0f} tok/s")
     memory = f"weights {w4a4['decoder_weight_bytes'] / GIB:.1f} GiB"
     if len(results) > 1:
-        memory += f" ({w4a4['decoder_weight_bytes'] / results[0]['decoder_weight_bytes']:.2f}x)"
+        base = results[0]["decoder_weight_bytes"]
+        memory += (f" ({w4a4['decoder_weight_bytes'] / base:.2f}x; one layout a GEMM "
+                   f"{w4a4['decoder_weight_bytes_one_layout'] / base:.2f}x)")
     memory += f", peak {w4a4['peak_bytes'] / GIB:.1f} GiB"
     if len(results) > 1:
         memory += f" (16-bit {results[0]['peak_bytes'] / GIB:.1f})"

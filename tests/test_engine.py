@@ -225,8 +225,8 @@ def test_e2e_report_targets_json_and_summary(tmp_path, capsys):
     from apex4gen.cli.generate import _print_report
     from apex4gen.engine import benchmark as bench
 
-    fp = bench.ModelResult("fp16", 32, {512: 1000.0, 2048: 900.0}, {1: 100.0, 16: 1500.0, 64: 5000.0}, 100, 200)
-    w4 = bench.ModelResult("w4a4", 32, {512: 1200.0, 2048: 1000.0}, {1: 260.0, 16: 2900.0, 64: 6600.0}, 28, 90)
+    fp = bench.ModelResult("fp16", 32, {512: 1000.0, 2048: 900.0}, {1: 100.0, 16: 1500.0, 64: 5000.0}, 100, 200, 100)
+    w4 = bench.ModelResult("w4a4", 32, {512: 1200.0, 2048: 1000.0}, {1: 260.0, 16: 2900.0, 64: 6600.0}, 28, 90, 15)
     targets = bench.targets(w4, fp, per_channel=True)
     verdicts = {t.label: t.met for t in targets}
     assert verdicts == {"decode batch 1 vs fp16": True, "decode batch 16 vs fp16": False,
@@ -243,3 +243,22 @@ def test_e2e_report_targets_json_and_summary(tmp_path, capsys):
                           capture_output=True, text=True, check=True).stdout
     assert "decode b1 2.60x" in line and "prefill2048 1.11x" in line and "(0.28x)" in line
     assert "not met: decode batch 16 vs fp16, prefill 2048 vs fp16 (per-channel plan)" in line
+
+
+def test_weight_bytes_count_every_layout_held():
+    """A Hopper GEMM holds its decode and its prefill layout; the one-layout count keeps the smaller."""
+    from apex4gen.engine.model import KernelLinear
+    from apex4gen.loader import PackedWeight
+
+    class TwoLayouts(_ReferenceBuild):
+        def pack(self, w):
+            q = torch.zeros(w.shape[0], w.shape[1] // 2, dtype=torch.uint8)
+            return PackedWeight(w.shape[0], w.shape[1], w.group, w.scales.dtype,
+                                {"a": (q, w.scales), "b": (q.clone(), w.scales.t().contiguous())})
+
+    from apex4gen import reference
+    w = reference.quantize_weight(torch.randn(32, 64), 16)
+    lin = KernelLinear(Projection(w), TwoLayouts())
+    size = lambda ts: sum(t.numel() * t.element_size() for t in ts if t is not None)  # noqa: E731
+    assert size(lin.weight_tensors()) == 2 * (32 * 32 + 32 * 4 * 2)
+    assert size(lin.weight_tensors(one_layout=True)) == 32 * 32 + 32 * 4 * 2

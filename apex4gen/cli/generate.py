@@ -175,6 +175,7 @@ def _print_report(report) -> None:
         table.add_row(label, *[f"{get(r):,.0f}" for r in report.results], *ratio)
     gib = 2 ** 30
     for label, get in (("decoder weights GiB", lambda r: r.decoder_weight_bytes / gib),
+                       ("  with one layout a GEMM", lambda r: r.decoder_weight_bytes_one_layout / gib),
                        ("peak memory GiB", lambda r: r.peak_bytes / gib)):
         ratio = [f"{get(report.results[1]) / get(base):.2f}x"] if base else []
         table.add_row(label, *[f"{get(r):.2f}" for r in report.results], *ratio)

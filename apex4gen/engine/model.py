@@ -31,7 +31,7 @@ class DenseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
 
-    def weight_tensors(self) -> list:
+    def weight_tensors(self, one_layout: bool = False) -> list:
         return [self.weight, self.bias]
 
 
@@ -51,14 +51,18 @@ class KernelLinear(nn.Module):
             x = clip_activation(x.reshape(-1, self.packed.k), self.packed.group, self.act_clip).reshape(x.shape)
         return self.build.linear(x, self.packed, self.bias)
 
-    def weight_tensors(self) -> list:
-        return [t for pair in self.packed.layouts.values() for t in pair] + [self.bias]
+    def weight_tensors(self, one_layout: bool = False) -> list:
+        """Every layout held (a Hopper GEMM's decode and prefill kernels read different ones), or the smallest."""
+        pairs = list(self.packed.layouts.values())
+        if one_layout:
+            pairs = [min(pairs, key=lambda pair: sum(t.numel() * t.element_size() for t in pair))]
+        return [t for pair in pairs for t in pair] + [self.bias]
 
 
 class FakeQuantLinear(W4A4Linear):
     """:class:`apex4gen.nn.W4A4Linear` (the fake-quant path) with the engine's weight count."""
 
-    def weight_tensors(self) -> list:
+    def weight_tensors(self, one_layout: bool = False) -> list:
         return [self.qweight, self.weight_scale, self.bias]
 
 
@@ -177,11 +181,11 @@ class DecoderLayer(nn.Module):
         h = h + self.attn(self.input_norm(h), rope, cache, pos, mask)
         return h + self.mlp(self.post_norm(h))
 
-    def weight_tensors(self) -> list:
+    def weight_tensors(self, one_layout: bool = False) -> list:
         linears = (self.attn.qkv, self.attn.o, self.mlp.gate_up, self.mlp.down)
         online = [] if self.mlp.online is None else list(self.mlp.online.buffers())
-        return [t for m in linears for t in m.weight_tensors()] + [self.input_norm.weight, self.post_norm.weight] \
-            + online
+        return [t for m in linears for t in m.weight_tensors(one_layout)] \
+            + [self.input_norm.weight, self.post_norm.weight] + online
 
 
 class Decoder(nn.Module):
@@ -214,8 +218,9 @@ class Decoder(nn.Module):
             h = h[:, -1:]
         return F.linear(self.norm(h), self.lm_head)
 
-    def decoder_weight_bytes(self) -> int:
+    def decoder_weight_bytes(self, one_layout: bool = False) -> int:
         """Bytes of the decoder layers' weights as held (kernel layouts, scales, norms, the online transform;
-        a tensor shared by layers counted once)."""
-        tensors = {t.data_ptr(): t for layer in self.layers for t in layer.weight_tensors() if t is not None}
+        a tensor shared by layers counted once); ``one_layout``: as if each GEMM's kernels read one layout."""
+        tensors = {t.data_ptr(): t for layer in self.layers for t in layer.weight_tensors(one_layout)
+                   if t is not None}
         return sum(t.numel() * t.element_size() for t in tensors.values())
