@@ -241,7 +241,7 @@ def test_e2e_report_targets_json_and_summary(tmp_path, capsys):
     script = Path(__file__).resolve().parents[1] / "scripts" / "e2e_summary.py"
     line = subprocess.run([sys.executable, str(script), str(tmp_path / "e2e-x.json")],
                           capture_output=True, text=True, check=True).stdout
-    assert "decode b1 2.60x" in line and "prefill2048 1.11x" in line and "(0.28x)" in line
+    assert "decode b1 2.60x" in line and "prefill2048 1.11x" in line and "(0.28x; one layout a GEMM 0.15x)" in line
     assert "not met: decode batch 16 vs fp16, prefill 2048 vs fp16 (per-channel plan)" in line
 
 
