@@ -9,6 +9,8 @@ import torch
 
 from .config import DecoderConfig
 
+ALIGN = 16  # positions
+
 
 @dataclass(frozen=True)
 class KVCache:
@@ -18,6 +20,9 @@ class KVCache:
 
     @classmethod
     def allocate(cls, config: DecoderConfig, batch: int, length: int, device) -> "KVCache":
+        """Room for at least ``length`` positions, rounded up to a multiple of ALIGN: SDPA's memory-efficient
+        kernel takes a mask whose rows are 16-byte aligned as is (others are padded on every call)."""
+        length = -(-length // ALIGN) * ALIGN
         shape = (config.num_layers, batch, config.num_kv_heads, length, config.head_dim)
         return cls(torch.zeros(shape, dtype=config.dtype, device=device),
                    torch.zeros(shape, dtype=config.dtype, device=device),
