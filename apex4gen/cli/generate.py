@@ -32,11 +32,10 @@ def _load_build(build_dir: Path | None):
         return load(build_dir)
 
 
-def _random_model(model: str, build, layers: int | None, device):
-    """A shipped model (or a spec YAML) with random W4A4 weights at the build's plan granularities."""
-    from ..engine.buildinfo import build_dtype, check_model, plan_groups
+def _random_config(model: str, build, layers: int | None):
+    """A shipped model (or a spec YAML) at the build's dtype; random weights take the build's plan granularities."""
+    from ..engine.buildinfo import build_dtype, check_model
     from ..engine.config import from_spec
-    from ..engine.weights import random_weights
     from ..specs import load_model
 
     spec = load_model(model)
@@ -44,8 +43,14 @@ def _random_model(model: str, build, layers: int | None, device):
         raise SpecError(f"{model}: a model with random weights takes its granularities from a build's plan; "
                         "give --build BUILD_DIR (or a checkpoint directory instead of a model name)")
     check_model(build, spec.name)
-    config = replace(from_spec(spec), dtype=build_dtype(build)).with_layers(layers)
-    return random_weights(config, plan_groups(build), device), None
+    return replace(from_spec(spec), dtype=build_dtype(build)).with_layers(layers)
+
+
+def _random_model(model: str, build, layers: int | None, device):
+    from ..engine.buildinfo import plan_groups
+    from ..engine.weights import random_weights
+
+    return random_weights(_random_config(model, build, layers), plan_groups(build), device), None
 
 
 def _checkpoint_model(path: Path, layers: int | None, device):
@@ -134,20 +139,21 @@ def e2e_bench_cmd(model: str, build_dir: Path, layers: int | None, prompt_length
     import torch
 
     from ..engine import benchmark as bench
-    from ..engine.buildinfo import is_per_channel
+    from ..engine.buildinfo import is_per_channel, plan_groups
     from ..engine.weights import random_weights
 
     settings = bench.Settings(_ints(prompt_lengths, "--prompt-lengths", True), _ints(batches, "--batches", True),
                               context, steps, samples)
     build = _load_build(build_dir)
-    w4a4, _ = _random_model(model, build, layers, "cuda")
+    config = _random_config(model, build, layers)
+    groups = plan_groups(build)
     results = []
-    if baseline:
-        results.append(bench.measure(random_weights(w4a4.config, None, "cuda"), None,
-                                     bench.dtype_name(w4a4.config), settings, click.echo))
-    results.append(bench.measure(w4a4, build, "w4a4", settings, click.echo))
+    if baseline:  # first, and freed before the W4A4 model is made: one model on the GPU at a time
+        results.append(bench.measure(random_weights(config, None, "cuda"), None, bench.dtype_name(config), settings,
+                                     click.echo))
+    results.append(bench.measure(random_weights(config, groups, "cuda"), build, "w4a4", settings, click.echo))
     targets = bench.targets(results[1], results[0], is_per_channel(build)) if baseline else ()
-    report = bench.Report(w4a4.config.name, str(build_dir), torch.cuda.get_device_name(), torch.__version__,
+    report = bench.Report(config.name, str(build_dir), torch.cuda.get_device_name(), torch.__version__,
                           settings, tuple(results), targets)
     _print_report(report)
     if json_path:
