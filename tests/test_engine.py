@@ -262,3 +262,14 @@ def test_weight_bytes_count_every_layout_held():
     size = lambda ts: sum(t.numel() * t.element_size() for t in ts if t is not None)  # noqa: E731
     assert size(lin.weight_tensors()) == 2 * (32 * 32 + 32 * 4 * 2)
     assert size(lin.weight_tensors(one_layout=True)) == 32 * 32 + 32 * 4 * 2
+
+
+@torch.no_grad()
+def test_cache_rounding_stays_inside_the_position_tables(checkpoint):
+    """A cache is rounded up to whole ALIGN blocks; so are the RoPE tables: a decode step at the cache's last
+    position (where a captured step warms up) finds its position."""
+    path, _, _ = checkpoint
+    decoder = Decoder(load_checkpoint(path, dtype=torch.float32), max_positions=21)
+    cache = KVCache.allocate(decoder.config, 1, 21, "cpu")
+    assert cache.length == 32 and decoder.rope.cos.shape[0] == 32
+    decoder(torch.tensor([[5]]), cache, torch.tensor([cache.length - 1]))

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn import W4A4Linear, clip_activation
-from .cache import KVCache
+from .cache import ALIGN, KVCache
 from .config import DecoderConfig
 from .hadamard import OnlineHadamard
 from .weights import KINDS, LayerWeights, ModelWeights, Projection
@@ -90,7 +90,10 @@ class Rope(nn.Module):
     ``x·cos + roll(x, D/2)·sin±`` with ``sin± = [-sin, sin]`` is ``x·cos + rotate_half(x)·sin``."""
 
     def __init__(self, config: DecoderConfig, max_positions: int, device) -> None:
+        """Tables for ``max_positions`` rounded up as caches are (:data:`cache.ALIGN`): a cache made for at most
+        that many positions never holds one beyond the tables."""
         super().__init__()
+        max_positions = -(-max_positions // ALIGN) * ALIGN
         d = config.head_dim
         inv = 1.0 / config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d)
         angles = torch.outer(torch.arange(max_positions, dtype=torch.float32, device=device), inv)
