@@ -50,7 +50,7 @@ bench)
   bench llama3-8b llama3-8b --build $L8
   bench llama2-70b-${FP_LAYERS_70B}l llama2-70b --build $L70 --layers $FP_LAYERS_70B
   bench llama2-70b-80l-w4a4 llama2-70b --build $L70 --no-baseline
-  grep -E "^target" "$out/e2e-bench.log"
+  grep -vE "^  (prefill|decode)|decoder weights [0-9.]+ GiB$" "$out/e2e-bench.log"
   python3 scripts/e2e_summary.py "$out"/e2e-*.json | tee "$out/summary.txt"
   ;;
 *)
