@@ -12,7 +12,8 @@ measured, freed.
   its tokens and position on the device); tokens/s = batch * steps / time.
 * Each figure is the median of ``samples`` timings (CUDA events), after a warm-up replay.
 * memory: the decoder layers' weights as held (the kernels' layouts and scales; 16-bit weights), and the
-  peak allocated by PyTorch over the model's whole measurement (weights, caches, activations, graph pools).
+  peak allocated by PyTorch while the model runs (weights, caches, activations, graph pools; not the
+  transients of making random weights).
   On Hopper a GEMM's decode and prefill kernels read different weight layouts, so both are held; the
   one-layout figure is what a kernel set sharing one layout would hold.
 """
@@ -140,10 +141,11 @@ def measure(weights: ModelWeights, build, variant: str, settings: Settings, log=
     """Build the model on the GPU (through ``build``'s kernels when its projections are quantized), time it,
     free it."""
     _release()
-    torch.cuda.reset_peak_memory_stats()
     config = weights.config
     positions = max(max(settings.prompt_lengths, default=0), settings.context + settings.steps + 1)
     model = Decoder(weights, build, max_positions=positions)
+    _release()
+    torch.cuda.reset_peak_memory_stats()  # from here: the model held, not the transients of making it
     weight_bytes, one_layout = model.decoder_weight_bytes(), model.decoder_weight_bytes(one_layout=True)
     log(f"{variant}: {config.num_layers} layers, decoder weights {weight_bytes / 2**30:.2f} GiB")
     prefill = {}
