@@ -24,7 +24,7 @@ builds() {
   a4g build --gpu h100-sxm --model llama2-70b --out $L70 -j 10 > "$out/build-b.log" 2>&1 &
   wait
   a4g build --gpu h100-sxm --model llama2-7b --out $L7 -j 8 > "$out/build-c.log" 2>&1 &
-  a4g build --gpu h100-sxm --model llama2-7b --budget bench/budget-channel.yaml --out $L7CH -j 8 > "$out/build-d.log" 2>&1 &
+  a4g build --gpu h100-sxm --model llama2-7b --budget specs/budgets/budget-channel.yaml --out $L7CH -j 8 > "$out/build-d.log" 2>&1 &
   wait
   cat "$out"/build-[abcd].log > "$out/build.log"
   rm -f "$out"/build-[abcd].log

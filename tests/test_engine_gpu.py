@@ -99,7 +99,7 @@ def models(request):
     from apex4gen.specs import load_model
 
     build = _load(request.param)
-    config = replace(from_spec(load_model(build.manifest["model"])), dtype=build_dtype(build)).with_layers(LAYERS)
+    config = replace(from_spec(load_model(build.manifest.model)), dtype=build_dtype(build)).with_layers(LAYERS)
     seed = torch.seed() % 2**31
     print(f"seed={seed}")
     groups = plan_groups(build)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from apex4gen import loader
+from apex4gen import abi
+from apex4gen.loader import ops as loader_ops
 
 
 @pytest.fixture(scope="module", autouse=True)
 def ops():
-    loader._register_ops()
+    loader_ops._register_ops()
 
 
 def _meta(*shape, dtype=torch.float16):
@@ -24,9 +25,9 @@ def test_linear_keeps_leading_dimensions(lead):
     assert y.shape == (*lead, 32) and y.dtype == torch.float16
 
 
-@pytest.mark.parametrize("fmt, width, dtype", [(loader.ACT_S4, 32, torch.uint8), (loader.ACT_S8, 64, torch.int8),
-                                                (loader.ACT_E4M3, 64, torch.float8_e4m3fn)])
+@pytest.mark.parametrize("fmt, width, dtype", [("s4", 32, torch.uint8), ("s8", 64, torch.int8),
+                                                ("e4m3", 64, torch.float8_e4m3fn)])
 def test_quantize_act_keeps_leading_dimensions(fmt, width, dtype):
-    qx, sx = torch.ops.apex4gen.quantize_act(_meta(2, 3, 64), 16, fmt, 0)
+    qx, sx = torch.ops.apex4gen.quantize_act(_meta(2, 3, 64), 16, abi.ACT_FORMAT[fmt], 0)
     assert qx.shape == (2, 3, width) and qx.dtype == dtype
     assert sx.shape == (2, 3, 4) and sx.dtype == torch.float32

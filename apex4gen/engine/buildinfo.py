@@ -11,7 +11,7 @@ from .weights import KINDS
 
 
 def build_dtype(build) -> torch.dtype:
-    return DTYPES[build.manifest["out_dtype"]]
+    return DTYPES[build.manifest.out_dtype]
 
 
 def _plan(build) -> dict:
@@ -37,6 +37,6 @@ def is_per_channel(build) -> bool:
 
 
 def check_model(build, model_name: str) -> None:
-    if build.manifest["model"] != model_name:
-        raise SpecError(f"{build.build_dir} was built for {build.manifest['model']}, not {model_name}; give a build "
+    if build.manifest.model != model_name:
+        raise SpecError(f"{build.build_dir} was built for {build.manifest.model}, not {model_name}; give a build "
                         f"of {model_name} (apex4gen build --gpu <gpu> --model {model_name})")
