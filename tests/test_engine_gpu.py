@@ -200,6 +200,7 @@ def test_cuda_graph_decode_equals_eager(models, batch):
     graph = DecodeStep(kernel, cache, batch, graph=True)
     graph.start(ids[:, -1:], 39)
     graph_tokens = graph()
-    # cuBLAS (lm_head, the online Hadamard) may pick another algorithm under capture: close, not bitwise
-    torch.testing.assert_close(graph.logits, eager.logits, rtol=1e-2, atol=1e-2)
+    # the same kernels on the same inputs; cuBLAS (lm_head, the online Hadamard) could pick another algorithm
+    # under capture, so the logits must be as close as one ulp flipping a quantized activation now and then allows
+    assert _relative(graph.logits, eager.logits) < 1e-3, _relative(graph.logits, eager.logits)
     assert torch.equal(graph_tokens, eager_tokens) and int(graph.pos) == 40
