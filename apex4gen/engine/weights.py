@@ -66,7 +66,7 @@ class ModelWeights:
 
 def random_weights(config: DecoderConfig, groups: dict | None, device: torch.device | str,
                    seed: int = 0) -> ModelWeights:
-    """Random weights at ``config``'s shapes (normal, transformers' LLaMA init; norms near 1): 16-bit with
+    """Random weights at ``config``'s shapes (normal with transformers' LLaMA std; norms near 1): 16-bit with
     ``groups=None`` (the baseline), else that same model quantized to W4A4 with ``groups`` (kind -> group size,
     the build's plan) and rotated as a checkpoint of ``apex4gen quantize --rotate`` is where it matters for run
     time: an online Hadamard ``T`` before down_proj, down_proj's weight ``W T``. Layer ``i`` is the same for any
@@ -96,7 +96,7 @@ def random_weights(config: DecoderConfig, groups: dict | None, device: torch.dev
         return LayerWeights(*norms, {kind: projection(kind, gen) for kind in KINDS}, online)
 
     gen = torch.Generator(device=device).manual_seed(seed * 100_003)
-    embed = torch.randn(config.vocab_size, config.hidden_size, generator=gen, device=device, dtype=dtype)
+    embed = torch.randn(config.vocab_size, config.hidden_size, generator=gen, device=device, dtype=dtype) * INIT_STD
     head = torch.randn(config.vocab_size, config.hidden_size, generator=gen, device=device, dtype=dtype) * INIT_STD
     return ModelWeights(config, embed, norm_weight(gen), head, make_layer)
 
