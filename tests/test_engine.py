@@ -273,3 +273,20 @@ def test_cache_rounding_stays_inside_the_position_tables(checkpoint):
     cache = KVCache.allocate(decoder.config, 1, 21, "cpu")
     assert cache.length == 32 and decoder.rope.cos.shape[0] == 32
     decoder(torch.tensor([[5]]), cache, torch.tensor([cache.length - 1]))
+
+
+def test_checkpoint_config_rope_and_refusals():
+    from apex4gen.engine.config import from_hf
+
+    base = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 100, "rms_norm_eps": 1e-5}
+    assert from_hf({**base, "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}}, torch.float16,
+                   "c").rope_theta == 5e5  # transformers >= 5
+    assert from_hf({**base, "rope_theta": 1e6}, torch.float16, "c").rope_theta == 1e6
+    assert from_hf(base, torch.float16, "c").head_dim == 16
+    with pytest.raises(SpecError, match="RoPE scaling"):
+        from_hf({**base, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, torch.float16, "c")
+    with pytest.raises(SpecError, match="not a LLaMA-architecture"):
+        from_hf({**base, "model_type": "gpt2"}, torch.float16, "c")
+    with pytest.raises(SpecError, match="lacks or mistypes"):
+        from_hf({k: v for k, v in base.items() if k != "vocab_size"}, torch.float16, "c")
