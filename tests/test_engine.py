@@ -17,6 +17,7 @@ from apex4gen.engine import hadamard
 from apex4gen.engine.config import DecoderConfig
 from apex4gen.engine.weights import LayerWeights, ModelWeights, Projection
 from apex4gen.errors import SpecError
+from apex4gen.granularity import Granularity
 
 from tiny_llama import VOCAB, tiny_llama, token_batch
 
@@ -52,7 +53,7 @@ def checkpoint(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("ckpt")
     fp = tiny_llama(layers=2, tie=False)
-    save_quantized(quantize_model(copy.deepcopy(fp), QuantConfig.uniform("g16", rotate=True)), out)
+    save_quantized(quantize_model(copy.deepcopy(fp), QuantConfig.uniform(Granularity(16), rotate=True)), out)
     return out, load_quantized(out), fp
 
 
@@ -290,3 +291,23 @@ def test_checkpoint_config_rope_and_refusals():
         from_hf({**base, "model_type": "gpt2"}, torch.float16, "c")
     with pytest.raises(SpecError, match="lacks or mistypes"):
         from_hf({k: v for k, v in base.items() if k != "vocab_size"}, torch.float16, "c")
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_plan_granularities_of_a_build(tmp_path, fused):
+    """The engine reads a build's plan.yaml without the planner: group sizes per fused kind (K per-channel)."""
+    from types import SimpleNamespace
+
+    from apex4gen.engine.buildinfo import is_per_channel, plan_groups
+    from apex4gen.planner import make_plan
+
+    plan = make_plan("h100-sxm", "llama2-7b", fused=fused)
+    plan.save(tmp_path / "plan.yaml")
+    build = SimpleNamespace(build_dir=tmp_path)
+    if not fused:
+        with pytest.raises(SpecError, match="planned unfused"):
+            plan_groups(build)
+        return
+    want = {lp.name: lp.granularity.size(lp.k) for lp in plan.layers}
+    assert plan_groups(build) == want and set(want) == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
+    assert is_per_channel(build) == all(lp.granularity.is_channel for lp in plan.layers)

@@ -6,6 +6,7 @@ import torch
 import yaml
 
 from ..errors import SpecError
+from ..granularity import CHANNEL_NAME, Granularity
 from .config import DTYPES
 from .weights import KINDS
 
@@ -19,13 +20,13 @@ def _plan(build) -> dict:
 
 
 def plan_groups(build) -> dict[str, int]:
-    """Group size per fused layer kind (K for per-channel); refuses an unfused plan (the engine runs q/k/v and
+    """Elements a scale covers per fused layer kind (K for per-channel); refuses an unfused plan (the engine runs q/k/v and
     gate/up as one GEMM each)."""
     plan = _plan(build)
     if not plan["fused"]:
         raise SpecError(f"{build.build_dir} was planned unfused (separate q/k/v, gate/up GEMMs); the engine runs "
                         "fused GEMMs: plan and build without --unfused")
-    groups = {lp["name"]: lp["group"] or lp["k"] for lp in plan["layers"]}
+    groups = {lp["name"]: Granularity.parse(lp["granularity"]).size(lp["k"]) for lp in plan["layers"]}
     missing = [kind for kind in KINDS if kind not in groups]
     if missing:
         raise SpecError(f"{build.build_dir}'s plan has no {', '.join(missing)}: not a LLaMA decoder plan")
@@ -33,7 +34,7 @@ def plan_groups(build) -> dict[str, int]:
 
 
 def is_per_channel(build) -> bool:
-    return all(lp["granularity"] == "channel" for lp in _plan(build)["layers"])
+    return all(lp["granularity"] == CHANNEL_NAME for lp in _plan(build)["layers"])
 
 
 def check_model(build, model_name: str) -> None:
