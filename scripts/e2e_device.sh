@@ -40,7 +40,7 @@ build)
   # the ops' 2-D entry points after the [..., K] change: graph capture, opcheck (fake shapes), errors
   APEX4GEN_TEST_BUILDS=$L7 python3 -m pytest -q -ra tests/test_kernels_gpu.py -k "graph or opcheck or unplanned or routed" \
     >> "$out/gpu-tests.log" 2>&1
-  grep -E "passed|failed|error" "$out/gpu-tests.log" | tail -n 6
+  grep -E "^(FAILED|ERROR)|passed|failed" "$out/gpu-tests.log" | tail -n 12
   ;;
 bench)
   builds > /dev/null
