@@ -60,8 +60,9 @@ class Build:
 
     def linear(self, x: torch.Tensor, w: "PackedWeight", bias: torch.Tensor | None = None,
                out: torch.Tensor | None = None) -> torch.Tensor:
-        """y = W4A4(x, w) + bias; ``out`` (a [M, N] tensor of x's dtype) receives it when given."""
-        info = self.select(x.shape[0], w.n, w.k, w.group, x.dtype)
+        """y = W4A4(x, w) + bias for x [..., K] -> [..., N] (M = every leading dimension together, as
+        ``torch.nn.functional.linear``); ``out`` (a contiguous [..., N] tensor of x's dtype) receives it when given."""
+        info = self.select(ops.rows(x), w.n, w.k, w.group, x.dtype)
         qw, sw = w.layouts[info.weight_layout]
         if out is None:
             return torch.ops.apex4gen.linear(x, qw, sw, bias, w.n, w.group, self.handle, info.index)
@@ -74,7 +75,7 @@ class Build:
         one activation (q, k and v; gate and up) quantize it once."""
         if kernel.act_format == "raw":
             raise ShapeError(f"kernel {kernel.name} quantizes its own input; call linear() instead")
-        y = out if out is not None else torch.empty((qx.shape[0], w.n), dtype=w.dtype, device=qx.device)
+        y = out if out is not None else torch.empty((*qx.shape[:-1], w.n), dtype=w.dtype, device=qx.device)
         qw, sw = w.layouts[kernel.weight_layout]
         torch.ops.apex4gen.gemm_out(qx, sx, qw, sw, bias, y, w.k, w.group, self.handle, kernel.index)
         return y

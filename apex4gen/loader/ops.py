@@ -1,6 +1,7 @@
 """The PyTorch ops ``torch.ops.apex4gen.{quantize_act, linear, linear_out, gemm_out}``: ``torch.library`` custom
 ops with fake implementations (torch.compile), on the current CUDA stream, allocating only through PyTorch and
-never synchronising the host, so they can be captured in CUDA graphs.
+never synchronising the host, so they can be captured in CUDA graphs. Activations may have any leading shape
+``[..., K]`` (outputs ``[..., N]``), as ``torch.nn.functional.linear``; the C ABI sees them as [M, K].
 
 An op names its build by ``handle`` (what :func:`register` returned) and its kernel by the manifest's index.
 """
@@ -71,6 +72,24 @@ def _quantize_act_impl(x: torch.Tensor, group: int, fmt: int, handle: int) -> tu
     return qx, sx
 
 
+def rows(x: torch.Tensor) -> int:
+    """M of an activation [..., K]: every leading dimension together."""
+    return x.numel() // x.shape[-1] if x.shape[-1] else 0
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    """[..., K] -> contiguous [M, K]: the C ABI's view of activations."""
+    return x.reshape(-1, x.shape[-1]).contiguous()
+
+
+def _flat_out(y: torch.Tensor, lead: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """An output [..., N] whose leading dimensions are the activations' ``lead``, as the [M, N] the C ABI writes."""
+    if y.dim() != len(lead) + 1 or y.shape[:-1] != lead or y.dtype != dtype or not y.is_contiguous():
+        raise ShapeError(f"out must be a contiguous [{', '.join(map(str, lead))}, N] {dtype} tensor, "
+                         f"got {tuple(y.shape)} {y.dtype}")
+    return y.view(-1, y.shape[-1])
+
+
 def _linear_impl(x, qw, sw, bias, y: torch.Tensor, group: int, handle: int, kernel: int) -> None:
     _check_out(y, x.shape[0], x.dtype)
     fmt = abi.ACT_FORMAT[_LIBRARIES[handle].kernels[kernel].act_format]
@@ -109,31 +128,33 @@ def _register_ops() -> None:
     @torch.library.custom_op("apex4gen::quantize_act", mutates_args=())
     def quantize_act(x: torch.Tensor, group: int, fmt: int, handle: int) -> tuple[torch.Tensor, torch.Tensor]:
         _check_input(x, group)
-        return _quantize_act_impl(x.contiguous(), group, fmt, handle)
+        qx, sx = _quantize_act_impl(_flat(x), group, fmt, handle)
+        return qx.view(*x.shape[:-1], qx.shape[-1]), sx.view(*x.shape[:-1], sx.shape[-1])
 
     @quantize_act.register_fake
     def _(x, group, fmt, handle):
-        m, k = x.shape
-        shape, dtype = quantized_act_shape(m, k, group, fmt)
-        return x.new_empty(shape, dtype=dtype), x.new_empty((m, k // group), dtype=torch.float32)
+        k = x.shape[-1]
+        shape, dtype = quantized_act_shape(1, k, group, fmt)
+        return (x.new_empty((*x.shape[:-1], shape[1]), dtype=dtype),
+                x.new_empty((*x.shape[:-1], k // group), dtype=torch.float32))
 
     @torch.library.custom_op("apex4gen::linear", mutates_args=())
     def linear(x: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor, bias: torch.Tensor | None, n: int,
                group: int, handle: int, kernel: int) -> torch.Tensor:
         _check_input(x, group)
-        y = torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
-        _linear_impl(x.contiguous(), qw, sw, bias, y, group, handle, kernel)
+        y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
+        _linear_impl(_flat(x), qw, sw, bias, y.view(-1, n), group, handle, kernel)
         return y
 
     @linear.register_fake
     def _(x, qw, sw, bias, n, group, handle, kernel):
-        return x.new_empty((x.shape[0], n))
+        return x.new_empty((*x.shape[:-1], n))
 
     @torch.library.custom_op("apex4gen::linear_out", mutates_args=("y",))
     def linear_out(x: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor, bias: torch.Tensor | None,
                    y: torch.Tensor, group: int, handle: int, kernel: int) -> None:
         _check_input(x, group)
-        _linear_impl(x.contiguous(), qw, sw, bias, y, group, handle, kernel)
+        _linear_impl(_flat(x), qw, sw, bias, _flat_out(y, x.shape[:-1], x.dtype), group, handle, kernel)
 
     @linear_out.register_fake
     def _(x, qw, sw, bias, y, group, handle, kernel):
@@ -142,8 +163,8 @@ def _register_ops() -> None:
     @torch.library.custom_op("apex4gen::gemm_out", mutates_args=("y",))
     def gemm_out(qx: torch.Tensor, sx: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor, bias: torch.Tensor | None,
                  y: torch.Tensor, k: int, group: int, handle: int, kernel: int) -> None:
-        _check_out(y, qx.shape[0], sw.dtype)
-        _gemm_impl(qx, sx, qw, sw, bias, y, k, group, handle, kernel)
+        y2 = _flat_out(y, qx.shape[:-1], sw.dtype)
+        _gemm_impl(_flat(qx), _flat(sx), qw, sw, bias, y2, k, group, handle, kernel)
 
     @gemm_out.register_fake
     def _(qx, sx, qw, sw, bias, y, k, group, handle, kernel):
@@ -153,8 +174,8 @@ def _register_ops() -> None:
 
 
 def _check_input(x: torch.Tensor, group: int) -> None:
-    if x.dim() != 2 or x.dtype not in _DTYPE or not x.is_cuda:
-        raise ShapeError(f"activations must be a 2-D float16/bfloat16 CUDA tensor, got {tuple(x.shape)} "
+    if x.dim() < 1 or x.dtype not in _DTYPE or not x.is_cuda:
+        raise ShapeError(f"activations must be a [..., K] float16/bfloat16 CUDA tensor, got {tuple(x.shape)} "
                          f"{x.dtype} on {x.device}")
-    if x.shape[1] % group:
-        raise ShapeError(f"K={x.shape[1]} is not a multiple of the group size {group}")
+    if x.shape[-1] % group:
+        raise ShapeError(f"K={x.shape[-1]} is not a multiple of the group size {group}")
