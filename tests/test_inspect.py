@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from apex4gen import build as build_stage
-from apex4gen import inspect as inspection
+from apex4gen import inspection
 from apex4gen import planner, sass, specs, toolchain
 from apex4gen.cli import cli
 from apex4gen.errors import ToolchainError

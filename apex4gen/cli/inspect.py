@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import sys
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from rich.measure import Measurement
 from rich.syntax import Syntax
 from rich.table import Table
 
-from .. import inspect as inspection
+from .. import inspection
 from ..kernels import KernelConfig
 from ..sass import MIX_OPCODES
 
@@ -172,8 +173,21 @@ def _print_kernel_head(console: Console, report: inspection.KernelReport) -> Non
     console.print("config: " + " ".join(f"{key}={k.config[key]}" for key in _field_order(k.config)), soft_wrap=True)
     console.print(f"activations {k.act_format}, weight layout {k.weight_layout}; dynamic shared memory "
                   f"{report.dynamic_shared_bytes if report.dynamic_shared_bytes is not None else '?'} B")
-    for r in report.routes:
-        console.print(f"route: {_problem(r)}, M {_m_range(r)} ({', '.join(r.layers)})", soft_wrap=True)
+    for problem, routes in _routes_by_problem(report.routes).items():
+        ranges = ", ".join(_m_range(r) for r in routes)
+        console.print(f"serves {problem} at M {ranges} ({', '.join(routes[0].layers)})", soft_wrap=True)
+
+
+def _routes_by_problem(routes: tuple[inspection.RouteRow, ...]) -> dict[str, list[inspection.RouteRow]]:
+    """Per problem, the kernel's M buckets with adjacent ones joined (65-256 and 257-1024 read 65-1024)."""
+    out: dict[str, list[inspection.RouteRow]] = {}
+    for r in routes:
+        joined = out.setdefault(_problem(r), [])
+        if joined and joined[-1].m_max is not None and joined[-1].m_max + 1 == r.m_min:
+            joined[-1] = dataclasses.replace(joined[-1], m_max=r.m_max)
+        else:
+            joined.append(r)
+    return out
 
 
 def _print_kernel(console: Console, report: inspection.KernelReport, tables: tuple[Table, ...]) -> None:
@@ -194,6 +208,7 @@ def _print_kernel(console: Console, report: inspection.KernelReport, tables: tup
 def _paged(console: Console, use_pager: bool):
     """On a terminal the kernel view goes through the pager with its colours (as git does); piped, it prints."""
     if use_pager and sys.stdout.isatty():
+        os.environ.setdefault("LESS", "FRX")  # less: keep colours, quit if it fits one screen (git's default)
         return console.pager(styles=True)
     return contextlib.nullcontext()
 

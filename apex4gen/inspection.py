@@ -13,7 +13,7 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-from .build import MANIFEST
+from .build import INT_MAX, MANIFEST
 from .emit import sha256_text
 from .errors import Apex4genError, LoadError
 from .kernels import KernelConfig, family_of
@@ -178,7 +178,7 @@ def _route_rows(build: _Build) -> tuple[RouteRow, ...]:
     rows, previous = [], {}
     for r in build.manifest["routes"]:
         problem = (r["n"], r["k"], r["group"], r["dtype"])
-        m_max = None if r["m_max"] >= 2**31 - 1 else r["m_max"]
+        m_max = None if r["m_max"] >= INT_MAX else r["m_max"]
         rows.append(RouteRow(*problem, previous.get(problem, 0) + 1, m_max, r["kernel"], names[r["kernel"]],
                              tuple(layers.get(problem, ()))))
         previous[problem] = r["m_max"]
@@ -264,7 +264,7 @@ def kernel_report(build_dir: Path, wanted: str) -> KernelReport:
                         f"`apex4gen build --plan {build.path / 'plan.yaml'} --out {build.path}`")
     command = next((tuple(c["command"]) for c in build.manifest["compile"] if c["source"] == kernel.source), ())
     report, unavailable = _sass(build, kernel)
-    names = [f.function for f in report.functions] + [r.function for r in report.resources] if report else []
+    names = ([f.function for f in report.functions] + [r.function for r in report.resources]) if report else []
     return KernelReport(
         kernel, tuple(r for r in summary.routes if r.kernel == kernel.index), source.read_text(), command,
         _dynamic_shared_bytes(kernel.config), report, demangle(sorted(set(names))),
