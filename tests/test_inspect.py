@@ -290,3 +290,19 @@ def test_sass_counts_opcodes_per_function_with_predicates():
     assert report.mix()["QGMMA"] == 2 and report.mix()["FFMA"] == 1 and report.mix()["STL"] == 1
     assert report.evidence("fp8").ok and not report.evidence("int8").ok and not report.evidence("int4").ok
     assert report.resources == (sass.Resources("_Z6kernelv", 168, 1024, 8, 16, 416),)
+
+
+def test_kernel_view_names_functions_shortly_and_joins_adjacent_buckets():
+    from apex4gen.cli.inspect import _routes_by_problem, _short
+
+    assert _short("void cutlass::device_kernel<cutlass::gemm::kernel::GemmUniversal<int, (int)1>>(T1::Params)") \
+        == "void cutlass::device_kernel<…>"
+    assert _short("(anonymous namespace)::gemm_kernel((anonymous namespace)::Problem)") == "gemm_kernel"
+
+    def route(n, m_min, m_max):
+        return inspection.RouteRow(n, 4096, 128, "f16", m_min, m_max, 2, "k", ("o_proj",))
+
+    joined = _routes_by_problem((route(4096, 17, 64), route(4096, 65, 256), route(4096, 1025, None),
+                                 route(8192, 257, None)))
+    assert [(r.m_min, r.m_max) for r in joined["4096 x 4096 g128 f16"]] == [(17, 256), (1025, None)]
+    assert [(r.m_min, r.m_max) for r in joined["8192 x 4096 g128 f16"]] == [(257, None)]

@@ -157,7 +157,8 @@ def _evidence_line(report: inspection.KernelReport) -> str:
     if ev.ok:
         found = ", ".join(f"{n} {variant}" for variant, n in ev.found.items())
         return f"tensor cores: the {ev.path} path its name claims, in the SASS: {found}"
-    return f"tensor cores: NO {ev.expected} in the SASS: this kernel does not compute on the {ev.path} path its name claims"
+    return (f"tensor cores: NO {ev.expected} in the SASS: this kernel does not compute on the {ev.path} path its "
+            "name claims")
 
 
 def _spill_line(spills: inspection.Spills) -> str:
