@@ -9,19 +9,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-from .build import INT_MAX, MANIFEST
-from .emit import sha256_text
+from . import manifest as manifests
+from .build import INT_MAX
 from .errors import Apex4genError, LoadError
+from .granularity import Granularity
 from .kernels import KernelConfig, family_of
 from .plan import Plan
 from .sass import ObjectReport, PathEvidence, SassUnavailable, demangle, read_object
 
-_MANIFEST_KEYS = ("apex4gen", "arch", "compile", "gpu", "kernels", "model", "plan_sha256", "routes")
 _NAME_PREFIX = "apex4gen_"
+_LOCAL_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"', re.MULTILINE)
 
 
 class KernelNotFound(Apex4genError):
@@ -88,6 +90,7 @@ class BuildSummary:
     layers: tuple[LayerRow, ...]
     routes: tuple[RouteRow, ...]
     kernels: tuple[KernelRow, ...]
+    unserved: str | None                # GEMMs and M ranges no kernel serves (a partial build), else None
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,7 @@ class KernelReport:
     kernel: KernelRow
     routes: tuple[RouteRow, ...]
     source_text: str
+    headers: tuple[str, ...]            # the build's headers the source includes (relative to the build folder)
     compile_command: tuple[str, ...]
     dynamic_shared_bytes: int | None    # what the launch asks for (the family's own count)
     sass: ObjectReport | None
@@ -124,36 +128,21 @@ class KernelReport:
 @dataclass(frozen=True)
 class _Build:
     path: Path
-    manifest: dict
+    manifest: manifests.Manifest
     plan: Plan
 
 
 def _open(build_dir: Path) -> _Build:
+    """The manifest (checked whole and made from the plan.yaml beside it, as the loader checks it) and the plan."""
     build_dir = Path(build_dir)
     if not build_dir.is_dir():
         raise LoadError(f"{build_dir} is not a folder; give a build folder made by `apex4gen build` "
                         "(e.g. generated/<gpu>-<model>)")
-    manifest = _read_manifest(build_dir)
-    plan_path = build_dir / "plan.yaml"
-    if not plan_path.is_file() or sha256_text(plan_path.read_text()) != manifest["plan_sha256"]:
-        raise LoadError(f"{build_dir}'s library was not built from the plan.yaml beside it; rebuild it with "
-                        f"`apex4gen build --plan {plan_path} --out {build_dir}`")
-    return _Build(build_dir, manifest, Plan.load(plan_path))
-
-
-def _read_manifest(build_dir: Path) -> dict:
-    path = build_dir / MANIFEST
-    if not path.is_file():
-        raise LoadError(f"{build_dir} is not a finished apex4gen build (no {MANIFEST}); build it with "
+    if not (build_dir / manifests.NAME).is_file():
+        raise LoadError(f"{build_dir} is not a finished apex4gen build (no {manifests.NAME}); build it with "
                         "`apex4gen build --gpu GPU --model MODEL --out DIR` or give another folder")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise LoadError(f"{path} is unreadable ({err}); rebuild the build") from None
-    missing = [key for key in _MANIFEST_KEYS if not isinstance(manifest, dict) or key not in manifest]
-    if missing:
-        raise LoadError(f"{path} lacks {', '.join(missing)} (made by another apex4gen version?); rebuild the build")
-    return manifest
+    manifest = manifests.read(build_dir)
+    return _Build(build_dir, manifest, Plan.load(build_dir / "plan.yaml"))
 
 
 # ---------------------------------------------------------------------------------------------- the summary
@@ -168,28 +157,28 @@ def _layer_rows(plan: Plan) -> tuple[LayerRow, ...]:
     rows = []
     for lp in plan.layers:
         points = tuple(PointSpeedup(p.phase, p.m, p.weight, p.speedup) for p in lp.predictions)
-        rows.append(LayerRow(lp.name, lp.n, lp.k, lp.granularity, lp.path, _weighted(points), points))
+        rows.append(LayerRow(lp.name, lp.n, lp.k, lp.granularity.name, lp.path, _weighted(points), points))
     return tuple(rows)
 
 
 def _route_rows(build: _Build) -> tuple[RouteRow, ...]:
-    names = {k["index"]: k["name"] for k in build.manifest["kernels"]}
-    layers = {(g.n, g.k, g.group or g.k, g.out_dtype): g.layers for g in build.plan.gemms}
+    names = {k.index: k.name for k in build.manifest.kernels}
+    layers = {(g.n, g.k, g.granularity.size(g.k), g.out_dtype): g.layers for g in build.plan.gemms}
     rows, previous = [], {}
-    for r in build.manifest["routes"]:
-        problem = (r["n"], r["k"], r["group"], r["dtype"])
-        m_max = None if r["m_max"] >= INT_MAX else r["m_max"]
-        rows.append(RouteRow(*problem, previous.get(problem, 0) + 1, m_max, r["kernel"], names[r["kernel"]],
+    for r in build.manifest.routes:
+        problem = (r.n, r.k, r.group, r.dtype)
+        m_max = None if r.m_max >= INT_MAX else r.m_max
+        rows.append(RouteRow(*problem, previous.get(problem, 0) + 1, m_max, r.kernel, names[r.kernel],
                              tuple(layers.get(problem, ()))))
-        previous[problem] = r["m_max"]
+        previous[problem] = r.m_max
     return tuple(rows)
 
 
 def _kernel_rows(build: _Build, routes: tuple[RouteRow, ...]) -> tuple[KernelRow, ...]:
-    objects = {c["source"]: c["object"] for c in build.manifest["compile"]}
-    return tuple(KernelRow(k["index"], k["name"], dict(k["config"]), k["act_format"], k["weight_layout"],
-                           k["source"], objects.get(k["source"]), sum(r.kernel == k["index"] for r in routes))
-                 for k in build.manifest["kernels"])
+    objects = {c.source: c.object for c in build.manifest.compile}
+    return tuple(KernelRow(k.index, k.name, dict(k.config), k.act_format, k.weight_layout, k.source,
+                           objects.get(k.source), sum(r.kernel == k.index for r in routes))
+                 for k in build.manifest.kernels)
 
 
 def summarize(build_dir: Path) -> BuildSummary:
@@ -201,9 +190,9 @@ def _summary(build: _Build) -> BuildSummary:
     m, plan = build.manifest, build.plan
     routes = _route_rows(build)
     totals = tuple(PointSpeedup(p.phase, p.m, p.weight, p.speedup) for p in plan.totals.predictions)
-    return BuildSummary(str(build.path), m["gpu"], m["arch"], m["model"], m["apex4gen"], m.get("nvcc", "?"),
-                        m.get("cutlass", "?"), plan.totals.speedup, totals, _layer_rows(plan), routes,
-                        _kernel_rows(build, routes))
+    return BuildSummary(str(build.path), m.gpu, m.arch, m.model, m.apex4gen, m.nvcc, m.cutlass, plan.totals.speedup,
+                        totals, _layer_rows(plan), routes, _kernel_rows(build, routes),
+                        plan.unserved_summary() if plan.unserved() else None)
 
 
 # ---------------------------------------------------------------------------------------------- one kernel
@@ -233,15 +222,35 @@ def _dynamic_shared_bytes(config: dict) -> int | None:
     """The family's shared-memory count for this config (what the launcher requests); None for a family this
     apex4gen version does not know."""
     try:
-        cfg = KernelConfig(**config)
+        cfg = KernelConfig(**{**config, "granularity": Granularity.parse(config["granularity"])})
         return family_of(cfg).smem_bytes(cfg)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, KeyError, Apex4genError):
         return None
+
+
+def _included_headers(build_dir: Path, source: Path) -> tuple[str, ...]:
+    """The build's own headers a source includes, directly or through each other (the kernel bodies live in
+    runtime/kernels/*.cuh): relative to the build folder, in the order first met."""
+    include_dirs = (build_dir / "runtime",)
+    found: list[str] = []
+    pending = [source]
+    while pending:
+        current = pending.pop(0)
+        for name in _LOCAL_INCLUDE.findall(current.read_text()):
+            for base in (current.parent, *include_dirs):
+                header = (base / name).resolve()
+                if header.is_file() and header.is_relative_to(build_dir.resolve()):
+                    relative = str(header.relative_to(build_dir.resolve()))
+                    if relative not in found:
+                        found.append(relative)
+                        pending.append(header)
+                    break
+    return tuple(found)
 
 
 def _sass(build: _Build, kernel: KernelRow) -> tuple[ObjectReport | None, str | None]:
     if kernel.object is None:
-        return None, f"{MANIFEST} names no object file for {kernel.source}; rebuild the build"
+        return None, f"{manifests.NAME} names no object file for {kernel.source}; rebuild the build"
     try:
         return read_object(build.path / kernel.object), None
     except SassUnavailable as err:
@@ -262,11 +271,12 @@ def kernel_report(build_dir: Path, wanted: str) -> KernelReport:
     if not source.is_file():
         raise LoadError(f"{source} is missing (the build folder is incomplete); rebuild it with "
                         f"`apex4gen build --plan {build.path / 'plan.yaml'} --out {build.path}`")
-    command = next((tuple(c["command"]) for c in build.manifest["compile"] if c["source"] == kernel.source), ())
+    command = next((c.command for c in build.manifest.compile if c.source == kernel.source), ())
     report, unavailable = _sass(build, kernel)
     names = ([f.function for f in report.functions] + [r.function for r in report.resources]) if report else []
     return KernelReport(
-        kernel, tuple(r for r in summary.routes if r.kernel == kernel.index), source.read_text(), command,
+        kernel, tuple(r for r in summary.routes if r.kernel == kernel.index), source.read_text(),
+        _included_headers(build.path, source), command,
         _dynamic_shared_bytes(kernel.config), report, demangle(sorted(set(names))),
         report.mix() if report else {}, report.evidence(kernel.config["path"]) if report else None,
         _spills(report) if report else None, unavailable)

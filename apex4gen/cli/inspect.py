@@ -14,11 +14,13 @@ from rich.syntax import Syntax
 from rich.table import Table
 
 from .. import inspection
+from ..granularity import Granularity
 from ..kernels import KernelConfig
 from ..sass import MIX_OPCODES
 
 _MIN_WIDTH = 120   # rich falls back to 80 columns off a terminal, which would wrap every row
-_CONFIG_COLUMNS = ("family", "arch", "path", "group", "tile", "warps", "stages", "split_k", "scheduler", "out_dtype")
+_CONFIG_COLUMNS = ("family", "arch", "path", "granularity", "tile", "warps", "stages", "split_k", "scheduler",
+                   "out_dtype")
 
 
 def _console(*renderables) -> Console:
@@ -37,8 +39,7 @@ def _m_range(route: inspection.RouteRow) -> str:
 
 
 def _problem(route: inspection.RouteRow) -> str:
-    group = "channel" if route.group == route.k else f"g{route.group}"
-    return f"{route.n} x {route.k} {group} {route.dtype}"
+    return f"{route.n} x {route.k} {Granularity.of_size(route.group, route.k).name} {route.dtype}"
 
 
 def _field_order(config: dict) -> list[str]:
@@ -50,8 +51,7 @@ def _field_order(config: dict) -> list[str]:
 def _config_cells(config: dict) -> list[str]:
     """Every field of a kernel config; tile and warp shapes as one cell each."""
     shaped = {**config, "tile": f"{config['tile_m']}x{config['tile_n']}x{config['tile_k']}",
-              "warps": f"{config['warps_m']}x{config['warps_n']}",
-              "group": "channel" if config["group"] == 0 else str(config["group"])}
+              "warps": f"{config['warps_m']}x{config['warps_n']}"}
     return [str(shaped[c]) for c in _CONFIG_COLUMNS]
 
 
@@ -74,7 +74,7 @@ def _layer_table(summary: inspection.BuildSummary) -> Table:
 
 def _route_table(summary: inspection.BuildSummary) -> Table:
     table = Table(title="routes: problem x M bucket -> kernel")
-    for name in ("problem (N x K group dtype)", "layers", "M", "kernel"):
+    for name in ("problem (N x K granularity dtype)", "layers", "M", "kernel"):
         table.add_column(name)
     previous = None
     for r in summary.routes:
@@ -202,6 +202,8 @@ def _print_kernel(console: Console, report: inspection.KernelReport, tables: tup
         console.print(_spill_line(report.spills), highlight=False)
     console.print("compile command (run in the build folder):", highlight=False)
     console.print(inspection.command_line(report.compile_command), soft_wrap=True, highlight=False, markup=False)
+    if report.headers:
+        console.print(f"includes (in the build folder): {', '.join(report.headers)}", soft_wrap=True, highlight=False)
     console.print(f"source: {report.kernel.source}", highlight=False)
     console.print(Syntax(report.source_text, "cpp", line_numbers=True, word_wrap=False), soft_wrap=True)
 
