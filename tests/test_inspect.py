@@ -191,6 +191,22 @@ def test_missing_cuobjdump_is_one_line(a40_build, monkeypatch):
     assert report.unavailable.startswith("cuobjdump and nvdisasm not found: pip install nvidia-cuda-cuobjdump")
 
 
+@needs_nvcc
+@pytest.mark.nvcc
+def test_a_partial_build_shows_its_unserved_buckets_and_where_routes_start(tmp_path):
+    plan = one_gemm_plan("a40", "llama2-7b", G128)
+    gemm = plan.gemms[0]
+    unserved = dataclasses.replace(gemm.buckets[0], m_max=16, kernel=None, rationale="kernel: null: test rule")
+    plan = dataclasses.replace(plan, gemms=(dataclasses.replace(gemm, buckets=(unserved, gemm.buckets[0])),))
+    build_stage.build(plan, specs.load_gpu("a40"), tmp_path, progress=False, allow_partial=True)
+    summary = inspection.summarize(tmp_path)
+    (route,) = summary.routes
+    assert (route.m_min, route.m_max) == (17, None)
+    assert "o_proj" in summary.unserved and "M <= 16" in summary.unserved and "test rule" in summary.unserved
+    result = _run(str(tmp_path))
+    assert "17+" in result.output and "without a kernel (the library refuses these): o_proj" in result.output
+
+
 # ---------------------------------------------------------------------------------------------- sm_90a build
 
 

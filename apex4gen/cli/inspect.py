@@ -103,6 +103,9 @@ def _print_summary(summary: inspection.BuildSummary) -> None:
                   f"{summary.apex4gen}, nvcc {summary.nvcc}, CUTLASS {summary.cutlass}", soft_wrap=True)
     for table in tables:
         console.print(table)
+    if summary.unserved:
+        console.print(f"without a kernel (the library refuses these): {summary.unserved}", soft_wrap=True,
+                      highlight=False)
     console.print("kernel names (`apex4gen inspect BUILD KERNEL` takes a name, a name prefix or an index):")
     for k in summary.kernels:
         console.print(f"  {k.index}: {k.name}", soft_wrap=True, highlight=False)
