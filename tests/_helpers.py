@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
@@ -80,3 +81,28 @@ def boundary_values(gen: torch.Generator, rows: int, width: int = 320, dtype: to
     assert fill >= 0, f"width must be at least {1 + 17 * halves.shape[1]}"
     noise = ((torch.rand(rows, fill, generator=gen, device=device) * 2 - 1) * absmax.float()).to(dtype)
     return torch.cat([absmax, *nudged, noise], dim=1)
+
+
+def _have_toolchain() -> bool:
+    from apex4gen import toolchain
+    from apex4gen.errors import ToolchainError
+    try:
+        toolchain.nvcc_path()
+        toolchain.cutlass_root()
+        return True
+    except ToolchainError:
+        return False
+
+
+needs_nvcc = pytest.mark.skipif(not _have_toolchain(), reason="needs nvcc and the nvidia-cutlass headers")
+
+
+def fake_quant_linear_f64(self, x: torch.Tensor) -> torch.Tensor:
+    """W4A4Linear's fake-quant GEMM summed in float64: the same contract, another summation order (patched in to
+    tell a kernel's rounding from the fake-quant path's own)."""
+    from apex4gen.nn import fake_quant_activation
+    xq = fake_quant_activation(x, self.group).double()
+    y = xq @ self._dequantized_weight(x.device).double().t()
+    if self.bias is not None:
+        y = y + self.bias.double()
+    return y.to(x.dtype)

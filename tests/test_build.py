@@ -18,19 +18,11 @@ from apex4gen.cli import cli
 from apex4gen.errors import Apex4genError, BuildError, ToolchainError
 from apex4gen.kernels import FAMILIES, KernelConfig
 
+from _helpers import needs_nvcc
+
 A40 = specs.load_gpu("a40")
 
 
-def _have_toolchain() -> bool:
-    try:
-        toolchain.nvcc_path()
-        toolchain.cutlass_root()
-        return True
-    except ToolchainError:
-        return False
-
-
-needs_nvcc = pytest.mark.skipif(not _have_toolchain(), reason="needs nvcc and the nvidia-cutlass headers")
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,8 @@ import torch
 
 from apex4gen import reference as ref
 from apex4gen.errors import ShapeError
-from apex4gen.nn import W4A4Linear, fake_quant_activation
+from apex4gen.nn import W4A4Linear
+from _helpers import fake_quant_linear_f64
 from test_kernels_gpu import _build_dirs, assert_matches_reference, problems
 
 pytestmark = pytest.mark.gpu
@@ -109,15 +110,6 @@ def models(request):
     return build, kernel, fake, fp
 
 
-def _fake_quant_linear_f64(self, x: torch.Tensor) -> torch.Tensor:
-    """The fake-quant GEMM summed in float64: the same contract, another summation order."""
-    xq = fake_quant_activation(x, self.group).double()
-    y = xq @ self._dequantized_weight(x.device).double().t()
-    if self.bias is not None:
-        y = y + self.bias.double()
-    return y.to(x.dtype)
-
-
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
@@ -150,7 +142,7 @@ def test_logits_kernel_path_matches_fake_quant(models, tokens):
     ids = torch.randint(0, kernel.config.vocab_size, (2, tokens), device="cuda")
     want_fp = fp(ids, all_logits=True)
     want = fake(ids, all_logits=True)
-    with mock.patch.object(W4A4Linear, "_fake_quant_linear", _fake_quant_linear_f64):
+    with mock.patch.object(W4A4Linear, "_fake_quant_linear", fake_quant_linear_f64):
         want_f64 = fake(ids, all_logits=True)
     got = kernel(ids, all_logits=True)
     assert torch.isfinite(got).all()

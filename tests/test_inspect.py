@@ -13,23 +13,14 @@ from click.testing import CliRunner
 
 from apex4gen import build as build_stage
 from apex4gen import inspection
-from apex4gen import planner, sass, specs, toolchain
+from apex4gen import planner, sass, specs
 from apex4gen.cli import cli
-from apex4gen.errors import ToolchainError
 from apex4gen.granularity import Granularity
 from apex4gen.kernels import KernelConfig
 
-
-def _have_toolchain() -> bool:
-    try:
-        toolchain.nvcc_path()
-        toolchain.cutlass_root()
-        return True
-    except ToolchainError:
-        return False
+from _helpers import needs_nvcc
 
 
-needs_nvcc = pytest.mark.skipif(not _have_toolchain(), reason="needs nvcc and the nvidia-cutlass headers")
 CONFIG_FIELDS = {f.name for f in dataclasses.fields(KernelConfig)}
 G128 = Granularity(128)
 

@@ -27,7 +27,8 @@ import pytest
 import torch
 
 from apex4gen import reference as ref
-from apex4gen.nn import W4A4Linear, fake_quant_activation
+from apex4gen.nn import W4A4Linear
+from _helpers import fake_quant_linear_f64
 from test_kernels_gpu import _build_dirs, assert_matches_reference
 
 pytestmark = pytest.mark.gpu
@@ -104,15 +105,6 @@ def test_every_layer_on_its_real_inputs(quantized, tokens):
         assert_matches_reference(y, ref.quantize_activation(x2, lin.group), lin.quantized_weight(), bias)
 
 
-def _fake_quant_linear_f64(self, x: torch.Tensor) -> torch.Tensor:
-    """The fake-quant GEMM summed in float64: the same contract, another summation order."""
-    xq = fake_quant_activation(x, self.group).double()
-    y = xq @ self._dequantized_weight(x.device).double().t()
-    if self.bias is not None:
-        y = y + self.bias.double()
-    return y.to(x.dtype)
-
-
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
@@ -124,7 +116,7 @@ def test_logits_kernel_path_matches_fake_quant(quantized, tokens):
     ids = torch.randint(0, VOCAB, (2, tokens), device="cuda")
     want_fp = fp(input_ids=ids).logits.float()
     fake = model(input_ids=ids).logits.float()
-    with mock.patch.object(W4A4Linear, "_fake_quant_linear", _fake_quant_linear_f64):
+    with mock.patch.object(W4A4Linear, "_fake_quant_linear", fake_quant_linear_f64):
         fake_f64 = model(input_ids=ids).logits.float()
     _attach(model, build)
     try:
