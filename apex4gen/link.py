@@ -7,7 +7,7 @@ Run as a script by the build's ninja file (it imports nothing of apex4gen)::
 
 The objects become one relocatable object (``ld -r``; section groups resolved, so that weak template code
 shared by the kernels is settled inside the build). Its default-visibility ``apex4gen_<name>`` symbols are
-renamed ``apex4gen_<prefix>_<name>`` and every hidden symbol is made local (``objcopy``), so that the static
+renamed ``apex4gen_<prefix>_<name>`` and every other symbol is made local (``objcopy``), so that the static
 library, like the shared one, shows nothing but the prefixed ABI: two builds link into one program without a
 clash, even when they share kernels. The shared library is linked from that object with its SONAME, beside
 the ``.so.<ABI>`` and ``.so`` links.
@@ -35,30 +35,38 @@ def run(command: list[str]) -> str:
     return done.stdout
 
 
-def exported_names(obj: Path) -> list[str]:
-    """Global, default-visibility symbols the object defines (readelf -Ws columns: Num Value Size Type Bind
-    Vis Ndx Name)."""
+def defined_symbols(obj: Path, binding: str, visibility: str | None = None) -> list[str]:
+    """Names of the symbols of one binding (GLOBAL, UNIQUE), and visibility if given, the object defines
+    (readelf -Ws columns: Num Value Size Type Bind Vis Ndx Name)."""
     names = []
     for line in run([tool("readelf"), "-Ws", "--wide", str(obj)]).splitlines():
         fields = line.split()
-        if len(fields) == 8 and fields[4] == "GLOBAL" and fields[5] == "DEFAULT" and fields[6] != "UND":
+        if len(fields) == 8 and fields[4] == binding and fields[6] != "UND" and visibility in (None, fields[5]):
             names.append(fields[7])
     return names
 
 
-def rename_map(names: list[str], prefix: str) -> str:
+def prefixed_names(names: list[str], prefix: str) -> dict[str, str]:
     foreign = [n for n in names if not n.startswith("apex4gen_")]
     if foreign:
         raise SystemExit(f"the build exports {', '.join(foreign[:3])}, outside the apex4gen_ names: give it "
                          "hidden visibility (APEX4GEN_EXPORT marks only the ABI)")
-    return "".join(f"{n} apex4gen_{prefix}_{n[len('apex4gen_'):]}\n" for n in names)
+    return {n: f"apex4gen_{prefix}_{n[len('apex4gen_'):]}" for n in names}
 
 
 def prefixed_object(objects: list[str], prefix: str, work: Path) -> Path:
-    combined, renames, final = work.with_suffix(".combined.o"), work.with_suffix(".syms"), work.with_suffix(".o")
+    combined, final = work.with_suffix(".combined.o"), work.with_suffix(".o")
     run([tool("ld"), "-r", "--force-group-allocation", "-o", str(combined), *objects])
-    renames.write_text(rename_map(exported_names(combined), prefix))
-    run([tool("objcopy"), "--localize-hidden", f"--redefine-syms={renames}", str(combined), str(final)])
+    abi = prefixed_names(defined_symbols(combined, "GLOBAL", "DEFAULT"), prefix)
+    renames, unique, keep = (work.with_suffix(suffix) for suffix in (".renames", ".unique", ".globals"))
+    renames.write_text("".join(f"{old} {new}\n" for old, new in abi.items()))
+    # C++ inline variables (GNU unique binding) cannot be made local; weak ones can
+    unique.write_text("".join(f"{n}\n" for n in defined_symbols(combined, "UNIQUE")))
+    run([tool("objcopy"), f"--redefine-syms={renames}", f"--weaken-symbols={unique}", str(combined), str(final)])
+    # only the ABI stays global: hidden symbols become local, and so do the weak ones (template code and inline
+    # variables of the C++ libraries) that two builds would both define
+    keep.write_text("".join(f"{n}\n" for n in abi.values()))
+    run([tool("objcopy"), f"--keep-global-symbols={keep}", str(final)])
     combined.unlink()
     return final
 
