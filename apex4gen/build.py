@@ -283,10 +283,14 @@ def _remove_libraries(build_dir: Path) -> None:
 
 
 def _remove_stale_libraries(build_dir: Path, files: LibraryFiles) -> None:
-    """Libraries of an earlier prefix or version (a renamed build folder, a new apex4gen release)."""
+    """Libraries of an earlier prefix or version (a renamed build folder, a new apex4gen release), and the
+    link's intermediate files of an earlier prefix (obj/libapex4gen_<prefix>.*)."""
     keep = {Path(f).name for f in (files.shared, files.static, files.development)} | {files.soname}
     for path in (build_dir / "lib").iterdir():
         if path.name not in keep and _LIBRARY_FILE.fullmatch(path.name):
+            path.unlink()
+    for path in (build_dir / "obj").glob("libapex4gen_*"):
+        if path.name.split(".")[0] != files.stem:
             path.unlink()
 
 
