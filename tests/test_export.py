@@ -101,7 +101,9 @@ def test_exported_tree_is_complete_and_relocatable(builds, tmp_path):
 def test_example_builds_against_each_export(builds, tmp_path):
     for gpu, build_dir in builds.items():
         out = tmp_path / f"pkg-{gpu}"
-        files = LibraryFiles(export_stage.export(build_dir, out).prefix)
+        files = LibraryFiles(json.loads((build_dir / build_stage.MANIFEST).read_text())["prefix"])
+        exported = CliRunner().invoke(cli, ["export", str(build_dir), "-o", str(out)])
+        assert exported.exit_code == 0 and f"apex4gen::{files.prefix}" in exported.output, exported.output
         shared = _cmake(EXAMPLE, tmp_path / f"example-{gpu}", out)
         assert shared.returncode == 0, shared.stdout + shared.stderr
         assert files.soname in _needed(tmp_path / f"example-{gpu}" / "apex4gen_example")
