@@ -338,7 +338,7 @@ def test_a_renamed_build_folder_takes_its_new_name_as_prefix(tmp_path, full_plan
     build_stage.build(plan, A40, tmp_path / "first-name", progress=False)
     (tmp_path / "first-name").rename(tmp_path / "second-name")
     result = build_stage.build(plan, A40, tmp_path / "second-name", progress=False)
-    manifest = json.loads((tmp_path / "second-name" / build_stage.MANIFEST).read_text())
+    manifest = json.loads((tmp_path / "second-name" / MANIFEST).read_text())
     assert manifest["prefix"] == "second_name" and result.library == tmp_path / "second-name" / manifest["library"]
     left = sorted(p.name for p in (tmp_path / "second-name").glob("*/*apex4gen_*"))
     assert left and not [name for name in left if "first_name" in name], left

@@ -7,12 +7,12 @@ the builds of APEX4GEN_TEST_BUILDS.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -20,6 +20,7 @@ from click.testing import CliRunner
 
 from apex4gen import build as build_stage
 from apex4gen import export as export_stage
+from apex4gen import manifest as manifest_file
 from apex4gen import planner, specs, toolchain
 from apex4gen.cli import cli
 from apex4gen.errors import Apex4genError
@@ -101,7 +102,7 @@ def test_exported_tree_is_complete_and_relocatable(builds, tmp_path):
 def test_example_builds_against_each_export(builds, tmp_path):
     for gpu, build_dir in builds.items():
         out = tmp_path / f"pkg-{gpu}"
-        files = LibraryFiles(json.loads((build_dir / build_stage.MANIFEST).read_text())["prefix"])
+        files = LibraryFiles(manifest_file.read(build_dir).prefix)
         exported = CliRunner().invoke(cli, ["export", str(build_dir), "-o", str(out)])
         assert exported.exit_code == 0 and f"apex4gen::{files.prefix}" in exported.output, exported.output
         shared = _cmake(EXAMPLE, tmp_path / f"example-{gpu}", out)
@@ -146,8 +147,7 @@ def test_two_builds_link_into_one_program(builds, tmp_path):
     (project / "main.cpp").write_text(TWO_BUILDS_MAIN)
     done = _cmake(project, tmp_path / "bin", package)
     assert done.returncode == 0, done.stdout + done.stderr
-    kernels = [json.loads((b / build_stage.MANIFEST).read_text())["kernels"][0]["name"]
-               for b in (builds["a40"], builds["h100-sxm"])]
+    kernels = [manifest_file.read(b).kernels[0].name for b in (builds["a40"], builds["h100-sxm"])]
     for program in ("two_shared", "two_static"):
         run = subprocess.run([str(tmp_path / "bin" / program)], capture_output=True, text=True)
         assert run.returncode == 0, run.stderr
@@ -157,8 +157,8 @@ def test_two_builds_link_into_one_program(builds, tmp_path):
 @needs_cmake
 def test_a_missing_component_fails_configuration(tmp_path):
     (tmp_path / "pkg").mkdir()
-    export_stage._write_cmake(tmp_path / "pkg", LibraryFiles("only"), {"gpu": "a40", "arch": "sm_86",
-                                                                       "model": "m", "kernels": []})
+    record = SimpleNamespace(gpu="a40", arch="sm_86", model="m", kernels=())  # what the targets file names
+    export_stage._write_cmake(tmp_path / "pkg", LibraryFiles("only"), record)
     project = tmp_path / "project"
     project.mkdir()
     (project / "CMakeLists.txt").write_text("cmake_minimum_required(VERSION 3.17)\nproject(p LANGUAGES NONE)\n"

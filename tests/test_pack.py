@@ -25,7 +25,8 @@ HOST_SHIM = r"""
 #include "pack.cuh"
 using namespace apex4gen_pack;
 extern "C" void pack_values(int layout, const uint8_t* qw, int64_t n, int64_t k, uint8_t* out) {
-  for (int64_t i = 0; i < n * k / 2; ++i) out[i] = layout == 1 ? sm90_decode_byte(qw, k, i) : sm90_group_byte(qw, n, k, i);
+  for (int64_t i = 0; i < n * k / 2; ++i)
+    out[i] = layout == 1 ? sm90_decode_byte(qw, k, i) : sm90_group_byte(qw, n, k, i);
 }
 extern "C" void pack_scales(int layout, const uint16_t* sw, int64_t n, int64_t groups, uint16_t* out) {
   for (int64_t i = 0; i < n * groups; ++i)
