@@ -5,19 +5,23 @@ Layout of a build directory (``generated/<gpu>-<model>/`` by default)::
     plan.yaml            the plan the build was made from
     src/*.cu             rendered kernels + dispatch.cu (generated; banner on every file)
     runtime/             hand-written runtime sources every build links (copied from the package)
-    include/apex4gen.h   the C ABI header, for other engines
+    include/apex4gen.h   the C ABI header, for other engines, and apex4gen_<prefix>.h declaring this build's names
     build.ninja, obj/    the compile; object names carry the hash of source + command + toolchain
-    lib/libapex4gen.so   the product: C ABI (dispatch, kernels, activation quantization)
+    lib/libapex4gen_<prefix>.so (and .a)  the product: C ABI (dispatch, kernels, activation quantization, weight
+                         packing), every symbol prefixed per build (apex4gen/library.py)
     manifest.json        written last, only after a successful build: kernels, routes, files, flags (a rebuild
                          keeps the previous one aside as .manifest.json.previous until it succeeds)
 
 This module orchestrates: check the plan, render (:mod:`apex4gen.emit`), name the compile units by their
 object-cache key (:mod:`apex4gen.objcache`), compile and link with ninja (:mod:`apex4gen.ninjabuild`), then write
-the manifest (:mod:`apex4gen.manifest`). The PyTorch ops (``torch.ops.apex4gen.*``) load ``lib/libapex4gen.so``
-through :mod:`apex4gen.loader`, so one binary serves PyTorch and other engines alike.
+the manifest (:mod:`apex4gen.manifest`); :mod:`apex4gen.link` links the libraries. The PyTorch ops
+(``torch.ops.apex4gen.*``) load the shared library through :mod:`apex4gen.loader`, so one binary serves PyTorch
+and other engines alike.
 """
 from __future__ import annotations
 
+import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,25 +35,26 @@ from .files import write_if_different
 from .errors import Apex4genError, BuildError
 from .kernels import KernelConfig, family_of
 from .kernels import legality
-from .kernels.cpp_names import ACT_FORMAT_ENUM, DTYPE_ENUM, SM_NUMBER
+from .kernels.cpp_names import ACT_FORMAT_ENUM, DTYPE_ENUM, SM_NUMBER, WEIGHT_LAYOUT_ENUM
+from .library import LibraryFiles, abi_version, prefix_of
 from .manifest import CompileCommand, KernelEntry, Manifest, Route
 from .ninjabuild import CompileUnit, run_ninja, write_ninja
 from .objcache import cache_key, object_path, remove_stale_objects
 from .paths import runtime_dir
 from . import toolchain
 
-LIBRARY = "lib/libapex4gen.so"
+_LIBRARY_FILE = re.compile(r"libapex4gen.*\.(so|a)(\.[0-9.]+)?")
 INT_MAX = 2**31 - 1
-RUNTIME_SOURCES = ("quantize.cu",)
-# The C ABI and the kernel headers the rendered sources include (paths under runtime/); the object cache key
-# hashes them all.
-RUNTIME_HEADERS = ("apex4gen.h", *sorted(f"kernels/{p.name}" for p in (runtime_dir() / "kernels").glob("*.cuh")))
+RUNTIME_SOURCES = ("quantize.cu", "pack.cu")
+# The C ABI and the headers the sources include (paths under runtime/); the object cache key hashes them all.
+RUNTIME_HEADERS = ("apex4gen.h", "pack.cuh",
+                   *sorted(f"kernels/{p.name}" for p in (runtime_dir() / "kernels").glob("*.cuh")))
 
 
 @dataclass(frozen=True)
 class BuildResult:
     build_dir: Path
-    library: Path | None
+    library: Path | None  # the shared library (its unversioned link)
     kernels: tuple[str, ...]
     compiled: int        # compile units ninja ran this time (0 for a no-op rebuild)
     emitted_changed: int  # rendered files whose bytes changed
@@ -99,7 +104,7 @@ def plan_arch(kernels: list[KernelConfig], gpu) -> str:
 
 
 def render_sources(plan, kernels: list[KernelConfig], arch: str, build_dir: Path,
-                   nvcc_version: str | None) -> tuple[list[Path], int]:
+                   nvcc_version: str | None, files: LibraryFiles) -> tuple[list[Path], int]:
     """Write src/, runtime/ and include/; remove rendered kernels the plan no longer has."""
     written = []
     for cfg in kernels:
@@ -107,10 +112,13 @@ def render_sources(plan, kernels: list[KernelConfig], arch: str, build_dir: Path
                                           render_kernel(cfg, nvcc_version)))
     routes = routes_of(plan, kernels)
     context = {
-        "kernels": [{"name": c.procedural_name(), "act_format": ACT_FORMAT_ENUM[family_of(c).act_format]}
-                    for c in kernels],
+        "kernels": [{"name": c.procedural_name(), "act_format": ACT_FORMAT_ENUM[family_of(c).act_format],
+                     "weight_layout": WEIGHT_LAYOUT_ENUM[family_of(c).weight_layout]} for c in kernels],
         "routes": [{**r.__dict__, "dtype": DTYPE_ENUM[r.dtype]} for r in routes],
+        "problems": [{"n": n, "k": k, "group": g, "dtype": DTYPE_ENUM[d]}
+                     for n, k, g, d in dict.fromkeys((r.n, r.k, r.group, r.dtype) for r in routes)],
         "sm_number": SM_NUMBER[arch],
+        "version": __version__,
     }
     plan_hash = sha256_text(plan.to_yaml())
     written.append(write_if_different(build_dir / "src" / "dispatch.cu",
@@ -118,8 +126,24 @@ def render_sources(plan, kernels: list[KernelConfig], arch: str, build_dir: Path
     for name in (*RUNTIME_SOURCES, *RUNTIME_HEADERS):
         written.append(write_if_different(build_dir / "runtime" / name, (runtime_dir() / name).read_text()))
     written.append(write_if_different(build_dir / "include" / "apex4gen.h", (runtime_dir() / "apex4gen.h").read_text()))
+    written.append(write_if_different(build_dir / files.header, render_build_header(plan, context, arch, files)))
+    _remove_stale_headers(build_dir / "include", {"apex4gen.h", Path(files.header).name})
     _remove_stale_sources(build_dir / "src", {w.path.name for w in written})
     return [w.path for w in written], sum(w.changed for w in written)
+
+
+def render_build_header(plan, dispatch_context: dict, arch: str, files: LibraryFiles) -> str:
+    kernels = [{"name": c["name"], "act_format": c["act_format"], "weight_layout": c["weight_layout"]}
+               for c in dispatch_context["kernels"]]
+    context = {"prefix": files.prefix, "gpu": plan.gpu, "arch": arch, "model": plan.model, "kernels": kernels}
+    return render_template("build_header.h.jinja", context, inputs={"plan": sha256_text(plan.to_yaml())})
+
+
+def _remove_stale_headers(include_dir: Path, keep: set[str]) -> None:
+    """The header of the build's earlier prefix (a renamed build folder)."""
+    for path in sorted(include_dir.glob("apex4gen_*.h")):
+        if path.name not in keep and path.read_text().startswith("// Generated by apex4gen."):
+            path.unlink()
 
 
 def _remove_stale_sources(src_dir: Path, keep: set[str]) -> None:
@@ -147,13 +171,15 @@ def compile_units(build_dir: Path, kernels: list[KernelConfig], arch: str) -> li
     return units
 
 
-def link_command(units: list[CompileUnit], arch: str) -> list[str]:
-    return [toolchain.nvcc_path(), "-shared", *toolchain.gencode_flags(arch, embed_ptx=not arch.endswith("a")),
-            *[str(u.obj) for u in units], "-o", LIBRARY, "-lcudart"]
+def link_command(units: list[CompileUnit], files: LibraryFiles) -> list[str]:
+    """apex4gen/link.py: one prefixed object, then the static and the shared library (see its docstring)."""
+    return [sys.executable, str(Path(__file__).with_name("link.py")), "--prefix", files.prefix,
+            "--soname", files.soname, "--shared", files.shared, "--static", files.static,
+            "--work", f"obj/{files.stem}", "--", toolchain.nvcc_path(), "--", *[str(u.obj) for u in units]]
 
 
 def manifest_of(plan, kernels: list[KernelConfig], routes: list[Route], arch: str, units: list[CompileUnit],
-                gpu) -> Manifest:
+                gpu, files: LibraryFiles) -> Manifest:
     return Manifest(
         apex4gen=__version__,
         cutlass=toolchain.cutlass_version(),
@@ -165,7 +191,11 @@ def manifest_of(plan, kernels: list[KernelConfig], routes: list[Route], arch: st
         model=plan.model,
         out_dtype=plan.out_dtype,
         plan_sha256=manifest.plan_sha256(plan.to_yaml()),
-        library=LIBRARY,
+        prefix=files.prefix,
+        abi_version=abi_version(),
+        library=files.development,
+        static_library=files.static,
+        header=files.header,
         kernels=tuple(KernelEntry(index=i, name=c.procedural_name(), config=c.to_dict(),
                                   act_format=family_of(c).act_format, weight_layout=family_of(c).weight_layout,
                                   source=f"src/{c.procedural_name()}.cu")
@@ -218,6 +248,7 @@ def build(plan, gpu, build_dir: Path, emit_only: bool = False, jobs: int | None 
           progress: bool = True, force: bool = False, allow_partial: bool = False) -> BuildResult:
     """Render, then (unless ``emit_only``) compile a plan's kernels into ``build_dir``."""
     build_dir = Path(build_dir).absolute()  # ninja runs in build_dir: every path in a command is absolute
+    files = LibraryFiles(prefix_of(build_dir.name))
     check_plan_served(plan, allow_partial)
     check_build_dir(build_dir, force, plan)
     check_plan_legal(plan, gpu)
@@ -227,21 +258,40 @@ def build(plan, gpu, build_dir: Path, emit_only: bool = False, jobs: int | None 
     build_dir.mkdir(parents=True, exist_ok=True)
     manifest.set_aside(build_dir)
     plan_changed = write_if_different(build_dir / "plan.yaml", plan.to_yaml()).changed
-    _, changed = render_sources(plan, kernels, arch, build_dir, nvcc_version)
+    _, changed = render_sources(plan, kernels, arch, build_dir, nvcc_version, files)
     names = tuple(c.procedural_name() for c in kernels)
     if emit_only:
         if not plan_changed and not changed:
             manifest.restore(build_dir)  # the built library still matches
         else:
-            (build_dir / LIBRARY).unlink(missing_ok=True)  # it no longer matches the sources: nothing loadable stays
+            _remove_libraries(build_dir)  # they no longer match the sources: nothing loadable stays
         return BuildResult(build_dir, None, names, 0, changed)
     units = compile_units(build_dir, kernels, arch)
-    write_ninja(build_dir, units, link_command(units, arch), LIBRARY)
+    write_ninja(build_dir, units, link_command(units, files), (files.shared, files.static))
     (build_dir / "lib").mkdir(exist_ok=True)
     steps = run_ninja(build_dir, units, jobs, progress)
     remove_stale_objects(build_dir, {u.obj.name for u in units})
-    manifest.settle(build_dir, manifest_of(plan, kernels, routes_of(plan, kernels), arch, units, gpu))
-    return BuildResult(build_dir, build_dir / LIBRARY, names, steps, changed)
+    _remove_stale_libraries(build_dir, files)
+    manifest.settle(build_dir, manifest_of(plan, kernels, routes_of(plan, kernels), arch, units, gpu, files))
+    return BuildResult(build_dir, build_dir / files.development, names, steps, changed)
+
+
+def _remove_libraries(build_dir: Path) -> None:
+    for path in (build_dir / "lib").glob("libapex4gen*"):
+        if _LIBRARY_FILE.fullmatch(path.name):
+            path.unlink()
+
+
+def _remove_stale_libraries(build_dir: Path, files: LibraryFiles) -> None:
+    """Libraries of an earlier prefix or version (a renamed build folder, a new apex4gen release), and the
+    link's intermediate files of an earlier prefix (obj/libapex4gen_<prefix>.*)."""
+    keep = {Path(f).name for f in (files.shared, files.static, files.development)} | {files.soname}
+    for path in (build_dir / "lib").iterdir():
+        if path.name not in keep and _LIBRARY_FILE.fullmatch(path.name):
+            path.unlink()
+    for path in (build_dir / "obj").glob("libapex4gen_*"):
+        if path.name.split(".")[0] != files.stem:
+            path.unlink()
 
 
 def default_build_dir(gpu_name: str, model_name: str, root: Path | None = None) -> Path:

@@ -65,7 +65,11 @@ class Manifest:
     model: str
     out_dtype: str
     plan_sha256: str    # of the plan.yaml beside it
-    library: str        # relative to the build directory
+    prefix: str         # of every exported symbol: apex4gen_<prefix>_<name> (apex4gen/library.py)
+    abi_version: int    # APEX4GEN_ABI_VERSION of the header the build was made with
+    library: str        # the shared library (its unversioned link), relative to the build directory
+    static_library: str
+    header: str         # include/apex4gen_<prefix>.h
     kernels: tuple[KernelEntry, ...]
     routes: tuple[Route, ...]
     compile: tuple[CompileCommand, ...]
@@ -104,7 +108,7 @@ def plan_sha256(plan_yaml: str) -> str:
 
 
 # what a manifest must hold before the loader looks further
-_REQUIRED = ("arch", "gpu", "kernels", "library", "plan_sha256", "ptx_embedded", "routes", "sm")
+_REQUIRED = ("arch", "gpu", "kernels", "library", "plan_sha256", "prefix", "ptx_embedded", "routes", "sm")
 
 
 def read(build_dir: Path) -> Manifest:

@@ -92,10 +92,12 @@ def gencode_flags(arch: str, embed_ptx: bool = True) -> list[str]:
 
 
 def nvcc_flags(arch: str, include_dirs: list[Path]) -> list[str]:
-    """Every flag of a kernel compile; part of the build cache key."""
+    """Every flag of a kernel compile; part of the build cache key. No -lineinfo: device line tables hold the
+    absolute paths of the build folder and the CUTLASS headers, and a build's library is exported to other
+    machines (NVCC_APPEND_FLAGS=-lineinfo adds it back for profiling source lines)."""
     return [
         "-std=c++17", "-O3", "-DNDEBUG", "--expt-relaxed-constexpr", "-Xcompiler=-fPIC",
-        "-Xcompiler=-fvisibility=hidden", "-lineinfo",
+        "-Xcompiler=-fvisibility=hidden",
         *gencode_flags(arch, embed_ptx=not arch.endswith("a")),
         *[f"-I{d}" for d in include_dirs],
     ]

@@ -28,10 +28,12 @@ def header_enums() -> dict[str, dict[str, int]]:
 
 
 # the header's typedef name of each table in apex4gen.abi
-ENUMS = {"apex4gen_dtype": abi.DTYPE, "apex4gen_act_format": abi.ACT_FORMAT, "apex4gen_status": abi.STATUS}
+ENUMS = {"apex4gen_dtype": abi.DTYPE, "apex4gen_act_format": abi.ACT_FORMAT, "apex4gen_status": abi.STATUS,
+         "apex4gen_weight_layout": abi.WEIGHT_LAYOUT}
 # the C++ spellings of each enum's apex4gen names; the status codes are spelt APEX4GEN_<NAME>
 SPELLINGS = {"apex4gen_dtype": cpp_names.DTYPE_ENUM, "apex4gen_act_format": cpp_names.ACT_FORMAT_ENUM,
-             "apex4gen_status": {name: f"APEX4GEN_{name.upper()}" for name in abi.STATUS}}
+             "apex4gen_status": {name: f"APEX4GEN_{name.upper()}" for name in abi.STATUS},
+             "apex4gen_weight_layout": cpp_names.WEIGHT_LAYOUT_ENUM}
 
 
 def test_the_header_has_exactly_the_enums_of_the_table():
@@ -45,12 +47,19 @@ def test_enum_values_match_the_header(c_type):
     assert {spelling[name]: value for name, value in table.items()} == header_enums()[c_type]
 
 
+def header_functions() -> dict[str, str]:
+    """The entries X(return type, name, (parameters)) of APEX4GEN_FUNCTIONS: apex4gen_<name> -> parameters."""
+    block = re.search(r"#define APEX4GEN_FUNCTIONS\(X\)(.*?)\n\s*\n", _CODE, re.S).group(1).replace("\\\n", " ")
+    return {f"apex4gen_{name}": params.strip()
+            for name, params in re.findall(r"X\([^,()]+,\s*(\w+),\s*\((.*?)\)\)", block, re.S)}
+
+
 def test_every_exported_function_has_a_ctypes_signature():
     from apex4gen.loader.binding import SIGNATURES
-    exported = set(re.findall(r"APEX4GEN_EXPORT\s+[\w\s\*]+?\b(apex4gen_\w+)\s*\(", _CODE))
-    assert exported and exported == set(SIGNATURES)
+    functions = header_functions()
+    assert len(functions) > 10 and list(functions) == list(SIGNATURES)  # the order of apex4gen_api's fields
     for name, (_, argtypes) in SIGNATURES.items():
-        params = re.search(rf"\b{name}\s*\((.*?)\)\s*;", _CODE, re.S).group(1).strip()
+        params = functions[name]
         count = 0 if params in ("", "void") else params.count(",") + 1
         assert len(argtypes) == count, name
 

@@ -17,6 +17,7 @@ from apex4gen.manifest import NAME as MANIFEST
 from apex4gen.cli import cli
 from apex4gen.errors import Apex4genError, BuildError, ToolchainError
 from apex4gen.kernels import FAMILIES, KernelConfig
+from apex4gen.library import LibraryFiles
 
 from _helpers import needs_nvcc
 
@@ -42,11 +43,12 @@ def _tree(root: Path) -> dict[str, bytes]:
 
 
 def test_emit_is_deterministic(tmp_path, full_plan):
-    a = build_stage.build(full_plan, A40, tmp_path / "a", emit_only=True)
-    b = build_stage.build(full_plan, A40, tmp_path / "b", emit_only=True)
+    # folders of one name (it sets the symbol prefix) in two places
+    a = build_stage.build(full_plan, A40, tmp_path / "a" / "build", emit_only=True)
+    b = build_stage.build(full_plan, A40, tmp_path / "b" / "build", emit_only=True)
     assert a.kernels == b.kernels and len(a.kernels) >= 1
     assert _tree(tmp_path / "a") == _tree(tmp_path / "b")
-    again = build_stage.build(full_plan, A40, tmp_path / "a", emit_only=True)
+    again = build_stage.build(full_plan, A40, tmp_path / "a" / "build", emit_only=True)
     assert again.emitted_changed == 0  # write-if-different: nothing rewritten
 
 
@@ -177,7 +179,7 @@ def test_load_refuses_a_manifest_that_is_broken_or_not_of_this_plan(tmp_path, fu
     build_stage.build(one_kernel_plan(full_plan), A40, tmp_path, emit_only=True)
     manifest = tmp_path / MANIFEST
     for text, problem in [('{"gpu":', "unreadable"), ("{}", "lacks arch"),
-                          (json.dumps({k: 0 for k in ("arch", "gpu", "kernels", "library", "plan_sha256",
+                          (json.dumps({k: 0 for k in ("arch", "gpu", "kernels", "library", "plan_sha256", "prefix",
                                                       "ptx_embedded", "routes", "sm")}), "not built from the plan")]:
         manifest.write_text(text)
         with pytest.raises(LoadError, match=problem) as err:
@@ -260,8 +262,10 @@ def test_build_compiles_then_rebuild_is_a_noop(tmp_path, full_plan):
     assert second.compiled == 0
     assert (tmp_path / MANIFEST).stat().st_mtime_ns == stamp  # write-if-different, manifest too
     symbols = _exported_symbols(first.library)
-    assert {"apex4gen_select_kernel", "apex4gen_run_kernel", "apex4gen_quantize_act"} <= symbols
-    assert plan.kernels()[0].procedural_name() in symbols
+    files = LibraryFiles(manifest["prefix"])
+    assert {files.symbol(name) for name in ("select_kernel", "run_kernel", "quantize_act", "pack_weight")} <= symbols
+    assert files.symbol(plan.kernels()[0].procedural_name()[len("apex4gen_"):]) in symbols
+    assert all(s.startswith(f"apex4gen_{files.prefix}_") for s in symbols if s.startswith("apex4gen"))
 
 
 def _exported_symbols(lib: Path) -> set[str]:
@@ -285,7 +289,7 @@ def test_failed_compile_names_the_kernel_and_leaves_no_manifest(tmp_path, full_p
     assert plan.kernels()[0].procedural_name() in str(err.value)
     assert "\n" not in str(err.value)
     assert "error" in capsys.readouterr().err
-    assert not (tmp_path / MANIFEST).exists() and not (tmp_path / build_stage.LIBRARY).exists()
+    assert not (tmp_path / MANIFEST).exists() and not list((tmp_path / "lib").glob("libapex4gen*"))
 
 
 @needs_nvcc
@@ -300,7 +304,7 @@ def test_shared_object_cache_serves_another_build_dir(tmp_path, full_plan, monke
     build_stage.build(plan, A40, tmp_path / "b", progress=False)
     for unit in units:  # same key in both builds: the command does not depend on the build directory
         assert (tmp_path / "b" / unit["object"]).read_bytes() == (first.build_dir / unit["object"]).read_bytes()
-    assert (tmp_path / "b" / build_stage.LIBRARY).is_file()
+    assert (tmp_path / "b" / LibraryFiles("b").development).is_file()
 
 
 def test_ninja_steps_are_reported_as_they_start(tmp_path):
@@ -317,3 +321,16 @@ def test_ninja_steps_are_reported_as_they_start(tmp_path):
     assert status() == 0
     assert events == [(True, "step a"), (False, "step a"), (True, "step b"), (False, "step b")], events
     assert ninjabuild.steps_to_run(tmp_path) == 0
+
+
+@needs_nvcc
+@pytest.mark.nvcc
+def test_a_renamed_build_folder_takes_its_new_name_as_prefix(tmp_path, full_plan):
+    plan = one_kernel_plan(full_plan)
+    build_stage.build(plan, A40, tmp_path / "first-name", progress=False)
+    (tmp_path / "first-name").rename(tmp_path / "second-name")
+    result = build_stage.build(plan, A40, tmp_path / "second-name", progress=False)
+    manifest = json.loads((tmp_path / "second-name" / MANIFEST).read_text())
+    assert manifest["prefix"] == "second_name" and result.library == tmp_path / "second-name" / manifest["library"]
+    left = sorted(p.name for p in (tmp_path / "second-name").glob("*/*apex4gen_*"))
+    assert left and not [name for name in left if "first_name" in name], left

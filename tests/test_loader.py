@@ -38,7 +38,8 @@ def _manifest(plan_sha: str = "0" * 64) -> Manifest:
     routes = (Route(8192, 8192, 128, "f16", 16, 0), Route(8192, 8192, 128, "f16", 2**31 - 1, 1),
               Route(1024, 8192, 8192, "bf16", 2**31 - 1, 0))
     return Manifest("0.1.0", "4.0.0", "13.0.48", "h100-sxm", "sm_90a", 90, False, "llama2-70b", "f16", plan_sha,
-                    "lib/libapex4gen.so", kernels, routes,
+                    "h100", 1, "lib/libapex4gen_h100.so", "lib/libapex4gen_h100.a", "include/apex4gen_h100.h",
+                    kernels, routes,
                     (CompileCommand("src/apex4gen_a.cu", "obj/apex4gen_a-0123456789abcdef.o", ("nvcc", "-c")),))
 
 

@@ -3,7 +3,11 @@
 A family names its layout in ``Family.weight_layout``; :func:`pack` turns a quantized weight
 (``apex4gen.reference.QuantizedTensor``: int values [N, K] and scales [N, K/group]) into the tensors the
 kernel receives as ``qw`` and ``sw``. Each pack function is registered with :func:`layout` and runs on any
-device in plain PyTorch. Kernel engineers: add your function below its own section header.
+device in plain PyTorch: it is the documentation of its layout and the tests' oracle. What runs is the
+library's C packing (runtime/pack.cuh, pack.cu: ``apex4gen_<prefix>_pack_weight``, called by ``Build.pack`` and
+by other engines), which tests/test_pack.py holds equal to these functions bit for bit. Kernel engineers: add
+your function below its own section header, its rule to pack.cuh and its number to the C ABI's
+``apex4gen_weight_layout``.
 """
 from __future__ import annotations
 

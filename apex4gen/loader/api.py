@@ -2,7 +2,6 @@
 ``linear``; ``gemm`` and ``quantize_act`` for callers that quantize one activation for several GEMMs)."""
 from __future__ import annotations
 
-import ctypes
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,16 +10,15 @@ import torch
 
 from .. import abi, manifest as manifest_file, reference
 from ..errors import LoadError, ShapeError
-from ..kernels import layouts
 from ..manifest import KernelEntry, Manifest
 from . import ops
-from .binding import open_library
+from .binding import Library, check_status, open_library
 
 
 class Build:
     """A loaded build. ``pack`` prepares a layer's weights once; ``linear`` runs the W4A4 op."""
 
-    def __init__(self, build_dir: Path, manifest: Manifest, lib: ctypes.CDLL, handle: int):
+    def __init__(self, build_dir: Path, manifest: Manifest, lib: Library, handle: int):
         self.build_dir = build_dir
         self.manifest = manifest
         self.lib = lib
@@ -49,13 +47,23 @@ class Build:
         return tuple(sorted(names))
 
     def pack(self, w: reference.QuantizedTensor) -> "PackedWeight":
-        """Weights in every layout this build's kernels for the problem read (usually exactly one)."""
+        """Weights in every layout this build's kernels for the problem read (usually exactly one), packed on
+        the weight's GPU by the library's apex4gen_pack_weight (what other engines call)."""
         n, k = w.shape
         dtype = w.scales.dtype
+        if not w.q.is_cuda:
+            raise ShapeError(f"the weight to pack is on {w.q.device}: move it to the GPU first (.cuda())")
+        canonical, scales = reference.pack_int4(w.q).contiguous(), w.scales.contiguous()
         packed = {}
         for name in self.layouts_for(n, k, w.group, dtype):
-            qw, sw = layouts.pack(name, w)
-            packed[name] = (qw.contiguous(), sw.contiguous())
+            qw = torch.empty_like(canonical)
+            groups = k // w.group  # sm90_group reads its scales transposed, [K/group, N] (layouts.py)
+            sw = scales.new_empty((groups, n) if name == "sm90_group" else (n, groups))
+            status = self.lib.apex4gen_pack_weight(abi.WEIGHT_LAYOUT[name], canonical.data_ptr(), scales.data_ptr(),
+                                                   n, k, w.group, qw.data_ptr(), sw.data_ptr(),
+                                                   torch.cuda.current_stream().cuda_stream)
+            check_status(self.lib, status, f"packing an N={n} K={k} weight into layout {name}")
+            packed[name] = (qw, sw)
         return PackedWeight(n, k, w.group, dtype, packed)
 
     def linear(self, x: torch.Tensor, w: "PackedWeight", bias: torch.Tensor | None = None,
@@ -101,7 +109,7 @@ def load(build_dir: str | Path) -> Build:
                         "run `apex4gen build`")
     manifest = manifest_file.read(build_dir)
     _check_device(manifest)
-    lib = open_library(build_dir / manifest.library)
+    lib = open_library(build_dir / manifest.library, manifest.prefix)
     return Build(build_dir, manifest, lib, ops.register(lib, manifest.kernels))
 
 

@@ -15,7 +15,7 @@ import torch
 from .. import abi
 from ..errors import ShapeError
 from ..manifest import KernelEntry
-from .binding import GemmArgs, check_status
+from .binding import GemmArgs, Library, check_status
 
 # torch dtypes of activations and outputs, by the names plans and manifests use
 DTYPE_NAME = {torch.float16: "f16", torch.bfloat16: "bf16"}
@@ -26,14 +26,14 @@ _DTYPE = {dtype: abi.DTYPE[name] for dtype, name in DTYPE_NAME.items()}
 class _Library:
     """What the ops need of a loaded build: its library and its kernels (act formats, names for errors)."""
 
-    lib: ctypes.CDLL
+    lib: Library
     kernels: tuple[KernelEntry, ...]
 
 
 _LIBRARIES: list[_Library] = []
 
 
-def register(lib: ctypes.CDLL, kernels: tuple[KernelEntry, ...]) -> int:
+def register(lib: Library, kernels: tuple[KernelEntry, ...]) -> int:
     """Make a loaded library callable from the ops; returns its handle."""
     _register_ops()
     _LIBRARIES.append(_Library(lib, kernels))
