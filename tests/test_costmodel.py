@@ -86,9 +86,10 @@ def test_a_wider_wgmma_token_tile_amortises_the_widening():
 
 
 def test_a_hybrid_grid_under_one_wave_pays_for_splitting_every_tile():
-    """At M=256 (H200, 2026-12-06; bench/notes/sm90-prefill.md, "256-token tiles"): 64 tiles of 256 tokens with K = 8192 (o) ran slower than 128 tiles of 128 (61.8
-    against 55.7 us), with K = 28672 (down) faster (159.6 against 172.5: more K iterations per fixup); gate_up (224
-    tiles of 256) fills whole waves and takes the 256-token tile."""
+    """At M=256 (H200, 2026-12-06; bench/notes/sm90-prefill.md, "256-token tiles"): 64 tiles of 256 tokens with
+    K = 8192 (o) ran slower than 128 tiles of 128 (61.8 against 55.7 us), with K = 28672 (down) faster (159.6
+    against 172.5: more K iterations per fixup); gate_up (224 tiles of 256) fills whole waves and takes the
+    256-token tile."""
     gpu = load_gpu("h100-sxm")
     times = {(name, tm): w4a4_time(gpu, 256, n, k, G128, "fp8", _group_cfg(tm)).us
              for name, n, k in (("o", 8192, 8192), ("down", 8192, 28672), ("gate_up", 57344, 8192))
