@@ -10,6 +10,7 @@ Skipped when vLLM is not installed (README: `pip install --no-deps vllm==0.33.0`
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import subprocess
@@ -237,7 +238,7 @@ def test_rotated_down_proj_applies_the_online_rotation(vllm_env, checkpoints):
     x = _inputs(layers)["down_proj"]
     prepared = down.quant_method.prepared
     assert prepared.rotation is not None
-    without = core.forward(down, prepared.__class__(**{**prepared.__dict__, "rotation": None}), x, None)
+    without = core.forward(down, dataclasses.replace(prepared, rotation=None), x, None)
     with torch.no_grad():
         rotated = down(x)[0]
     assert float((rotated - without).norm() / rotated.norm()) > 0.5

@@ -140,8 +140,8 @@ def prepare(layer: torch.nn.Module, scheme: LayerScheme, k: int, build_dir: str 
     rotation = None
     if scheme.rotation is not None:
         if checkpoint_dir is None:
-            raise LoadError("a rotated checkpoint needs its directory to read the online rotation: the config "
-                            "was not given the model path (vLLM passes it through maybe_update_config)")
+            raise LoadError("a rotated checkpoint is read from its directory (the online rotation is stored "
+                            "there once): serve the local directory that `apex4gen quantize` wrote")
         rotation = online_rotation(str(checkpoint_dir), scheme.rotation, str(device))
         if rotation.n != k:
             raise ShapeError(f"online rotation of size {rotation.n} for a layer with K={k}")
