@@ -229,6 +229,35 @@ def test_vllm_layers_load_the_checkpoint_and_match_fake_quant(vllm_env, checkpoi
         torch.testing.assert_close(got, expected[name], rtol=2 ** -10, atol=1e-3, msg=f"{kind} {name}")
 
 
+@pytest.mark.parametrize("kind", ["g128", "rotated"])
+def test_vllms_model_loader_loads_the_whole_model(vllm_env, checkpoints, kind):
+    """vLLM's LlamaForCausalLM built from the checkpoint's config and loaded by vLLM's DefaultModelLoader
+    (weight names, fused shards, the stored rotation dropped from the weight stream), then processed: its
+    projections match the fake-quant model's."""
+    from vllm.config import ModelConfig, VllmConfig, set_current_vllm_config
+    from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
+    from vllm.model_executor.model_loader.utils import process_weights_after_loading
+    from vllm.model_executor.models.llama import LlamaForCausalLM
+
+    extra = {} if kind == "rotated" else {"quantization": "apex4gen"}
+    model_config = ModelConfig(model=str(checkpoints[kind]), dtype="float16", **extra)
+    vllm_config = VllmConfig(model_config=model_config)
+    with set_current_vllm_config(vllm_config):
+        model = LlamaForCausalLM(vllm_config=vllm_config)
+        DefaultModelLoader(vllm_config.load_config).load_weights(model, model_config)
+        process_weights_after_loading(model, model_config, torch.device("cpu"))
+    block = model.model.layers[0]
+    layers = {"qkv_proj": block.self_attn.qkv_proj, "o_proj": block.self_attn.o_proj,
+              "gate_up_proj": block.mlp.gate_up_proj, "down_proj": block.mlp.down_proj}
+    assert (block.mlp.down_proj.quant_method.prepared.rotation is not None) == (kind == "rotated")
+    inputs = _inputs(layers)
+    expected = _fake_quant_outputs(checkpoints[kind], inputs)
+    for name, layer in layers.items():
+        with torch.no_grad():
+            torch.testing.assert_close(layer(inputs[name])[0], expected[name], rtol=2 ** -10, atol=1e-3,
+                                       msg=f"{kind} {name}")
+
+
 def test_rotated_down_proj_applies_the_online_rotation(vllm_env, checkpoints):
     """Without the rotation the rotated checkpoint's down_proj is far off: the test above would notice it."""
     config = _quant_config(checkpoints["rotated"])
