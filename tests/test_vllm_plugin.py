@@ -28,11 +28,14 @@ pytest.importorskip("vllm")
 from click.testing import CliRunner  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
+from apex4gen import manifest  # noqa: E402
 from apex4gen import reference as ref  # noqa: E402
 from apex4gen.accuracy.rotation import set_fast_online_rotation  # noqa: E402
 from apex4gen.checkpoint import load_quantized  # noqa: E402
 from apex4gen.cli import cli  # noqa: E402
+from apex4gen.granularity import CHANNEL, Granularity  # noqa: E402
 from apex4gen.vllm_plugin import core  # noqa: E402
+from test_loader import _manifest  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 HIDDEN, FFN, HEADS, KV_HEADS, HEAD_DIM = 576, 1536, 9, 3, 64
@@ -194,9 +197,10 @@ def test_entry_point_is_found_by_vllms_plugin_loader(tmp_path):
 def test_config_from_the_checkpoint(vllm_env, checkpoints, kind):
     config = _quant_config(checkpoints[kind])
     assert len(config.layers) == 7
-    expected = {"g128": (64, 128), "channel": (None, None), "rotated": (64, 128)}[kind]
-    assert config.layers[f"{ATTN}.q_proj"].group == expected[0]  # K = 576: g128 falls back to g64
-    assert config.layers[f"{MLP}.down_proj"].group == expected[1]
+    g64, g128 = Granularity(64), Granularity(128)
+    expected = {"g128": (g64, g128), "channel": (CHANNEL, CHANNEL), "rotated": (g64, g128)}[kind]
+    assert config.layers[f"{ATTN}.q_proj"].granularity == expected[0]  # K = 576: g128 falls back to g64
+    assert config.layers[f"{MLP}.down_proj"].granularity == expected[1]
     rotation = config.layers[f"{MLP}.down_proj"].rotation
     assert (rotation is not None) == (kind == "rotated")
     assert all(s.rotation is None for name, s in config.layers.items() if not name.endswith("down_proj"))
@@ -358,7 +362,7 @@ def test_weight_stream_drops_the_stored_rotation(vllm_env, checkpoints):
 def test_fused_shards_with_different_schemes_are_refused(vllm_env, checkpoints):
     config = _quant_config(checkpoints["g128"])
     q = config.layers[f"{ATTN}.q_proj"]
-    config.layers[f"{ATTN}.k_proj"] = core.LayerScheme(None, q.act_clip, q.rotation)
+    config.layers[f"{ATTN}.k_proj"] = core.LayerScheme(CHANNEL, q.act_clip, q.rotation)
     with pytest.raises(ValueError, match="one quantization scheme"):
         _layers(config, only=("qkv_proj",))
 
@@ -369,9 +373,11 @@ def test_build_location(vllm_env, tmp_path, monkeypatch):
     cls = get_quantization_config("apex4gen")
     qcfg = {"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {}}
     monkeypatch.setenv(core.BUILD_ENV, str(tmp_path / "nothing"))
-    with pytest.raises(ValueError, match="not a finished apex4gen build"):
+    with pytest.raises(ValueError, match="APEX4GEN_BUILD=.*unreadable.*apex4gen build") as err:
         cls.from_config(qcfg)
-    (tmp_path / "manifest.json").write_text(json.dumps({"sm": 90}))
+    assert "\n" not in str(err.value)
+    (tmp_path / "plan.yaml").write_text("plan\n")
+    (tmp_path / manifest.NAME).write_text(_manifest(manifest.plan_sha256("plan\n")).to_json())  # an sm_90a build
     monkeypatch.setenv(core.BUILD_ENV, str(tmp_path))
     assert cls.get_min_capability() == 90
     monkeypatch.delenv(core.BUILD_ENV)

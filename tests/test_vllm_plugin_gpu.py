@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from apex4gen import reference as ref
 from apex4gen.accuracy.rotation import hadamard_factors, random_orthogonal
 from apex4gen.checkpoint import WEIGHTS_FILE, pack_int32
+from apex4gen.granularity import Granularity
 from apex4gen.vllm_plugin import core
 from test_kernels_gpu import _build_dirs, _dtype, assert_matches_reference, problems
 
@@ -49,7 +50,7 @@ class LoadedLayer(torch.nn.Module):
 
 
 def _scheme(group: int, k: int, **kw) -> core.LayerScheme:
-    return core.LayerScheme(None if group == k else group, **kw)
+    return core.LayerScheme(Granularity.of_size(group, k), **kw)
 
 
 def _prepared(build_dir, n, k, group, dtype, gen, scheme=None, checkpoint_dir=None):

@@ -4,7 +4,6 @@ Imports vLLM; what the method computes lives in :mod:`apex4gen.vllm_plugin.core`
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from vllm.model_executor.parameter import (
 )
 
 from ..checkpoint import ROTATED_QUANT_METHOD
+from ..granularity import CHANNEL, Granularity
 from . import NAME, core
 
 _PER_WORD = 8  # int4 values in one int32 of compressed-tensors' pack-quantized format
@@ -119,13 +119,13 @@ def _on_cpu() -> bool:
 
 
 def _build_sm(build_dir: str) -> int:
-    from ..build import MANIFEST
+    from ..errors import LoadError
+    from ..manifest import read
 
     try:
-        return int(json.loads((Path(build_dir) / MANIFEST).read_text())["sm"])
-    except (OSError, ValueError, KeyError, TypeError):
-        raise ValueError(f"{core.BUILD_ENV}={build_dir} is not a finished apex4gen build (no readable "
-                         f"{MANIFEST}); run `apex4gen build` for it") from None
+        return read(Path(build_dir)).sm
+    except LoadError as err:
+        raise ValueError(f"{core.BUILD_ENV}={build_dir}: {err}") from None
 
 
 def shard_names(prefix: str, packed_modules_mapping: dict[str, list[str]]) -> list[str]:
@@ -147,16 +147,16 @@ def parse_layers(config: dict[str, Any]) -> dict[str, core.LayerScheme]:
     clips, transforms = extra.get("act_clip", {}), extra.get("input_transform", {})
     layers = {}
     for group_name, scheme in config.get("config_groups", {}).items():
-        group = _group_of(group_name, scheme)
+        granularity = _granularity_of(group_name, scheme)
         for name in scheme["targets"]:
-            layers[name] = core.LayerScheme(group, float(clips.get(name, 1.0)), transforms.get(name))
+            layers[name] = core.LayerScheme(granularity, float(clips.get(name, 1.0)), transforms.get(name))
     if not layers:
         raise ValueError("quantization_config has no config_groups with targets: nothing to serve in W4A4")
     return layers
 
 
-def _group_of(group_name: str, scheme: dict[str, Any]) -> int | None:
-    """The group size of a W4A4 int scheme (None: per channel); anything else is refused, named."""
+def _granularity_of(group_name: str, scheme: dict[str, Any]) -> Granularity:
+    """The granularity of a W4A4 int scheme; anything else is refused, named."""
     w, a = scheme.get("weights") or {}, scheme.get("input_activations") or {}
 
     def int4_symmetric(args: dict) -> bool:
@@ -169,7 +169,7 @@ def _group_of(group_name: str, scheme: dict[str, Any]) -> int | None:
     if not (int4_symmetric(w) and int4_symmetric(a) and strategy in ("group", "channel") and acts_match):
         raise ValueError(f"config group {group_name} is not apex4gen's W4A4 scheme (int4 symmetric weights per group "
                          f"or channel, int4 dynamic activations per group or token): weights {w}, activations {a}")
-    return int(size) if strategy == "group" else None
+    return Granularity(int(size)) if strategy == "group" else CHANNEL
 
 
 @register_weight_loader_v2_supported_method
@@ -190,13 +190,13 @@ class Apex4genLinearMethod(LinearMethodBase):
         self._check_partition(k, input_size)
         self.k = k
         n = sum(output_partition_sizes)
-        group = self.scheme.group_of(k)
+        group = self.scheme.granularity.size(k)
         weight_loader = extra_weight_attrs["weight_loader"]
         layer.register_parameter("weight_packed", PackedvLLMParameter(
             data=torch.empty(n, k // _PER_WORD, dtype=torch.int32), input_dim=1, output_dim=0,
             packed_factor=_PER_WORD, packed_dim=1, weight_loader=weight_loader))
         scales = torch.empty(n, k // group, dtype=params_dtype)
-        if self.scheme.group is None:
+        if self.scheme.granularity.is_channel:
             scale = ChannelQuantScaleParameter(data=scales, output_dim=0, weight_loader=weight_loader)
         else:
             scale = GroupQuantScaleParameter(data=scales, output_dim=0, input_dim=1, weight_loader=weight_loader)
@@ -210,8 +210,9 @@ class Apex4genLinearMethod(LinearMethodBase):
         its slice of the activations, which must be the groups the checkpoint was quantized with."""
         if k == input_size:
             return
-        group = self.scheme.group or input_size
-        what = "per-channel (one group spanning K)" if self.scheme.group is None else f"g{group}"
+        granularity = self.scheme.granularity
+        group = granularity.size(input_size)
+        what = "per-channel (one group spanning K)" if granularity.is_channel else granularity.name
         if k % group or k % _PER_WORD:
             raise ValueError(f"{self.prefix}: tensor parallelism gives each GPU K={k} of K={input_size}, which splits "
                              f"a {what} group; use a tensor-parallel size that divides K/{group} = "

@@ -28,6 +28,7 @@ from .. import reference
 from ..accuracy.rotation import _FastTransform, hadamard_factors
 from ..checkpoint import WEIGHTS_FILE, unpack_int32
 from ..errors import LoadError, ShapeError
+from ..granularity import Granularity
 from ..nn import clip_activation, fake_quant_activation
 
 BUILD_ENV = "APEX4GEN_BUILD"
@@ -37,12 +38,9 @@ BUILD_ENV = "APEX4GEN_BUILD"
 class LayerScheme:
     """One (possibly fused) layer's quantization as the checkpoint states it."""
 
-    group: int | None          # None: per output channel (one group spanning K)
+    granularity: Granularity
     act_clip: float = 1.0      # activation clipping ratio (1.0: none)
     rotation: str | None = None  # checkpoint key of the online input transform, if any
-
-    def group_of(self, k: int) -> int:
-        return reference.resolve_group(self.group, k)
 
 
 class OnlineRotation:
@@ -133,7 +131,9 @@ def prepare(layer: torch.nn.Module, scheme: LayerScheme, k: int, build_dir: str 
             checkpoint_dir: str | None) -> Prepared:
     """Once after loading: unpack the checkpoint tensors, pack them for the build's kernels (or dequantize them
     for the fake-quant path), and register the result on ``layer``; the checkpoint tensors are dropped."""
-    group = scheme.group_of(k)
+    if not scheme.granularity.fits(k):
+        raise ShapeError(f"K={k} is not a multiple of the checkpoint's {scheme.granularity} groups")
+    group = scheme.granularity.size(k)
     w = checkpoint_weight(layer, k, group)
     n = w.shape[0]
     device = layer.weight_packed.device
