@@ -9,10 +9,14 @@ Per quantized linear ``<name>``:
 
 ``config.json`` is the model's config plus ``quantization_config`` (``quant_method: compressed-tensors``,
 ``format: pack-quantized``, one config group per granularity with an explicit W4A4 scheme: weights int4
-symmetric group/channel, input activations int4 symmetric dynamic group/token) and an ``apex4gen`` entry for
-what compressed-tensors has no field for: per-layer activation clipping ratios and the online rotation of
+symmetric group/channel, input activations int4 symmetric dynamic group/token) holding an ``apex4gen`` entry
+for what compressed-tensors has no field for: per-layer activation clipping ratios and the online rotation of
 down_proj's input (its matrix is stored once as ``apex4gen.input_transform.<i>``).
 Everything else (embeddings, norms, lm_head) is stored as is.
+
+A checkpoint with an online rotation says ``quant_method: apex4gen`` instead: an engine that reads it as
+plain compressed-tensors would load the weights and skip the rotation (wrong outputs, no error), so engines
+that do not know apex4gen refuse it; the vLLM plugin (``apex4gen.vllm_plugin``) serves it.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ from .errors import SpecError
 from .nn import W4A4Linear
 
 WEIGHTS_FILE = "model.safetensors"
+ROTATED_QUANT_METHOD = "apex4gen"  # quant_method of a checkpoint with an online rotation (module docstring)
 _PER_WORD = 8  # int4 values in one int32
 
 
@@ -84,6 +89,14 @@ def quantization_config(layers: dict[str, W4A4Linear]) -> dict:
     }
 
 
+def extras(config: dict) -> dict:
+    """The ``apex4gen`` entry of a checkpoint's config.json: ``{"act_clip": {name: ratio},
+    "input_transform": {name: tensor key}}``. Checkpoints written before the entry moved into
+    quantization_config keep it at the top level."""
+    entry = (config.get("quantization_config") or {}).get("apex4gen") or config.get("apex4gen")
+    return entry or {"act_clip": {}, "input_transform": {}}
+
+
 def quantized_layers(model: nn.Module) -> dict[str, W4A4Linear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, W4A4Linear)}
 
@@ -110,8 +123,11 @@ def save_quantized(model: nn.Module, out_dir: str | Path, tokenizer=None) -> Pat
     save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
 
     config = model.config.to_dict()
-    config["quantization_config"] = quantization_config(layers)
-    config["apex4gen"] = {"act_clip": clips, "input_transform": transforms}
+    qconfig = quantization_config(layers)
+    qconfig["apex4gen"] = {"act_clip": clips, "input_transform": transforms}
+    if transforms:
+        qconfig["quant_method"] = ROTATED_QUANT_METHOD
+    config["quantization_config"] = qconfig
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
@@ -150,8 +166,9 @@ def load_quantized(ckpt_dir: str | Path) -> nn.Module:
     if not (root / "config.json").is_file() or not (root / WEIGHTS_FILE).is_file():
         raise SpecError(f"{root} is not an apex4gen checkpoint (config.json and {WEIGHTS_FILE} expected)")
     config = json.loads((root / "config.json").read_text())
+    extra = extras(config)
     qconfig = config.pop("quantization_config", None)
-    extra = config.pop("apex4gen", {"act_clip": {}, "input_transform": {}})
+    config.pop("apex4gen", None)
     if not qconfig or qconfig.get("format") != "pack-quantized":
         raise SpecError(f"{root}/config.json has no pack-quantized quantization_config")
     model_type = config.pop("model_type")

@@ -9,7 +9,8 @@ from safetensors.torch import load_file
 
 from apex4gen import reference as ref
 from apex4gen.accuracy import QuantConfig, quantize_model
-from apex4gen.checkpoint import load_quantized, pack_int32, quantized_layers, save_quantized, unpack_int32
+from apex4gen.checkpoint import (ROTATED_QUANT_METHOD, load_quantized, pack_int32, quantized_layers, save_quantized,
+                                 unpack_int32)
 from apex4gen.granularity import Granularity
 from apex4gen.nn import W4A4Linear
 from tiny_llama import token_batch, tiny_llama
@@ -77,7 +78,7 @@ def test_compressed_tensors_reads_our_weights(saved):
     model, out = saved
     config = json.loads((out / "config.json").read_text())
     qconfig = QuantizationConfig.model_validate(config["quantization_config"])
-    assert qconfig.format == "pack-quantized" and qconfig.quant_method == "compressed-tensors"
+    assert qconfig.format == "pack-quantized" and qconfig.quant_method == ROTATED_QUANT_METHOD
     tensors = load_file(str(out / "model.safetensors"))
     layers = quantized_layers(model)
     seen = set()
@@ -92,3 +93,32 @@ def test_compressed_tensors_reads_our_weights(saved):
             assert torch.allclose(weight.float(), ours, rtol=2 ** -10, atol=0), name
             seen.add(name)
     assert seen == set(layers)
+
+
+def test_only_a_rotated_checkpoint_names_apex4gen(saved, tmp_path):
+    """An engine that reads the rotated checkpoint as compressed-tensors would skip the online rotation, so
+    its quant_method is apex4gen's; without a rotation it stays compressed-tensors."""
+    _, out = saved
+    qconfig = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qconfig["quant_method"] == ROTATED_QUANT_METHOD and qconfig["apex4gen"]["input_transform"]
+    model = tiny_llama(seed=2)
+    quantize_model(model, QuantConfig.uniform(Granularity.parse("g16")))
+    plain = json.loads((save_quantized(model, tmp_path / "plain") / "config.json").read_text())
+    assert plain["quantization_config"]["quant_method"] == "compressed-tensors"
+    assert plain["quantization_config"]["apex4gen"] == {"act_clip": {}, "input_transform": {}}
+
+
+@torch.no_grad()
+def test_checkpoint_with_the_apex4gen_entry_at_the_top_level_loads(saved, tmp_path):
+    """The layout written before the entry moved into quantization_config: the rotation is not lost."""
+    import shutil
+
+    model, out = saved
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    config = json.loads((old / "config.json").read_text())
+    config["apex4gen"] = config["quantization_config"].pop("apex4gen")
+    config["quantization_config"]["quant_method"] = "compressed-tensors"
+    (old / "config.json").write_text(json.dumps(config))
+    ids = token_batch(2, 16, seed=7)
+    assert torch.equal(load_quantized(old)(input_ids=ids).logits, model(input_ids=ids).logits)

@@ -111,7 +111,7 @@ def load_checkpoint(ckpt_dir: str | Path, device: torch.device | str = "cpu",
     weight scales' 16-bit dtype, which the kernels compute in (the fake-quant path also runs float32)."""
     from safetensors.torch import load_file
 
-    from ..checkpoint import WEIGHTS_FILE, unpack_int32
+    from ..checkpoint import WEIGHTS_FILE, extras, unpack_int32
 
     root = Path(ckpt_dir)
     if not (root / "config.json").is_file() or not (root / WEIGHTS_FILE).is_file():
@@ -122,7 +122,7 @@ def load_checkpoint(ckpt_dir: str | Path, device: torch.device | str = "cpu",
     if qconfig.get("format") != "pack-quantized":
         raise SpecError(f"{root}/config.json has no pack-quantized quantization_config; write it with "
                         "`apex4gen quantize`")
-    extra = hf.get("apex4gen", {"act_clip": {}, "input_transform": {}})
+    extra = extras(hf)
     groups = {name: scheme["weights"]["group_size"] for scheme in qconfig["config_groups"].values()
               for name in scheme["targets"]}
     tensors = load_file(str(root / WEIGHTS_FILE))
