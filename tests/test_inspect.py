@@ -316,3 +316,10 @@ def test_kernel_view_names_functions_shortly_and_joins_adjacent_buckets():
                                  route(8192, 257, None)))
     assert [(r.m_min, r.m_max) for r in joined["4096 x 4096 g128 f16"]] == [(17, 256), (1025, None)]
     assert [(r.m_min, r.m_max) for r in joined["8192 x 4096 g128 f16"]] == [(257, None)]
+
+
+def test_a_mangled_function_name_is_cut_to_the_table():
+    from apex4gen.cli.inspect import _short
+    mangled = "_ZN7cutlass13device_kernelINS_4gemm6kernel13GemmUniversalIN4cute5tupleIJiiiiEEE" + "x" * 900
+    assert len(_short(mangled)) == 60 and _short(mangled).endswith("…")
+    assert _short("void cutlass::device_kernel<Foo<int>>(Foo<int>::Params)") == "void cutlass::device_kernel<…>"

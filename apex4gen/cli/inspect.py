@@ -139,6 +139,9 @@ def _mix_table(report: inspection.KernelReport) -> Table:
     return table
 
 
+_NAME_WIDTH = 60
+
+
 def _short(function: str) -> str:
     """A device function's C++ name without template arguments and parameters (a CUTLASS kernel's full name
     runs to kilobytes; --json has it whole)."""
@@ -152,7 +155,9 @@ def _short(function: str) -> str:
             depth -= 1
         elif depth == 0:
             out.append(ch)
-    return "".join(out)
+    short = "".join(out)
+    # a name nothing demangled (no c++filt on the machine) has no brackets to drop: cut it instead
+    return short if len(short) <= _NAME_WIDTH else short[:_NAME_WIDTH - 1] + "…"
 
 
 def _evidence_line(report: inspection.KernelReport) -> str:
