@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# End to end on an H100 (issue 20), in two invocations of at most ~9 minutes each (logs under $OUT):
+# End to end on an H100 (bench/results/h100/e2e.md), in two invocations of at most ~9 minutes each (logs under $OUT):
 #   scripts/e2e_device.sh build   # the four builds (two at a time), the engine's GPU tests, the ops' tests on one build
 #   scripts/e2e_device.sh bench   # apex4gen e2e-bench for every case, then a short table
 # `bench` builds whatever `build` did not leave (a no-op for builds already there, e.g. carried in generated/).

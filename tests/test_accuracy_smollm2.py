@@ -21,7 +21,7 @@ def test_eval_ppl_ends_with_the_result_line():
     match = re.fullmatch(r"fp_ppl=([\d.]+) quant_ppl=([\d.]+) ratio=([\d.]+)", last)
     assert match, last
     fp, quant, ratio = map(float, match.groups())
-    # far from RTN (4.6x) but not the 1.2x target, which no setting meets yet (README, Accuracy)
+    # far from RTN (4.6x) but not the 1.2x target, which no setting meets yet (README, Accuracy)
     assert 1.0 < ratio < 2.0 and abs(quant / fp - ratio) < 1e-3
 
 

@@ -1,4 +1,4 @@
-"""A quantized LLaMA model through a build's kernels matches the fake-quant path (issue 4's GPU test).
+"""A quantized LLaMA model through a build's kernels matches the fake-quant path.
 
 For every build in APEX4GEN_TEST_BUILDS made from an *unfused* plan (``apex4gen plan --unfused``: separate
 q/k/v and gate/up projections, as transformers runs them): a LlamaForCausalLM with the build's model

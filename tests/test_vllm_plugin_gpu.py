@@ -1,4 +1,4 @@
-"""The vLLM plugin's linear method on the GPU, through a build's kernels (issue 21's GPU test).
+"""The vLLM plugin's linear method on the GPU, through a build's kernels.
 
 vLLM is not installed on the GPU machine, so its layer object is stood in for by a module holding what
 vLLM's weight loaders leave on a layer: ``weight_packed`` (compressed-tensors int32) and ``weight_scale``

@@ -10,7 +10,7 @@ from .. import bench as bench_stage
 from ..errors import Apex4genError
 from ..plan import Plan
 
-# The Hopper issue's targets: (label, which points, baseline, minimum ratio, reduce) where reduce is the
+# The Hopper path's targets: (label, which points, baseline, minimum ratio, reduce) where reduce is the
 # geometric mean over the GEMMs, or the minimum for "never slower".
 TARGETS = (
     ("M<=16 vs cuBLAS FP16", lambda p: p.m <= 16, "fp16", 4.0, "geomean"),
