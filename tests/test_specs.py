@@ -57,7 +57,7 @@ def test_hopper_has_no_native_int4_path():
         assert gpu.int4_tensor_cores == "emulated"
         assert "int4" not in gpu.compute_paths
         assert set(gpu.compute_paths) == {"int8", "fp8"}
-    assert load_gpu("h100-sxm").tensor_tops.int4 == pytest.approx(51.7)
+    assert load_gpu("h100-sxm").tensor_tops.int4 == pytest.approx(45.1)
 
 
 def test_legality_attributes():
