@@ -45,7 +45,7 @@ def read_build(build_dir: Path) -> Manifest:
         raise Apex4genError(f"{build_dir} is not a finished apex4gen build (no {manifest_file.NAME}); "
                             "run `apex4gen build`")
     manifest = manifest_file.read(build_dir)
-    rebuild = f"rebuild it with `apex4gen build --plan {build_dir / 'plan.yaml'} --out {build_dir}`"
+    rebuild = f"rebuild it with `{manifest_file.rebuild_command(build_dir)}`"
     if manifest.apex4gen != __version__:
         raise Apex4genError(f"{build_dir} was built by apex4gen {manifest.apex4gen}, this is {__version__}: {rebuild}")
     for path in (manifest.library, manifest.static_library, manifest.header, "include/apex4gen.h"):

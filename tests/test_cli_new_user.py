@@ -143,3 +143,19 @@ def test_a_partly_served_plan_says_what_is_missing_and_counts_it_at_fp16(tmp_pat
     result = run("build", "--gpu", "a40", "--plan", str(out), "--out", str(build_dir), "--emit-only",
                  "--allow-partial")
     assert result.exit_code == 0, result.output
+
+
+def test_the_rebuild_command_an_old_build_is_told_runs_as_written(tmp_path):
+    """A build from an older apex4gen (its manifest has no symbol prefix) is refused with the command that rebuilds
+    it; that command must carry --gpu, which `apex4gen build` requires even with --plan."""
+    old = tmp_path / "old-build"
+    old.mkdir()
+    assert run("plan", "--gpu", "a40", "--model", "llama2-7b", "-o", str(old / "plan.yaml")).exit_code == 0
+    (old / "manifest.json").write_text('{"gpu": "a40", "arch": "sm_86", "library": "lib/libapex4gen.so"}')
+    for command in ("export", "inspect"):
+        args = [str(old)] + (["-o", str(tmp_path / "pkg")] if command == "export" else [])
+        line = one_line_error(run(command, *args), 2, "lacks", "prefix", "--gpu a40")
+    rebuild = line.split("`")[1].split()
+    assert rebuild[:2] == ["apex4gen", "build"]
+    result = run(*rebuild[1:], "--emit-only")
+    assert result.exit_code == 0, result.output
