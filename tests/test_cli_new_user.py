@@ -159,3 +159,15 @@ def test_the_rebuild_command_an_old_build_is_told_runs_as_written(tmp_path):
     assert rebuild[:2] == ["apex4gen", "build"]
     result = run(*rebuild[1:], "--emit-only")
     assert result.exit_code == 0, result.output
+
+
+def test_build_refuses_a_file_that_is_no_plan_with_the_command_that_makes_one(tmp_path):
+    """--plan given a model spec or an empty file: one line saying it is not a plan and how to make one, not a
+    schema complaint about its first field."""
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    model_spec = write_yaml(tmp_path / "llama.yaml", shipped("models", "llama2-7b"))
+    for path in (empty, model_spec):
+        one_line_error(run("build", "--gpu", "a40", "--plan", str(path), "--emit-only", "--out", str(tmp_path / "b")),
+                       2, f"{path} is not an apex4gen plan file", "apex4gen plan --gpu")
+        assert not (tmp_path / "b").exists()
