@@ -171,3 +171,19 @@ def test_build_refuses_a_file_that_is_no_plan_with_the_command_that_makes_one(tm
         one_line_error(run("build", "--gpu", "a40", "--plan", str(path), "--emit-only", "--out", str(tmp_path / "b")),
                        2, f"{path} is not an apex4gen plan file", "apex4gen plan --gpu")
         assert not (tmp_path / "b").exists()
+
+
+def test_generate_names_a_missing_checkpoint_folder_as_such(tmp_path):
+    """A checkpoint path that does not exist is neither read as a model spec file nor as a model name."""
+    missing = tmp_path / "l3-w4a4"
+    one_line_error(run("generate", str(missing), "--prompt", "hi"), 2, f"{missing} does not exist",
+                   "apex4gen quantize", "checkpoint")
+
+
+def test_e2e_bench_refuses_a_json_path_it_could_not_write_before_measuring(tmp_path):
+    """The JSON is written after minutes of measuring: a missing folder is refused first, before the build is
+    even opened (here: a folder that is no build, which would otherwise be the error)."""
+    (tmp_path / "build").mkdir()
+    out = tmp_path / "no-such-folder" / "e2e.json"
+    one_line_error(run("e2e-bench", "llama2-7b", "--build", str(tmp_path / "build"), "--json", str(out)), 2,
+                   f"--json {out}", "does not exist")
