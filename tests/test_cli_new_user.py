@@ -187,3 +187,17 @@ def test_e2e_bench_refuses_a_json_path_it_could_not_write_before_measuring(tmp_p
     out = tmp_path / "no-such-folder" / "e2e.json"
     one_line_error(run("e2e-bench", "llama2-7b", "--build", str(tmp_path / "build"), "--json", str(out)), 2,
                    f"--json {out}", "does not exist")
+
+
+def test_option_errors_caught_by_click_are_one_line_too(tmp_path):
+    """A missing option, a value out of range, a file where a folder is expected: one line naming it and the help
+    to read, exit 2 (click's own form is a usage block of three lines)."""
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    cases = ((("generate", "llama2-7b", "--prompt", "x", "--layers", "0"), "--layers", "apex4gen generate --help"),
+             (("e2e-bench", "llama2-7b"), "Missing option '--build'", "apex4gen e2e-bench --help"),
+             (("export", str(a_file), "-o", str(tmp_path / "pkg")), "is a file", "apex4gen export --help"),
+             (("no-such-command",), "no-such-command", "apex4gen --help"))
+    for args, *needles in cases:
+        one_line_error(run(*args), 2, *needles)
+    assert not (tmp_path / "pkg").exists()
