@@ -201,3 +201,20 @@ def test_option_errors_caught_by_click_are_one_line_too(tmp_path):
     for args, *needles in cases:
         one_line_error(run(*args), 2, *needles)
     assert not (tmp_path / "pkg").exists()
+
+
+def test_generate_refuses_a_broken_checkpoint_in_one_line(tmp_path):
+    """A checkpoint folder whose config.json or model.safetensors is cut short or hand-edited: one line naming the
+    file and `apex4gen quantize`, no traceback."""
+    bad_json = tmp_path / "bad-json"
+    bad_json.mkdir()
+    (bad_json / "config.json").write_text("{not json")
+    (bad_json / "model.safetensors").write_bytes(b"")
+    bad_tensors = tmp_path / "bad-tensors"
+    bad_tensors.mkdir()
+    (bad_tensors / "config.json").write_text('{"quantization_config": {"format": "pack-quantized", '
+                                             '"config_groups": {}}}')
+    (bad_tensors / "model.safetensors").write_bytes(b"cut short")
+    for folder, broken in ((bad_json, "config.json is not valid JSON"),
+                           (bad_tensors, "model.safetensors is not a readable safetensors file")):
+        one_line_error(run("generate", str(folder), "--prompt", "hi"), 2, broken, "apex4gen quantize")
