@@ -258,3 +258,15 @@ def test_an_export_stopped_half_way_is_no_package(builds, tmp_path, monkeypatch)
     result = CliRunner().invoke(cli, ["export", str(builds["a40"]), "-o", str(package)])
     assert result.exit_code == 0, result.output
     assert (package / export_stage.CMAKE_DIR / "apex4genConfig.cmake").is_file()
+
+
+@needs_nvcc
+@pytest.mark.nvcc
+def test_export_prints_a_package_path_cmake_can_use_from_anywhere(builds, tmp_path, monkeypatch):
+    """-o given relative to the shell's folder: the apex4gen_DIR printed is absolute (the engine's CMake runs in
+    its own folder)."""
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(cli, ["export", str(builds["a40"]), "-o", "pkg"])
+    assert result.exit_code == 0, result.output
+    printed = result.output.split("apex4gen_DIR=")[1].split(",")[0]
+    assert Path(printed).is_absolute() and Path(printed) == (tmp_path / "pkg" / export_stage.CMAKE_DIR)
