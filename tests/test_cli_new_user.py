@@ -218,3 +218,13 @@ def test_generate_refuses_a_broken_checkpoint_in_one_line(tmp_path):
     for folder, broken in ((bad_json, "config.json is not valid JSON"),
                            (bad_tensors, "model.safetensors is not a readable safetensors file")):
         one_line_error(run("generate", str(folder), "--prompt", "hi"), 2, broken, "apex4gen quantize")
+
+
+def test_bench_refuses_an_unknown_baseline_and_a_json_path_it_could_not_write_before_measuring(tmp_path):
+    """Checked before the build is opened (here: a folder that is no build, which would otherwise be the error):
+    a misspelt baseline would be left out of the table silently, and the JSON is written after the run."""
+    (tmp_path / "build").mkdir()
+    build = str(tmp_path / "build")
+    one_line_error(run("bench", build, "--baselines", "fp16,fp61"), 2, "--baselines: unknown fp61", "int8")
+    out = tmp_path / "no-such-folder" / "bench.json"
+    one_line_error(run("bench", build, "--json", str(out)), 2, f"--json {out}", "does not exist")

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from ..errors import SpecError
+from ..files import check_output_folder
 
 
 def _ints(text: str, option: str, allow_empty: bool = False) -> tuple[int, ...]:
@@ -147,7 +148,7 @@ def e2e_bench_cmd(model: str, build_dir: Path, layers: int | None, prompt_length
 
     settings = bench.Settings(_ints(prompt_lengths, "--prompt-lengths", True), _ints(batches, "--batches", True),
                               context, steps, samples)
-    _check_json_path(json_path)
+    check_output_folder(json_path, "--json")
     build = _load_build(build_dir)
     config = _random_config(model, build, layers)
     groups = plan_groups(build)
@@ -163,12 +164,6 @@ def e2e_bench_cmd(model: str, build_dir: Path, layers: int | None, prompt_length
     if json_path:
         report.write_json(json_path)
         click.echo(f"wrote {json_path}")
-
-
-def _check_json_path(path: Path | None) -> None:
-    """The results are written after minutes of measuring: a path that cannot take them is refused before."""
-    if path is not None and not path.parent.is_dir():
-        raise SpecError(f"--json {path}: the folder {path.parent} does not exist; create it or give another path")
 
 
 def _print_report(report) -> None:
