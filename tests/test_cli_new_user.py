@@ -228,3 +228,20 @@ def test_bench_refuses_an_unknown_baseline_and_a_json_path_it_could_not_write_be
     one_line_error(run("bench", build, "--baselines", "fp16,fp61"), 2, "--baselines: unknown fp61", "int8")
     out = tmp_path / "no-such-folder" / "bench.json"
     one_line_error(run("bench", build, "--json", str(out)), 2, f"--json {out}", "does not exist")
+
+
+def test_quantize_never_writes_into_a_folder_of_other_files(tmp_path):
+    """`-o` the model's own folder: refused before the model is loaded, its config.json untouched; an earlier
+    checkpoint of `apex4gen quantize` (its quantization_config has the apex4gen entry) may be written again."""
+    from apex4gen.cli.quantize import _check_output
+
+    model = tmp_path / "my-model"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "llama"}')
+    one_line_error(run("quantize", "--model-path", str(model), "--granularity", "g128", "-o", str(model)), 2,
+                   f"{model} holds files `apex4gen quantize` did not write", "choose an empty or new -o")
+    assert (model / "config.json").read_text() == '{"model_type": "llama"}'
+    earlier = tmp_path / "ckpt"
+    earlier.mkdir()
+    (earlier / "config.json").write_text('{"quantization_config": {"format": "pack-quantized", "apex4gen": {}}}')
+    _check_output(earlier)
