@@ -45,7 +45,7 @@ def read_build(build_dir: Path) -> Manifest:
         raise Apex4genError(f"{build_dir} is not a finished apex4gen build (no {manifest_file.NAME}); "
                             "run `apex4gen build`")
     manifest = manifest_file.read(build_dir)
-    rebuild = f"rebuild it with `apex4gen build --plan {build_dir / 'plan.yaml'} --out {build_dir}`"
+    rebuild = f"rebuild it with `{manifest_file.rebuild_command(build_dir)}`"
     if manifest.apex4gen != __version__:
         raise Apex4genError(f"{build_dir} was built by apex4gen {manifest.apex4gen}, this is {__version__}: {rebuild}")
     for path in (manifest.library, manifest.static_library, manifest.header, "include/apex4gen.h"):
@@ -69,11 +69,22 @@ def check_out_dir(out: Path) -> None:
         raise Apex4genError(f"{out} holds builds exported by another apex4gen release; export into a new folder")
 
 
+def check_same_build(build_dir: Path, out: Path, files: LibraryFiles) -> None:
+    """A build of this prefix already in ``out`` is replaced only by the same build (its header names the plan's
+    hash and the kernels): two build folders of one name, say two GPUs' ``llama2-7b``, must not overwrite each
+    other's libraries silently."""
+    exported = out / files.header
+    if exported.is_file() and exported.read_text() != (build_dir / files.header).read_text():
+        raise Apex4genError(f"{out} already holds another build named {files.prefix} ({exported} differs: another "
+                            f"plan, GPU or model); export into another -o, or delete {out} first to replace it")
+
+
 def export(build_dir: str | Path, out: str | Path) -> ExportResult:
     build_dir, out = Path(build_dir), Path(out)
     manifest = read_build(build_dir)
     check_out_dir(out)
     files = LibraryFiles(manifest.prefix)
+    check_same_build(build_dir, out, files)
     written = [*_copy_headers(build_dir, out, files), *_copy_libraries(build_dir, out, files),
                *_write_cmake(out, files, manifest)]
     return ExportResult(out, files.prefix, tuple(written))
@@ -123,19 +134,25 @@ def _symlink(path: Path, target: str) -> None:
 
 
 def _write_cmake(out: Path, files: LibraryFiles, manifest: Manifest) -> list[str]:
-    major, minor = __version__.split(".")[:2]
-    targets = {"prefix": files.prefix, "gpu": manifest.gpu, "arch": manifest.arch, "model": manifest.model,
-               "num_kernels": len(manifest.kernels), "shared": files.shared, "soname": files.soname,
-               "static": files.static}
-    rendered = {
-        "apex4genConfig.cmake": _render("apex4genConfig.cmake.jinja", {}),
-        "apex4genConfigVersion.cmake": _render("apex4genConfigVersion.cmake.jinja", {
-            "version": __version__, "abi_version": abi_version(), "major": major, "minor": minor}),
-        f"apex4gen-{files.prefix}-targets.cmake": _render("apex4gen-targets.cmake.jinja", targets),
-    }
-    for name, text in rendered.items():
-        write_if_different(out / CMAKE_DIR / name, text)
-    return [str(CMAKE_DIR / name) for name in rendered]
+    # apex4genConfig.cmake, what find_package looks for, goes last: an export stopped half-way (an error, Ctrl-C)
+    # is not found as a package; the version file goes first, so that exporting again into the folder is allowed
+    names = ("apex4genConfigVersion.cmake", f"apex4gen-{files.prefix}-targets.cmake", "apex4genConfig.cmake")
+    for name in names:
+        write_if_different(out / CMAKE_DIR / name, _render_cmake(name, files, manifest))
+    return [str(CMAKE_DIR / name) for name in names]
+
+
+def _render_cmake(name: str, files: LibraryFiles, manifest: Manifest) -> str:
+    if name == "apex4genConfig.cmake":
+        return _render("apex4genConfig.cmake.jinja", {})
+    if name == "apex4genConfigVersion.cmake":
+        major, minor = __version__.split(".")[:2]
+        return _render("apex4genConfigVersion.cmake.jinja", {
+            "version": __version__, "abi_version": abi_version(), "major": major, "minor": minor})
+    return _render("apex4gen-targets.cmake.jinja", {
+        "prefix": files.prefix, "gpu": manifest.gpu, "arch": manifest.arch, "model": manifest.model,
+        "num_kernels": len(manifest.kernels), "shared": files.shared, "soname": files.soname,
+        "static": files.static})
 
 
 def _render(template: str, context: dict) -> str:

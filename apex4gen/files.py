@@ -7,6 +7,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import Apex4genError
+
 
 @dataclass(frozen=True)
 class WriteResult:
@@ -30,3 +32,10 @@ def write_if_different(path: str | Path, text: str) -> WriteResult:
         os.unlink(tmp)
         raise
     return WriteResult(path, True)
+
+
+def check_output_folder(path: Path | None, option: str) -> None:
+    """Results written after minutes of measuring: an output path whose folder is missing is refused before."""
+    if path is not None and not Path(path).parent.is_dir():
+        raise Apex4genError(f"{option} {path}: the folder {Path(path).parent} does not exist; create it or give "
+                            "another path")

@@ -276,7 +276,7 @@ def kernel_report(build_dir: Path, wanted: str) -> KernelReport:
     source = build.path / kernel.source
     if not source.is_file():
         raise LoadError(f"{source} is missing (the build folder is incomplete); rebuild it with "
-                        f"`apex4gen build --plan {build.path / 'plan.yaml'} --out {build.path}`")
+                        f"`{manifests.rebuild_command(build.path)}`")
     command = next((c.command for c in build.manifest.compile if c.source == kernel.source), ())
     report, unavailable = _sass(build, kernel)
     names = ([f.function for f in report.functions] + [r.function for r in report.resources]) if report else []

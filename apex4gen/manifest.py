@@ -15,6 +15,8 @@ import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+import yaml
+
 from .errors import LoadError
 from .files import write_if_different
 
@@ -111,11 +113,23 @@ def plan_sha256(plan_yaml: str) -> str:
 _REQUIRED = ("arch", "gpu", "kernels", "library", "plan_sha256", "prefix", "ptx_embedded", "routes", "sm")
 
 
+def rebuild_command(build_dir: Path) -> str:
+    """The command that rebuilds ``build_dir`` from its plan: ``apex4gen build`` needs --gpu even with --plan, and
+    the plan file names its GPU (``GPU`` where the plan cannot be read)."""
+    try:
+        plan = yaml.safe_load((build_dir / "plan.yaml").read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        plan = None
+    gpu = plan.get("gpu") if isinstance(plan, dict) else None
+    gpu = gpu if isinstance(gpu, str) and gpu else "GPU"
+    return f"apex4gen build --gpu {gpu} --plan {build_dir / 'plan.yaml'} --out {build_dir}"
+
+
 def read(build_dir: Path) -> Manifest:
     """The manifest, checked to be whole and to describe the plan.yaml beside it (a build that stopped between
     writing a new plan and linking leaves them apart). Every refusal is one line naming the rebuild command."""
     path = build_dir / NAME
-    rebuild = f"rebuild it with `apex4gen build --plan {build_dir / 'plan.yaml'} --out {build_dir}`"
+    rebuild = f"rebuild it with `{rebuild_command(build_dir)}`"
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as err:

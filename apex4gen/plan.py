@@ -176,7 +176,11 @@ class Plan:
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
         path = Path(path)
-        return parse_plan(read_yaml(path), path)
+        data = read_yaml(path)
+        if not isinstance(data, dict) or not _PLAN_MARKERS & set(data):  # a spec, an empty file: no field to fix
+            raise SpecError(f"{path} is not an apex4gen plan file; make one with "
+                            "`apex4gen plan --gpu GPU --model MODEL -o FILE`")
+        return parse_plan(data, path)
 
 
 def is_plan_file(path: Path) -> bool:

@@ -195,7 +195,7 @@ def read_object(obj: Path) -> ObjectReport:
     """Resource usage and instruction mix of every device function in ``obj``."""
     if not obj.is_file():
         raise SassUnavailable(f"no object file {obj}: the build folder was copied without obj/ or the build did "
-                              "not finish; rebuild it with `apex4gen build --plan <build>/plan.yaml --out <build>`")
+                              "not finish; rebuild it with `apex4gen build --gpu <gpu> --plan <build>/plan.yaml --out <build>`")
     resources = parse_resources(_cuobjdump("--dump-resource-usage", obj))
     functions = parse_sass(_cuobjdump("-sass", obj))
     return ObjectReport(str(obj), resources, functions)

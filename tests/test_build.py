@@ -184,7 +184,7 @@ def test_load_refuses_a_manifest_that_is_broken_or_not_of_this_plan(tmp_path, fu
         manifest.write_text(text)
         with pytest.raises(LoadError, match=problem) as err:
             load(tmp_path)
-        assert "apex4gen build --plan" in str(err.value) and "\n" not in str(err.value)
+        assert "apex4gen build --gpu " in str(err.value) and "--plan" in str(err.value) and "\n" not in str(err.value)
 
 
 def test_cache_key_covers_nvccs_environment_flags(monkeypatch):

@@ -143,3 +143,105 @@ def test_a_partly_served_plan_says_what_is_missing_and_counts_it_at_fp16(tmp_pat
     result = run("build", "--gpu", "a40", "--plan", str(out), "--out", str(build_dir), "--emit-only",
                  "--allow-partial")
     assert result.exit_code == 0, result.output
+
+
+def test_the_rebuild_command_an_old_build_is_told_runs_as_written(tmp_path):
+    """A build from an older apex4gen (its manifest has no symbol prefix) is refused with the command that rebuilds
+    it; that command must carry --gpu, which `apex4gen build` requires even with --plan."""
+    old = tmp_path / "old-build"
+    old.mkdir()
+    assert run("plan", "--gpu", "a40", "--model", "llama2-7b", "-o", str(old / "plan.yaml")).exit_code == 0
+    (old / "manifest.json").write_text('{"gpu": "a40", "arch": "sm_86", "library": "lib/libapex4gen.so"}')
+    for command in ("export", "inspect"):
+        args = [str(old)] + (["-o", str(tmp_path / "pkg")] if command == "export" else [])
+        line = one_line_error(run(command, *args), 2, "lacks", "prefix", "--gpu a40")
+    rebuild = line.split("`")[1].split()
+    assert rebuild[:2] == ["apex4gen", "build"]
+    result = run(*rebuild[1:], "--emit-only")
+    assert result.exit_code == 0, result.output
+
+
+def test_build_refuses_a_file_that_is_no_plan_with_the_command_that_makes_one(tmp_path):
+    """--plan given a model spec or an empty file: one line saying it is not a plan and how to make one, not a
+    schema complaint about its first field."""
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    model_spec = write_yaml(tmp_path / "llama.yaml", shipped("models", "llama2-7b"))
+    for path in (empty, model_spec):
+        one_line_error(run("build", "--gpu", "a40", "--plan", str(path), "--emit-only", "--out", str(tmp_path / "b")),
+                       2, f"{path} is not an apex4gen plan file", "apex4gen plan --gpu")
+        assert not (tmp_path / "b").exists()
+
+
+def test_generate_names_a_missing_checkpoint_folder_as_such(tmp_path):
+    """A checkpoint path that does not exist is neither read as a model spec file nor as a model name."""
+    missing = tmp_path / "l3-w4a4"
+    one_line_error(run("generate", str(missing), "--prompt", "hi"), 2, f"{missing} does not exist",
+                   "apex4gen quantize", "checkpoint")
+
+
+def test_e2e_bench_refuses_a_json_path_it_could_not_write_before_measuring(tmp_path):
+    """The JSON is written after minutes of measuring: a missing folder is refused first, before the build is
+    even opened (here: a folder that is no build, which would otherwise be the error)."""
+    (tmp_path / "build").mkdir()
+    out = tmp_path / "no-such-folder" / "e2e.json"
+    one_line_error(run("e2e-bench", "llama2-7b", "--build", str(tmp_path / "build"), "--json", str(out)), 2,
+                   f"--json {out}", "does not exist")
+
+
+def test_option_errors_caught_by_click_are_one_line_too(tmp_path):
+    """A missing option, a value out of range, a file where a folder is expected: one line naming it and the help
+    to read, exit 2 (click's own form is a usage block of three lines)."""
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    cases = ((("generate", "llama2-7b", "--prompt", "x", "--layers", "0"), "--layers", "apex4gen generate --help"),
+             (("e2e-bench", "llama2-7b"), "Missing option '--build'", "apex4gen e2e-bench --help"),
+             (("export", str(a_file), "-o", str(tmp_path / "pkg")), "is a file", "apex4gen export --help"),
+             (("no-such-command",), "no-such-command", "apex4gen --help"))
+    for args, *needles in cases:
+        one_line_error(run(*args), 2, *needles)
+    assert not (tmp_path / "pkg").exists()
+
+
+def test_generate_refuses_a_broken_checkpoint_in_one_line(tmp_path):
+    """A checkpoint folder whose config.json or model.safetensors is cut short or hand-edited: one line naming the
+    file and `apex4gen quantize`, no traceback."""
+    bad_json = tmp_path / "bad-json"
+    bad_json.mkdir()
+    (bad_json / "config.json").write_text("{not json")
+    (bad_json / "model.safetensors").write_bytes(b"")
+    bad_tensors = tmp_path / "bad-tensors"
+    bad_tensors.mkdir()
+    (bad_tensors / "config.json").write_text('{"quantization_config": {"format": "pack-quantized", '
+                                             '"config_groups": {}}}')
+    (bad_tensors / "model.safetensors").write_bytes(b"cut short")
+    for folder, broken in ((bad_json, "config.json is not valid JSON"),
+                           (bad_tensors, "model.safetensors is not a readable safetensors file")):
+        one_line_error(run("generate", str(folder), "--prompt", "hi"), 2, broken, "apex4gen quantize")
+
+
+def test_bench_refuses_an_unknown_baseline_and_a_json_path_it_could_not_write_before_measuring(tmp_path):
+    """Checked before the build is opened (here: a folder that is no build, which would otherwise be the error):
+    a misspelt baseline would be left out of the table silently, and the JSON is written after the run."""
+    (tmp_path / "build").mkdir()
+    build = str(tmp_path / "build")
+    one_line_error(run("bench", build, "--baselines", "fp16,fp61"), 2, "--baselines: unknown fp61", "int8")
+    out = tmp_path / "no-such-folder" / "bench.json"
+    one_line_error(run("bench", build, "--json", str(out)), 2, f"--json {out}", "does not exist")
+
+
+def test_quantize_never_writes_into_a_folder_of_other_files(tmp_path):
+    """`-o` the model's own folder: refused before the model is loaded, its config.json untouched; an earlier
+    checkpoint of `apex4gen quantize` (its quantization_config has the apex4gen entry) may be written again."""
+    from apex4gen.cli.quantize import _check_output
+
+    model = tmp_path / "my-model"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "llama"}')
+    one_line_error(run("quantize", "--model-path", str(model), "--granularity", "g128", "-o", str(model)), 2,
+                   f"{model} holds files `apex4gen quantize` did not write", "choose an empty or new -o")
+    assert (model / "config.json").read_text() == '{"model_type": "llama"}'
+    earlier = tmp_path / "ckpt"
+    earlier.mkdir()
+    (earlier / "config.json").write_text('{"quantization_config": {"format": "pack-quantized", "apex4gen": {}}}')
+    _check_output(earlier)

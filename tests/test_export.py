@@ -216,3 +216,57 @@ def test_headers_are_c(builds, tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     run = subprocess.run([str(tmp_path / "bin" / "main")], capture_output=True, text=True, check=True)
     assert run.stdout.split() == ["1", "1", "1"]
+
+
+@needs_nvcc
+@pytest.mark.nvcc
+def test_export_never_replaces_another_build_of_the_same_name(builds, tmp_path):
+    """Two build folders of one name (one prefix) made from different plans: the second export into the package
+    of the first is refused in one line, and the first build's files stay as they were."""
+    package = tmp_path / "pkg"
+    assert CliRunner().invoke(cli, ["export", str(builds["a40"]), "-o", str(package)]).exit_code == 0
+    other = tmp_path / "other" / builds["a40"].name
+    shutil.copytree(builds["a40"], other, symlinks=True)
+    header = other / LibraryFiles(builds["a40"].name.replace("-", "_")).header
+    header.write_text(header.read_text() + "// another plan\n")
+    before = {p: p.read_bytes() for p in package.rglob("*") if p.is_file()}
+    result = CliRunner().invoke(cli, ["export", str(other), "-o", str(package)])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "already holds another build named a40_test" in lines[0], result.output
+    assert {p: p.read_bytes() for p in package.rglob("*") if p.is_file()} == before
+
+
+@needs_nvcc
+@pytest.mark.nvcc
+def test_an_export_stopped_half_way_is_no_package(builds, tmp_path, monkeypatch):
+    """Ctrl-C while the CMake files are written: no apex4genConfig.cmake (find_package finds nothing), and the
+    same export run again completes the package."""
+    package = tmp_path / "pkg"
+    render = export_stage._render
+
+    def interrupted(template, context):
+        if template == "apex4gen-targets.cmake.jinja":
+            raise KeyboardInterrupt
+        return render(template, context)
+
+    monkeypatch.setattr(export_stage, "_render", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export_stage.export(builds["a40"], package)
+    assert not (package / export_stage.CMAKE_DIR / "apex4genConfig.cmake").exists()
+    monkeypatch.setattr(export_stage, "_render", render)
+    result = CliRunner().invoke(cli, ["export", str(builds["a40"]), "-o", str(package)])
+    assert result.exit_code == 0, result.output
+    assert (package / export_stage.CMAKE_DIR / "apex4genConfig.cmake").is_file()
+
+
+@needs_nvcc
+@pytest.mark.nvcc
+def test_export_prints_a_package_path_cmake_can_use_from_anywhere(builds, tmp_path, monkeypatch):
+    """-o given relative to the shell's folder: the apex4gen_DIR printed is absolute (the engine's CMake runs in
+    its own folder)."""
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(cli, ["export", str(builds["a40"]), "-o", "pkg"])
+    assert result.exit_code == 0, result.output
+    printed = result.output.split("apex4gen_DIR=")[1].split(",")[0]
+    assert Path(printed).is_absolute() and Path(printed) == (tmp_path / "pkg" / export_stage.CMAKE_DIR)

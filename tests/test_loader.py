@@ -73,7 +73,7 @@ def test_read_refuses_a_malformed_manifest_in_one_line(tmp_path, damage):
     _write_build(tmp_path, data)
     with pytest.raises(LoadError, match="malformed") as err:
         manifest_file.read(tmp_path)
-    assert "apex4gen build --plan" in str(err.value) and "\n" not in str(err.value)
+    assert "apex4gen build --gpu " in str(err.value) and "--plan" in str(err.value) and "\n" not in str(err.value)
 
 
 class _Library:

@@ -14,7 +14,8 @@ _COMMAND_MODULES = (bench, build, calibrate, eval, export, generate, inspect, pl
 
 
 class _Group(click.Group):
-    """Turns every :class:`Apex4genError` into one line on stderr and its exit code."""
+    """Turns every :class:`Apex4genError`, and click's own usage errors (a missing option, a value out of range, a
+    file where a folder is expected), into one line on stderr and its exit code."""
 
     def invoke(self, ctx):
         try:
@@ -22,9 +23,13 @@ class _Group(click.Group):
         except Apex4genError as err:
             click.echo(f"apex4gen: error: {err}", err=True)
             sys.exit(err.exit_code)
+        except click.UsageError as err:
+            command = err.ctx.command_path if err.ctx is not None else ctx.command_path
+            click.echo(f"apex4gen: error: {err.format_message().rstrip('.')}; see `{command} --help`", err=True)
+            sys.exit(err.exit_code)
 
 
-@click.group(cls=_Group)
+@click.group("apex4gen", cls=_Group)
 @click.version_option(__version__, prog_name="apex4gen")
 def cli() -> None:
     """Compile W4A4 GEMM kernels for a GPU and a model: specs -> plan -> emit -> build -> load."""

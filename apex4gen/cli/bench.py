@@ -8,6 +8,7 @@ import click
 
 from .. import bench as bench_stage
 from ..errors import Apex4genError
+from ..files import check_output_folder
 from ..plan import Plan
 
 # The Hopper path's targets: (label, which points, baseline, minimum ratio, reduce) where reduce is the
@@ -38,10 +39,11 @@ def bench_command(build_dir: Path, ms: str, json_path: Path | None, baselines: s
     from ..loader import load
 
     m_values = _parse_ms(ms)
+    want = _parse_baselines(baselines)
+    check_output_folder(json_path, "--json")
     build = load(build_dir)
     plan = Plan.load(build_dir / "plan.yaml")
     gpu = specs.load_gpu(build.manifest.gpu)
-    want = tuple(b for b in baselines.split(",") if b)
     bandwidth = bench_stage.copy_bandwidth()
     points = []
     for layer in plan.layers:
@@ -68,6 +70,15 @@ def _parse_ms(text: str) -> list[int]:
     if not values or min(values) < 1:
         raise Apex4genError(f"--ms values must be >= 1, got {text!r}")
     return values
+
+
+def _parse_baselines(text: str) -> tuple[str, ...]:
+    """Known baseline names only: a misspelt one would otherwise be left out of the table without a word."""
+    want = tuple(b.strip() for b in text.split(",") if b.strip())
+    unknown = [b for b in want if b not in bench_stage.BASELINES]
+    if unknown:
+        raise Apex4genError(f"--baselines: unknown {', '.join(unknown)}; choose from {','.join(bench_stage.BASELINES)}")
+    return want
 
 
 def _print_table(points, want, device: str, bandwidth: float, breakdown: bool = False) -> None:

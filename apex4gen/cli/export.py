@@ -18,8 +18,10 @@ def export_command(build_dir: Path, out: Path) -> None:
     click.echo(f"exported build {result.prefix} to {result.out}:")
     for path in result.files:
         click.echo(f"  {path}")
-    click.echo(f"CMake: find_package(apex4gen CONFIG REQUIRED) with apex4gen_DIR={result.out / export_stage.CMAKE_DIR}"
-               f", then link apex4gen::{result.prefix} (or apex4gen::apex4gen when it is the only build)")
+    # absolute: the engine's CMake runs in its own folder, where a path relative to here means nothing
+    package = (result.out / export_stage.CMAKE_DIR).absolute()
+    click.echo(f"CMake: find_package(apex4gen CONFIG REQUIRED) with apex4gen_DIR={package}, then link "
+               f"apex4gen::{result.prefix} (or apex4gen::apex4gen when it is the only build)")
 
 
 COMMANDS = (export_command,)

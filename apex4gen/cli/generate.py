@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from ..errors import SpecError
+from ..files import check_output_folder
 
 
 def _ints(text: str, option: str, allow_empty: bool = False) -> tuple[int, ...]:
@@ -79,7 +80,7 @@ def _encode(tokenizer, prompt: str, vocab: int):
 @click.argument("model")
 @click.option("--build", "build_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Build directory: the projections run on its W4A4 kernels (CUDA). Without it: the fake-quant "
-                   "path (reference numerics, any device).")
+                   "path (reference numerics, any device), for a checkpoint only.")
 @click.option("--prompt", required=True, help="Prompt text.")
 @click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(1))
 @click.option("--layers", type=click.IntRange(1), default=None, help="Run only the first N decoder layers.")
@@ -87,8 +88,8 @@ def _encode(tokenizer, prompt: str, vocab: int):
 @click.option("--graphs/--no-graphs", default=True, show_default=True, help="Decode steps as CUDA-graph replays.")
 def generate_cmd(model: str, build_dir: Path | None, prompt: str, max_new_tokens: int, layers: int | None,
                  device: str | None, graphs: bool) -> None:
-    """Greedy text from MODEL: an `apex4gen quantize` checkpoint directory, or a shipped model name (random
-    weights at its real shapes; the prompt's bytes are its tokens)."""
+    """Greedy text from MODEL: an `apex4gen quantize` checkpoint directory, or a shipped model name with --build
+    (random weights at its real shapes, granularities from the build's plan; the prompt's bytes are its tokens)."""
     import torch
 
     from ..engine import Decoder, generate
@@ -98,6 +99,9 @@ def generate_cmd(model: str, build_dir: Path | None, prompt: str, max_new_tokens
     if build is not None and device.type != "cuda":
         raise SpecError(f"--build runs on CUDA, not {device}; drop --device or --build")
     path = Path(model)
+    if not path.exists() and len(path.parts) > 1:  # a path, not a model name
+        raise SpecError(f"{model} does not exist; give an `apex4gen quantize` checkpoint folder or a shipped model "
+                        "name (apex4gen specs list)")
     weights, tokenizer = (_checkpoint_model(path, layers, device) if path.is_dir()
                           else _random_model(model, build, layers, device))
     ids = _encode(tokenizer, prompt, weights.config.vocab_size)
@@ -144,6 +148,7 @@ def e2e_bench_cmd(model: str, build_dir: Path, layers: int | None, prompt_length
 
     settings = bench.Settings(_ints(prompt_lengths, "--prompt-lengths", True), _ints(batches, "--batches", True),
                               context, steps, samples)
+    check_output_folder(json_path, "--json")
     build = _load_build(build_dir)
     config = _random_config(model, build, layers)
     groups = plan_groups(build)

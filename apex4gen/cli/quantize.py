@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import functools
+import json
 import time
 from pathlib import Path
 
 import click
 
 from ..accuracy.options import build_config, quantize_loaded
+from ..errors import SpecError
 from ..granularity import Granularity
 
 
@@ -50,11 +52,31 @@ def quantize_cmd(model_path, plan_path, granularity, calib_text, calib_samples, 
     from ..checkpoint import save_quantized
 
     cfg = build_config(plan_path, Granularity.parse(granularity), **methods)
+    _check_output(output)
     start = time.perf_counter()
     model, tokenizer = load_model(model_path)
     quantize_loaded(model, tokenizer, cfg, calib_text, calib_samples, calib_seq_len)
     save_quantized(model, output, tokenizer)
     click.echo(f"wrote {output} (W4A4 {cfg.describe()}) in {time.perf_counter() - start:.0f} s")
+
+
+def _check_output(output: Path) -> None:
+    """Before minutes of quantizing: -o is new, empty, or an earlier checkpoint of this command (written again);
+    any other folder (the model's own, say) would have its config.json and weights replaced."""
+    if not output.exists() or not any(output.iterdir()):
+        return
+    if not _is_apex4gen_checkpoint(output):
+        raise SpecError(f"{output} holds files `apex4gen quantize` did not write (it would replace config.json and "
+                        "model.safetensors there); choose an empty or new -o")
+
+
+def _is_apex4gen_checkpoint(folder: Path) -> bool:
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    qconfig = config.get("quantization_config") if isinstance(config, dict) else None
+    return isinstance(qconfig, dict) and "apex4gen" in qconfig  # the entry save_quantized adds
 
 
 COMMANDS = [quantize_cmd]

@@ -104,6 +104,29 @@ def random_weights(config: DecoderConfig, groups: dict | None, device: torch.dev
 # ---------------------------------------------------------------------------------------------- checkpoint
 
 
+def _read_config(path: Path) -> dict:
+    """config.json as an object; a file cut short or hand-edited is refused in one line."""
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise SpecError(f"{path} is not valid JSON ({err}); write the checkpoint again with "
+                        "`apex4gen quantize`") from None
+    if not isinstance(config, dict):
+        raise SpecError(f"{path} is not a model config (a JSON object); write the checkpoint again with "
+                        "`apex4gen quantize`")
+    return config
+
+
+def _read_tensors(path: Path, load_file) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+
+    try:
+        return load_file(str(path))
+    except (OSError, SafetensorError) as err:
+        raise SpecError(f"{path} is not a readable safetensors file ({err}); write the checkpoint again with "
+                        "`apex4gen quantize`") from None
+
+
 def load_checkpoint(ckpt_dir: str | Path, device: torch.device | str = "cpu",
                     dtype: torch.dtype | None = None) -> ModelWeights:
     """An ``apex4gen quantize`` checkpoint (compressed-tensors pack-quantized, see :mod:`apex4gen.checkpoint`):
@@ -117,7 +140,7 @@ def load_checkpoint(ckpt_dir: str | Path, device: torch.device | str = "cpu",
     if not (root / "config.json").is_file() or not (root / WEIGHTS_FILE).is_file():
         raise SpecError(f"{root} is not an apex4gen checkpoint (config.json and {WEIGHTS_FILE} expected); "
                         "write one with `apex4gen quantize`")
-    hf = json.loads((root / "config.json").read_text())
+    hf = _read_config(root / "config.json")
     qconfig = hf.get("quantization_config") or {}
     if qconfig.get("format") != "pack-quantized":
         raise SpecError(f"{root}/config.json has no pack-quantized quantization_config; write it with "
@@ -125,7 +148,7 @@ def load_checkpoint(ckpt_dir: str | Path, device: torch.device | str = "cpu",
     extra = extras(hf)
     groups = {name: scheme["weights"]["group_size"] for scheme in qconfig["config_groups"].values()
               for name in scheme["targets"]}
-    tensors = load_file(str(root / WEIGHTS_FILE))
+    tensors = _read_tensors(root / WEIGHTS_FILE, load_file)
     dtype = dtype or _scale_dtype(tensors, groups, root)
     config = from_hf(hf, dtype, str(root / "config.json"))
     device = torch.device(device)
