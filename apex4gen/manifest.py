@@ -12,10 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-
-import yaml
 
 from .errors import LoadError
 from .files import write_if_different
@@ -113,15 +112,19 @@ def plan_sha256(plan_yaml: str) -> str:
 _REQUIRED = ("arch", "gpu", "kernels", "library", "plan_sha256", "prefix", "ptx_embedded", "routes", "sm")
 
 
+_PLAN_GPU = re.compile(r"^gpu: *['\"]?([^\s'\"#]+)", re.M)
+
+
 def rebuild_command(build_dir: Path) -> str:
     """The command that rebuilds ``build_dir`` from its plan: ``apex4gen build`` needs --gpu even with --plan, and
     the plan file names its GPU (``GPU`` where the plan cannot be read)."""
     try:
-        plan = yaml.safe_load((build_dir / "plan.yaml").read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        plan = None
-    gpu = plan.get("gpu") if isinstance(plan, dict) else None
-    gpu = gpu if isinstance(gpu, str) and gpu else "GPU"
+        text = (build_dir / "plan.yaml").read_text()
+    except (OSError, UnicodeDecodeError):
+        text = ""
+    # the plan's top-level `gpu:` line, read without a YAML parser (the runtime side imports only the stdlib)
+    found = _PLAN_GPU.search(text)
+    gpu = found.group(1) if found else "GPU"
     return f"apex4gen build --gpu {gpu} --plan {build_dir / 'plan.yaml'} --out {build_dir}"
 
 
