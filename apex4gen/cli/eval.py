@@ -48,7 +48,7 @@ def ppl_cmd(model_path, plan_path, granularity, calib_text, calib_samples, calib
     from ..accuracy.data import load_text
     from ..accuracy.pipeline import PLAN_KINDS
     from ..accuracy.models import load_model
-    from ..accuracy.pipeline import check_kinds, keep_activations_fp, keep_weights_fp
+    from ..accuracy.pipeline import check_kinds, keep_activations_fp, keep_weights_fp, quantized_digest
     from ..accuracy.rotation import rotate_model, set_fast_online_rotation
     from ..checkpoint import load_quantized
     from ..accuracy.evaluation import perplexity_of, tokenize, window_nlls
@@ -88,7 +88,8 @@ def ppl_cmd(model_path, plan_path, granularity, calib_text, calib_samples, calib
     calib = f"; calibration {calib_samples}x{calib_seq_len} tokens of {calib_text}, seed {cfg.seed}" \
         if checkpoint is None and cfg.needs_calibration else ""
     click.echo(f"{what}: {ids.numel()} tokens of {text}, {window}-token windows{calib}; "
-               f"{time.perf_counter() - start:.0f} s", err=True)
+               f"{time.perf_counter() - start:.0f} s; quantized layers digest {quantized_digest(quant_model)}",
+               err=True)
     _echo_window_noise(fp_nlls, quant_nlls)
     fp, quant = perplexity_of(fp_nlls), perplexity_of(quant_nlls)
     click.echo(f"fp_ppl={fp:.3f} quant_ppl={quant:.3f} ratio={quant / fp:.4f}")
