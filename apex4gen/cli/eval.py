@@ -101,8 +101,10 @@ def _echo_window_noise(fp_nlls, quant_nlls) -> None:
 
     per_window = (quant_nlls - fp_nlls).exp()
     low, high = bootstrap_ratio(fp_nlls, quant_nlls)
+    n = fp_nlls.numel()
     click.echo(f"ratio per window {' '.join(f'{r:.3f}' for r in per_window.tolist())}; "
-               f"bootstrap over the {fp_nlls.numel()} windows: 95% of resampled ratios in [{low:.4f}, {high:.4f}]",
+               f"bootstrap over the {n} window{'s' if n > 1 else ''}: 95% of resampled ratios in "
+               f"[{low:.4f}, {high:.4f}]",
                err=True)
 
 
