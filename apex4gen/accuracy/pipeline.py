@@ -39,7 +39,8 @@ _ACT_SAMPLE_TOKENS = 2048  # inputs kept per linear for the activation clipping 
 @dataclass
 class QuantConfig:
     """What to do; ``granularity`` maps each plan layer kind (or, for unfused plans, each projection such as
-    q_proj) to a granularity."""
+    q_proj) to a granularity; ``seed`` drives every random choice: the Hadamard signs here and the calibration
+    windows (:func:`.options.calibration_ids`)."""
 
     granularity: dict[str, Granularity] = field(default_factory=lambda: {k: G128 for k in PLAN_KINDS})
     rotate: bool = False
