@@ -70,12 +70,14 @@ def column_granularities(column: str, model_spec: str, budget: str | None = None
     return QuantConfig.uniform(Granularity.parse(column)).granularity
 
 
-def calibration_ids(tokenizer, text: str, samples: int, seq_len: int) -> torch.Tensor:
+def calibration_ids(tokenizer, text: str, samples: int, seq_len: int, seed: int) -> torch.Tensor:
+    """[samples, seq_len]: windows of ``text`` drawn by ``seed`` (the run's one seed: it also signs the
+    rotation's Hadamards), so calibration seeds can be compared and one seed repeats its run."""
     from .data import load_text
-    from .evaluation import tokenize, windows
+    from .evaluation import sample_windows, tokenize
 
     try:
-        return windows(tokenize(tokenizer, load_text(text), samples * seq_len), seq_len)
+        return sample_windows(tokenize(tokenizer, load_text(text)), samples, seq_len, seed)
     except ValueError as err:
         raise SpecError(f"calibration text {text!r}: {err}") from None
 
@@ -84,5 +86,6 @@ def quantize_loaded(model, tokenizer, cfg: QuantConfig, calib_text: str, calib_s
                     calib_seq_len: int):
     from .pipeline import quantize_model
 
-    calib = calibration_ids(tokenizer, calib_text, calib_samples, calib_seq_len) if cfg.needs_calibration else None
+    calib = calibration_ids(tokenizer, calib_text, calib_samples, calib_seq_len, cfg.seed) \
+        if cfg.needs_calibration else None
     return quantize_model(model, cfg, calib)

@@ -17,6 +17,7 @@ layer kind with the plan's names: qkv_proj (q, k, v), o_proj, gate_up_proj (gate
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import torch
@@ -38,7 +39,8 @@ _ACT_SAMPLE_TOKENS = 2048  # inputs kept per linear for the activation clipping 
 @dataclass
 class QuantConfig:
     """What to do; ``granularity`` maps each plan layer kind (or, for unfused plans, each projection such as
-    q_proj) to a granularity."""
+    q_proj) to a granularity; ``seed`` drives every random choice: the Hadamard signs here and the calibration
+    windows (:func:`.options.calibration_ids`)."""
 
     granularity: dict[str, Granularity] = field(default_factory=lambda: {k: G128 for k in PLAN_KINDS})
     rotate: bool = False
@@ -98,6 +100,19 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor |
     # calibration ran the online Hadamard fast; the result is plain W4A4Linear, bit-identical to a saved and
     # reloaded checkpoint (rotation.set_fast_online_rotation switches evaluation to the fast transform)
     return rotation.set_fast_online_rotation(model, fast=False)
+
+
+def quantized_digest(model: nn.Module) -> str:
+    """A short hash of every quantized layer's int4 weights, scales, bias and activation clipping ratio: two runs
+    (machines, thread counts, seeds) made the same model exactly when their digests agree."""
+    digest = hashlib.sha256()
+    for name, module in model.named_modules():
+        if isinstance(module, W4A4Linear):
+            digest.update(f"{name}:{module.act_clip!r}".encode())
+            for tensor in (module.qweight, module.weight_scale, module.bias):
+                if tensor is not None:
+                    digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def check_kinds(kinds) -> None:

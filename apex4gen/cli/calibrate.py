@@ -21,7 +21,8 @@ _DEFAULT_SPEC = "smollm2-135m"  # the model spec of the default (SmolLM2) model
 @click.option("--calib-text", default="emma", show_default=True, help="an Austen novel, 'britannica' or a .txt")
 @click.option("--calib-samples", default=8, show_default=True, type=click.IntRange(1))
 @click.option("--calib-seq-len", default=512, show_default=True, type=click.IntRange(16))
-@click.option("--seed", default=0, show_default=True, help="seed of the random Hadamard signs")
+@click.option("--seed", default=0, show_default=True, type=int,
+              help="seed of every random choice: the calibration windows and the Hadamard signs")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="sensitivity YAML to write (point a budget file's `sensitivity:` at it)")
 def calibrate_cmd(model_path, model_name, rotate, calib_text, calib_samples, calib_seq_len, seed,
@@ -39,7 +40,7 @@ def calibrate_cmd(model_path, model_name, rotate, calib_text, calib_samples, cal
     model, tokenizer = load_model(model_path)
     if rotate:
         rotate_model(model, seed=seed)
-    calib = calibration_ids(tokenizer, calib_text, calib_samples, calib_seq_len)
+    calib = calibration_ids(tokenizer, calib_text, calib_samples, calib_seq_len, seed)
     errors = kind_errors(layer_errors(model, calib))
     write_sensitivity(sensitivity(errors, kind_in_features(model), model_name), output, errors)
     for kind, grans in sorted(errors.items()):

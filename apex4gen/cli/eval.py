@@ -48,10 +48,10 @@ def ppl_cmd(model_path, plan_path, granularity, calib_text, calib_samples, calib
     from ..accuracy.data import load_text
     from ..accuracy.pipeline import PLAN_KINDS
     from ..accuracy.models import load_model
-    from ..accuracy.pipeline import check_kinds, keep_activations_fp, keep_weights_fp
+    from ..accuracy.pipeline import check_kinds, keep_activations_fp, keep_weights_fp, quantized_digest
     from ..accuracy.rotation import rotate_model, set_fast_online_rotation
     from ..checkpoint import load_quantized
-    from ..accuracy.evaluation import perplexity, tokenize
+    from ..accuracy.evaluation import perplexity_of, tokenize, window_nlls
 
     cfg = build_config(plan_path, Granularity.parse(granularity), **methods)
     fp_kinds = PLAN_KINDS if fp_acts == "all" else tuple(k for k in fp_acts.split(",") if k)
@@ -67,7 +67,7 @@ def ppl_cmd(model_path, plan_path, granularity, calib_text, calib_samples, calib
         ids = tokenize(tokenizer, load_text(text), tokens)
     except ValueError as err:
         raise click.UsageError(f"--text {text}: {err}") from None
-    fp = perplexity(model, ids, window, "perplexity (FP)")
+    fp_nlls = window_nlls(model, ids, window, "perplexity (FP)")
     if checkpoint is not None:
         quant_model, what = load_quantized(checkpoint), f"checkpoint {checkpoint}"
     else:
@@ -84,12 +84,28 @@ def ppl_cmd(model_path, plan_path, granularity, calib_text, calib_samples, calib
         keep_activations_fp(quant_model, fp_kinds)
         what += f" (activations of {', '.join(fp_kinds)} left FP)"
     set_fast_online_rotation(quant_model)  # the online Hadamard as a Kronecker transform, not a dense matmul
-    quant = perplexity(quant_model, ids, window, "perplexity (W4A4)")
-    calib = f"; calibration {calib_samples}x{calib_seq_len} tokens of {calib_text}" \
+    quant_nlls = window_nlls(quant_model, ids, window, "perplexity (W4A4)")
+    calib = f"; calibration {calib_samples}x{calib_seq_len} tokens of {calib_text}, seed {cfg.seed}" \
         if checkpoint is None and cfg.needs_calibration else ""
     click.echo(f"{what}: {ids.numel()} tokens of {text}, {window}-token windows{calib}; "
-               f"{time.perf_counter() - start:.0f} s", err=True)
+               f"{time.perf_counter() - start:.0f} s; quantized layers digest {quantized_digest(quant_model)}",
+               err=True)
+    _echo_window_noise(fp_nlls, quant_nlls)
+    fp, quant = perplexity_of(fp_nlls), perplexity_of(quant_nlls)
     click.echo(f"fp_ppl={fp:.3f} quant_ppl={quant:.3f} ratio={quant / fp:.4f}")
+
+
+def _echo_window_noise(fp_nlls, quant_nlls) -> None:
+    """The eval's own noise, on stderr: the ratio per window and a bootstrap over the windows."""
+    from ..accuracy.evaluation import bootstrap_ratio
+
+    per_window = (quant_nlls - fp_nlls).exp()
+    low, high = bootstrap_ratio(fp_nlls, quant_nlls)
+    n = fp_nlls.numel()
+    click.echo(f"ratio per window {' '.join(f'{r:.3f}' for r in per_window.tolist())}; "
+               f"bootstrap over the {n} window{'s' if n > 1 else ''}: 95% of resampled ratios in "
+               f"[{low:.4f}, {high:.4f}]",
+               err=True)
 
 
 @eval_group.command("table")
@@ -108,10 +124,12 @@ def ppl_cmd(model_path, plan_path, granularity, calib_text, calib_samples, calib
 @click.option("--calib-text", default="emma", show_default=True)
 @click.option("--calib-samples", default=32, show_default=True, type=click.IntRange(1))
 @click.option("--calib-seq-len", default=512, show_default=True, type=click.IntRange(16))
+@click.option("--seed", default=0, show_default=True, type=int,
+              help="seed of every random choice: the calibration windows and the Hadamard signs")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="also write the markdown table here (refuses an existing file)")
 def table_cmd(model_path, model_spec, methods, columns, budget, text, tokens, window, calib_text, calib_samples,
-              calib_seq_len, output) -> None:
+              calib_seq_len, seed, output) -> None:
     """Perplexity of every (method, granularity) cell, FP model once, as a markdown table."""
     from ..accuracy.data import load_text
     from ..accuracy.models import load_model
@@ -132,8 +150,8 @@ def table_cmd(model_path, model_spec, methods, columns, budget, text, tokens, wi
         cells = []
         for col, grans in cols:
             start = time.perf_counter()
-            quant = quantize_loaded(copy.deepcopy(model), tokenizer, QuantConfig(granularity=grans, **flags),
-                                    calib_text, calib_samples, calib_seq_len)
+            cfg = QuantConfig(granularity=grans, seed=seed, **flags)
+            quant = quantize_loaded(copy.deepcopy(model), tokenizer, cfg, calib_text, calib_samples, calib_seq_len)
             ppl = perplexity(set_fast_online_rotation(quant), ids, window, f"{name} / {col}")
             cells.append(f"{ppl:.2f} ({ppl / fp:.2f}x)")
             click.echo(f"{name} / {col}: {ppl:.3f} ({time.perf_counter() - start:.0f} s)", err=True)

@@ -36,7 +36,8 @@ def method_options(fn):
                      help="calibration sequences"),
         click.option("--calib-seq-len", default=512, show_default=True, type=click.IntRange(16),
                      help="tokens per calibration sequence"),
-        click.option("--seed", default=0, show_default=True, help="seed of the random Hadamard signs"),
+        click.option("--seed", default=0, show_default=True, type=int,
+                     help="seed of every random choice: the calibration windows and the Hadamard signs"),
     ]
     return functools.reduce(lambda f, opt: opt(f), reversed(options), fn)
 

@@ -70,7 +70,7 @@ for L in model.model.layers:
 hooks = [L.self_attn.o_proj.register_forward_pre_hook(o_hook) for L in model.model.layers]
 hooks += [L.mlp.down_proj.register_forward_pre_hook(d_hook) for L in model.model.layers]
 
-train = calibration_ids(tok, "emma", 64, 512)[16:]  # not the GPTQ calibration rows
+train = calibration_ids(tok, "emma", 64, 512, seed=0)[16:]  # not the GPTQ rows: seed 0 draws those first
 print("train rows", train.shape)
 opt = torch.optim.Adam(R.parameters(), lr=lr) if mode != "sgd" else torch.optim.SGD(R.parameters(), lr=lr)
 sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / max(steps, 1))
@@ -99,7 +99,7 @@ ids = tokenize(tok, load_text("prideprejudice"), 2048)
 with torch.no_grad():
     fp = perplexity(model, ids, 1024, "fp")
     cfg = QuantConfig.uniform(G128, rotate=True, gptq=True, act_order=True, clip_weights=True, clip_acts=True)
-    qm = quantize_model(copy.deepcopy(model), cfg, calibration_ids(tok, "emma", 16, 512))
+    qm = quantize_model(copy.deepcopy(model), cfg, calibration_ids(tok, "emma", 16, 512, seed=0))
     rotation.set_fast_online_rotation(qm)
     qp = perplexity(qm, ids, 1024, "quant")
 print(f"RESULT steps={steps} lr={lr} bs={bs} mode={mode} fp={fp:.3f} quant={qp:.3f} ratio={qp/fp:.4f} total {time.time()-t0:.0f}s")
