@@ -27,6 +27,7 @@ from apex4gen.errors import Apex4genError
 from apex4gen.library import LibraryFiles
 
 from test_build import needs_nvcc, one_kernel_plan
+from test_kernels_gpu import _build_dirs
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "cpp"
 needs_cmake = pytest.mark.skipif(shutil.which("cmake") is None, reason="needs cmake (pip install cmake)")
@@ -168,15 +169,11 @@ def test_a_missing_component_fails_configuration(tmp_path):
     assert done.returncode != 0 and "no apex4gen build other" in done.stdout + done.stderr
 
 
-def _gpu_builds() -> list[Path]:
-    return [Path(p) for p in os.environ.get("APEX4GEN_TEST_BUILDS", "").split(":") if p]
-
-
 @pytest.mark.gpu
 @needs_cmake
-@pytest.mark.skipif(not torch.cuda.is_available() or not _gpu_builds(), reason="needs a CUDA GPU and "
+@pytest.mark.skipif(not torch.cuda.is_available() or not _build_dirs(), reason="needs a CUDA GPU and "
                     "APEX4GEN_TEST_BUILDS")
-@pytest.mark.parametrize("build_dir", _gpu_builds() or [None], ids=lambda p: p.name if p else "none")
+@pytest.mark.parametrize("build_dir", _build_dirs() or [None], ids=lambda p: p.name if p else "none")
 def test_example_runs_and_passes(build_dir, tmp_path):
     package = tmp_path / "pkg"
     export_stage.export(build_dir, package)

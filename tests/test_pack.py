@@ -6,9 +6,7 @@ On the CPU: pack.cuh's per-byte rules, compiled for the host with nvcc, against 
 from __future__ import annotations
 
 import ctypes
-import os
 import subprocess
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +17,8 @@ from apex4gen import abi
 from apex4gen.abi import WEIGHT_LAYOUT
 from apex4gen.paths import runtime_dir
 
-from test_build import needs_nvcc
+from _helpers import needs_nvcc
+from test_kernels_gpu import build  # noqa: F401  (the fixture: every build in APEX4GEN_TEST_BUILDS, loaded)
 
 HOST_SHIM = r"""
 #include "pack.cuh"
@@ -81,22 +80,6 @@ def test_host_rules_equal_layouts_py(host_pack, layout, n, k, group):
     assert torch.equal(sw, want_sw.contiguous().view(torch.int16).reshape(-1))
 
 
-def _gpu_builds() -> list[Path]:
-    return [Path(p) for p in os.environ.get("APEX4GEN_TEST_BUILDS", "").split(":") if p]
-
-
-@pytest.fixture(scope="module", params=_gpu_builds() or [None], ids=lambda p: p.name if p else "none")
-def gpu_build(request):
-    if request.param is None or not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU and APEX4GEN_TEST_BUILDS")
-    import warnings
-
-    from apex4gen import loader
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # sm_8x builds on a newer GPU run through PTX JIT, on purpose
-        return loader.load(request.param)
-
-
 def _pack_in_c(build, layout: str, w: ref.QuantizedTensor) -> tuple[int, torch.Tensor, torch.Tensor]:
     canonical, scales = ref.pack_int4(w.q).contiguous(), w.scales.contiguous()
     qw, sw = torch.full_like(canonical, 0x5A), torch.full_like(scales, 7.0)
@@ -108,13 +91,13 @@ def _pack_in_c(build, layout: str, w: ref.QuantizedTensor) -> tuple[int, torch.T
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_gpu_packing_equals_layouts_py(gpu_build, dtype):
+def test_gpu_packing_equals_layouts_py(build, dtype):
     """Every layout (whatever the build's kernels read: packing is in every library) at shapes of a few tiles
     and of a real layer, per-channel and group-wise."""
     for n, k, group in (*SHAPES, (4096, 11008, 128), (8192, 8192, 8192)):
         w = random_weight(n, k, group, dtype, "cuda")
         for layout in layouts.LAYOUTS:
-            status, qw, sw = _pack_in_c(gpu_build, layout, w)
+            status, qw, sw = _pack_in_c(build, layout, w)
             want_qw, want_sw = layouts.pack(layout, w)
             assert status == 0
             assert torch.equal(qw.reshape(-1), want_qw.reshape(-1)), (layout, n, k, group)
@@ -122,21 +105,21 @@ def test_gpu_packing_equals_layouts_py(gpu_build, dtype):
 
 
 @pytest.mark.gpu
-def test_gpu_packing_refuses_bad_shapes_and_overlap(gpu_build):
-    status, _, _ = _pack_in_c(gpu_build, "sm90_decode", random_weight(8, 64, 64, device="cuda"))
+def test_gpu_packing_refuses_bad_shapes_and_overlap(build):
+    status, _, _ = _pack_in_c(build, "sm90_decode", random_weight(8, 64, 64, device="cuda"))
     assert status == abi.STATUS["bad_shape"]  # N % 16
     w = random_weight(16, 64, 64, device="cuda")
     canonical = ref.pack_int4(w.q).contiguous()
-    status = gpu_build.lib.apex4gen_pack_weight(WEIGHT_LAYOUT["sm90_group"], canonical.data_ptr(),
+    status = build.lib.apex4gen_pack_weight(WEIGHT_LAYOUT["sm90_group"], canonical.data_ptr(),
                                                 w.scales.data_ptr(), 16, 64, 64, canonical.data_ptr(),
                                                 w.scales.clone().data_ptr(), torch.cuda.current_stream().cuda_stream)
     assert status == abi.STATUS["bad_argument"]  # packing in place
 
 
 @pytest.mark.gpu
-def test_gpu_prepared_weight_serves_every_routed_kernel(gpu_build):
-    lib, stream = gpu_build.lib, torch.cuda.current_stream().cuda_stream
-    for route in gpu_build.manifest.routes:
+def test_gpu_prepared_weight_serves_every_routed_kernel(build):
+    lib, stream = build.lib, torch.cuda.current_stream().cuda_stream
+    for route in build.manifest.routes:
         n, k, group = route.n, route.k, route.group
         dtype_number = abi.DTYPE[route.dtype]
         w = random_weight(n, k, group, torch.float16 if route.dtype == "f16" else torch.bfloat16, "cuda")
@@ -148,7 +131,7 @@ def test_gpu_prepared_weight_serves_every_routed_kernel(gpu_build):
         assert lib.apex4gen_prepare_weight(canonical.data_ptr(), w.scales.data_ptr(), n, k, group, dtype_number,
                                            prepared.data_ptr(), size - 1, stream) == abi.STATUS["bad_argument"]
         qw, sw = ctypes.c_void_p(), ctypes.c_void_p()
-        kernel = gpu_build.kernels[route.kernel]
+        kernel = build.kernels[route.kernel]
         assert lib.apex4gen_prepared_operands(kernel.index, prepared.data_ptr(), n, k, group, dtype_number,
                                               ctypes.byref(qw), ctypes.byref(sw)) == abi.STATUS["ok"]
         want_qw, want_sw = layouts.pack(kernel.weight_layout, w)
