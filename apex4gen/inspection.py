@@ -19,7 +19,7 @@ from .build import INT_MAX
 from .errors import Apex4genError, LoadError
 from .granularity import Granularity
 from .kernels import KernelConfig, family_of
-from .plan import GemmPlan, Plan
+from .plan import Plan
 from .sass import ObjectReport, PathEvidence, SassUnavailable, demangle, read_object
 
 _NAME_PREFIX = "apex4gen_"
@@ -168,16 +168,9 @@ def _route_rows(build: _Build) -> tuple[RouteRow, ...]:
     for r in build.manifest.routes:
         gemm = gemms[(r.n, r.k, r.group, r.dtype)]  # the manifest was built from this plan (checked on reading)
         m_max = None if r.m_max >= INT_MAX else r.m_max
-        rows.append(RouteRow(r.n, r.k, r.group, r.dtype, _m_min(gemm, m_max), m_max, r.kernel, names[r.kernel],
+        rows.append(RouteRow(r.n, r.k, r.group, r.dtype, gemm.m_min(m_max), m_max, r.kernel, names[r.kernel],
                              gemm.layers))
     return tuple(rows)
-
-
-def _m_min(gemm: GemmPlan, m_max: int | None) -> int:
-    """The smallest M of the bucket ending at ``m_max``: one past the bucket before it, served or not."""
-    bounds = [b.m_max for b in gemm.buckets]
-    i = bounds.index(m_max)
-    return bounds[i - 1] + 1 if i else 1
 
 
 def _kernel_rows(build: _Build, routes: tuple[RouteRow, ...]) -> tuple[KernelRow, ...]:

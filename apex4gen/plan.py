@@ -81,6 +81,12 @@ class GemmPlan:
     layers: tuple[str, ...]
     buckets: tuple[Bucket, ...]
 
+    def m_min(self, m_max: int | None) -> int:
+        """The smallest M of the bucket ending at ``m_max``: one past the bucket before it, served or not."""
+        bounds = [b.m_max for b in self.buckets]
+        i = bounds.index(m_max)
+        return bounds[i - 1] + 1 if i else 1
+
     def bucket_for(self, m: int) -> Bucket:
         return next(b for b in self.buckets if b.covers(m))
 
@@ -98,13 +104,15 @@ UNSERVED_FIX = ("meet the kernels' size rules named here (e.g. a model whose siz
                 "for a GPU whose kernel families serve this shape")
 
 
-def _m_ranges(buckets: tuple[Bucket, ...], all_buckets: tuple[Bucket, ...]) -> str:
-    """``every M``, or ``M <= 16, M 17-64, M >= 4097``: the ranges of M that ``buckets`` (of ``all_buckets``) cover."""
-    if len(buckets) == len(all_buckets):
+def _m_ranges(gemm: GemmPlan, buckets: tuple[Bucket, ...]) -> str:
+    """``every M``, or ``M <= 16, M 17-64, M >= 4097``: the ranges of M that ``buckets`` (of ``gemm``'s) cover."""
+    if len(buckets) == len(gemm.buckets):
         return "every M"
-    lows = {id(b): (all_buckets[i - 1].m_max + 1 if i else 1) for i, b in enumerate(all_buckets)}
-    return ", ".join(f"M >= {lows[id(b)]}" if b.m_max is None else
-                     (f"M <= {b.m_max}" if lows[id(b)] == 1 else f"M {lows[id(b)]}-{b.m_max}") for b in buckets)
+
+    def one(b: Bucket) -> str:
+        low = gemm.m_min(b.m_max)
+        return f"M >= {low}" if b.m_max is None else (f"M <= {b.m_max}" if low == 1 else f"M {low}-{b.m_max}")
+    return ", ".join(one(b) for b in buckets)
 
 
 @dataclass(frozen=True)
@@ -137,7 +145,7 @@ class Plan:
         parts = []
         for gemm, buckets in self.unserved():
             reason = buckets[0].rationale.removeprefix("kernel: null: ")
-            parts.append(f"{'/'.join(gemm.layers)} (N={gemm.n} K={gemm.k}) at {_m_ranges(buckets, gemm.buckets)}: "
+            parts.append(f"{'/'.join(gemm.layers)} (N={gemm.n} K={gemm.k}) at {_m_ranges(gemm, buckets)}: "
                          f"{reason}")
         return "; ".join(parts)
 
