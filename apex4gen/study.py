@@ -314,7 +314,8 @@ def build_all(setup: Setup, echo: Callable[[str], None], jobs: int | None = None
     """Every granularity's build, concurrently (each ninja runs its own compiles; their sum shares the cores)."""
     from . import toolchain
 
-    toolchain.nvcc_version(), toolchain.cutlass_version()  # cached once here, not raced for by the threads
+    toolchain.nvcc_version()  # cached once here rather than raced for by the threads
+    toolchain.cutlass_version()
     echo(f"building {len(setup.builds)} libraries ({setup.distinct_kernels()} distinct kernels, "
          f"compiled once through the object cache) under {setup.builds[0].build_dir.parent}")
 
@@ -514,6 +515,14 @@ def summary_lines(summary: dict) -> list[str]:
     return lines
 
 
+def unserved_line(unserved) -> str:
+    """``g64 at M=256,1024; ...``: the granularities and M without a kernel (for any of the GEMMs studied)."""
+    by_granularity: dict[str, set[int]] = {}
+    for _, granularity, m in unserved:
+        by_granularity.setdefault(granularity, set()).add(m)
+    return "; ".join(f"{g} at M={','.join(map(str, sorted(ms)))}" for g, ms in by_granularity.items())
+
+
 def _pct(share: float | None) -> str:
     return "-" if share is None else f"{share:.0%}"
 
@@ -579,6 +588,8 @@ def markdown(result: StudyResult) -> str:
              "Times in µs, end to end (activation quantization included); speedup = cuBLAS FP16 / W4A4; "
              "choice/fastest = the planner's kernel over the fastest measured candidate.", ""]
     lines += [f"- {line.strip()}" for line in summary_lines(summarize(result.points))]
+    if result.unserved:
+        lines.append(f"- not served by any kernel family (no point): {unserved_line(result.unserved)}")
     lines += ["", "| " + " | ".join(TABLE_COLUMNS) + " |", "|" + " --- |" * len(TABLE_COLUMNS)]
     lines += ["| " + " | ".join(row) + " |" for row in table_rows(result.points)]
     return "\n".join(lines) + "\n"

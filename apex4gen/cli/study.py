@@ -121,7 +121,7 @@ def _report(result: study_stage.StudyResult, plot_path, markdown_path, json_path
     """Print the table and the summary; render every output first, then write them (nothing half-written)."""
     _print_table(result)
     if result.unserved:
-        click.echo(f"not served by any kernel family (no point): {_unserved_line(result.unserved)}")
+        click.echo(f"not served by any kernel family (no point): {study_stage.unserved_line(result.unserved)}")
     for line in study_stage.summary_lines(study_stage.summarize(result.points)):
         click.echo(line)
     files = {}
@@ -134,13 +134,6 @@ def _report(result: study_stage.StudyResult, plot_path, markdown_path, json_path
     for path, data in files.items():
         study_stage.write_atomic(path, data)
         click.echo(f"wrote {path}")
-
-
-def _unserved_line(unserved) -> str:
-    by_gran: dict[str, set[int]] = {}
-    for _, gran, m in unserved:
-        by_gran.setdefault(gran, set()).add(m)
-    return "; ".join(f"{g} at M={','.join(map(str, sorted(ms)))}" for g, ms in by_gran.items())
 
 
 def _print_table(result: study_stage.StudyResult) -> None:
