@@ -23,6 +23,9 @@ Timing. :mod:`apex4gen.bench`'s method: inputs rotated over enough copies that t
 CUDA-graph replays, the median over samples; the W4A4 op end to end (activation quantization included) and
 cuBLAS FP16 on the same inputs in the same run. Replays per sample and samples shrink with the predicted time
 (:func:`timing_for`): the bench's 20 x 15 up to 250 µs a call, down to 2 x 7 for calls of milliseconds.
+For llama2-70b on the H100 spec that is six builds holding 15 distinct kernels (nine prefill kernels of about a
+minute of one core each, six decode kernels of about 10 s), 128 points, 384 kernel timings and 32 of FP16; the
+cost model puts the timing at about 25 s of GPU time (:func:`expected_seconds`; tests/test_study.py holds it).
 
 Summaries (:func:`summarize`, from the points alone, so a recorded JSON gives the same): the share of points
 whose prediction is within ±25% of the measured time (target 80%), the share of points with more than one
