@@ -104,14 +104,19 @@ def w4a4_bytes(m: int, n: int, k: int, group: int) -> int:
     return n * k // 2 + n * groups * 2 + m * k * 2 + m * n * 2
 
 
+def time_fp16(x: list, n: int, k: int, reps: int = 20, samples: int = 15) -> float:
+    """cuBLAS ``x @ w.t()`` in the activations' 16-bit dtype, one [N, K] weight per input copy, µs."""
+    copies = len(x)
+    w = [torch.randn(n, k, device="cuda", dtype=x[0].dtype) for _ in range(copies)]
+    return time_graph(lambda i: torch.matmul(x[i % copies], w[i % copies].t()), copies, reps, samples)
+
+
 def _baselines(m: int, n: int, k: int, x: list, want: set) -> dict:
     """cuBLAS FP16 / INT8 / FP8 (per-tensor, row-wise) and aten's int4 weight-only g128, µs."""
     copies = len(x)
     out = {}
     if "fp16" in want:
-        w = [torch.randn(n, k, device="cuda", dtype=torch.float16) for _ in range(copies)]
-        out["fp16"] = time_graph(lambda i: torch.matmul(x[i % copies], w[i % copies].t()), copies)
-        del w
+        out["fp16"] = time_fp16(x, n, k)
     if "int8" in want and m >= 17:  # cuBLAS int8 through torch needs M > 16
         xi = [torch.randint(-8, 8, (m, k), device="cuda", dtype=torch.int8) for _ in range(copies)]
         wi = [torch.randint(-8, 8, (n, k), device="cuda", dtype=torch.int8) for _ in range(copies)]

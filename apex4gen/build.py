@@ -84,6 +84,13 @@ def check_plan_legal(plan, gpu) -> None:
                 legality.check(bucket.kernel, gpu, gemm)
 
 
+def _check_extra_legal(extra_kernels, gpu) -> None:
+    for cfg in extra_kernels:
+        reasons = legality.violations(cfg, gpu)
+        if reasons:
+            raise BuildError(f"kernel {cfg.procedural_name()} cannot run on {gpu.name}: {'; '.join(reasons)}")
+
+
 def check_plan_served(plan, allow_partial: bool) -> None:
     """A build that serves nothing is refused; one that serves only part of its GEMMs needs ``allow_partial``."""
     if not plan.unserved():
@@ -245,14 +252,18 @@ def check_build_dir(build_dir: Path, force: bool, plan) -> None:
 
 
 def build(plan, gpu, build_dir: Path, emit_only: bool = False, jobs: int | None = None,
-          progress: bool = True, force: bool = False, allow_partial: bool = False) -> BuildResult:
-    """Render, then (unless ``emit_only``) compile a plan's kernels into ``build_dir``."""
+          progress: bool = True, force: bool = False, allow_partial: bool = False,
+          extra_kernels: tuple[KernelConfig, ...] = ()) -> BuildResult:
+    """Render, then (unless ``emit_only``) compile a plan's kernels into ``build_dir``. ``extra_kernels`` are
+    compiled into the library without a route (called by index: ``apex4gen study`` times the planner's other
+    candidates next to its choice)."""
     build_dir = Path(build_dir).absolute()  # ninja runs in build_dir: every path in a command is absolute
     files = LibraryFiles(prefix_of(build_dir.name))
     check_plan_served(plan, allow_partial)
     check_build_dir(build_dir, force, plan)
     check_plan_legal(plan, gpu)
-    kernels = list(plan.kernels())
+    _check_extra_legal(extra_kernels, gpu)
+    kernels = sorted(set(plan.kernels()) | set(extra_kernels))
     arch = plan_arch(kernels, gpu)
     nvcc_version = None if emit_only else toolchain.nvcc_version()
     build_dir.mkdir(parents=True, exist_ok=True)

@@ -46,16 +46,17 @@ class Build:
             self.select(1, n, k, group, dtype)  # raises the one-line error
         return tuple(sorted(names))
 
-    def pack(self, w: reference.QuantizedTensor) -> "PackedWeight":
+    def pack(self, w: reference.QuantizedTensor, layouts: tuple[str, ...] | None = None) -> "PackedWeight":
         """Weights in every layout this build's kernels for the problem read (usually exactly one), packed on
-        the weight's GPU by the library's apex4gen_pack_weight (what other engines call)."""
+        the weight's GPU by the library's apex4gen_pack_weight (what other engines call). ``layouts`` names them
+        instead, for kernels called by index (``linear(..., kernel=)``) whose layout no route reads."""
         n, k = w.shape
         dtype = w.scales.dtype
         if not w.q.is_cuda:
             raise ShapeError(f"the weight to pack is on {w.q.device}: move it to the GPU first (.cuda())")
         canonical, scales = reference.pack_int4(w.q).contiguous(), w.scales.contiguous()
         packed = {}
-        for name in self.layouts_for(n, k, w.group, dtype):
+        for name in layouts if layouts is not None else self.layouts_for(n, k, w.group, dtype):
             qw = torch.empty_like(canonical)
             groups = k // w.group  # sm90_group reads its scales transposed, [K/group, N] (layouts.py)
             sw = scales.new_empty((groups, n) if name == "sm90_group" else (n, groups))
@@ -67,10 +68,11 @@ class Build:
         return PackedWeight(n, k, w.group, dtype, packed)
 
     def linear(self, x: torch.Tensor, w: "PackedWeight", bias: torch.Tensor | None = None,
-               out: torch.Tensor | None = None) -> torch.Tensor:
+               out: torch.Tensor | None = None, kernel: KernelEntry | None = None) -> torch.Tensor:
         """y = W4A4(x, w) + bias for x [..., K] -> [..., N] (M = every leading dimension together, as
-        ``torch.nn.functional.linear``); ``out`` (a contiguous [..., N] tensor of x's dtype) receives it when given."""
-        info = self.select(ops.rows(x), w.n, w.k, w.group, x.dtype)
+        ``torch.nn.functional.linear``); ``out`` (a contiguous [..., N] tensor of x's dtype) receives it when given.
+        ``kernel`` (one of ``kernels``, legal for the problem and M) runs instead of the routed one."""
+        info = kernel if kernel is not None else self.select(ops.rows(x), w.n, w.k, w.group, x.dtype)
         qw, sw = w.layouts[info.weight_layout]
         if out is None:
             return torch.ops.apex4gen.linear(x, qw, sw, bias, w.n, w.group, self.handle, info.index)
