@@ -7,10 +7,10 @@ import click
 
 from .. import __version__
 from ..errors import Apex4genError
-from . import bench, build, calibrate, eval, export, generate, inspect, plan, quantize, specs
+from . import bench, build, calibrate, eval, export, generate, inspect, plan, probe, quantize, specs
 
 # every command module; each names its click commands in COMMANDS
-_COMMAND_MODULES = (bench, build, calibrate, eval, export, generate, inspect, plan, quantize, specs)
+_COMMAND_MODULES = (bench, build, calibrate, eval, export, generate, inspect, plan, probe, quantize, specs)
 
 
 class _Group(click.Group):
