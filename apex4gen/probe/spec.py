@@ -35,7 +35,8 @@ def _sources(m: Measurements):
 
     def rate(name: str, what: str | None = None) -> str:
         r = m.rate(name)
-        detail = what or f"{r.instruction}, median of {len(r.samples)} launches of {r.blocks} CTAs x {r.threads}"
+        detail = what or (f"{r.instruction}, median of {len(r.samples)} launches of {r.blocks} CTAs x {r.threads} "
+                          "threads")
         return f"{where}: {detail}"
 
     def prop(attribute: str) -> str:
