@@ -15,10 +15,17 @@ A group-wise W4A4 GEMM ``Y[M,N] = X[M,K] W[N,K]^T`` does three things that overl
 ``time = max(compute, memory) + launch`` with ``compute = max(tc, dq) + (1 - dequant_overlap) * min(tc, dq)``:
 CUDA-core dequantization of some warps runs while others issue MMAs, so the slower unit sets the pace.
 
+Rates: each unit's rate is a microbenchmark peak times an efficiency that is a property of the kernels.
+The peak comes from the spec's ``measured:`` section where ``apex4gen probe`` wrote one (wgmma / mma.sync rate
+per path, FFMA rate, pure 4-bit weight stream, promotion cost); without it, from the datasheet figure times
+``datasheet_*_reach`` (what a microbenchmark reaches of the datasheet, measured on the H100 where the repository
+has a probe of it). :func:`rates_of` resolves them; :class:`Rates` says which source each came from. The
+efficiencies below stay constants: they are what a real kernel reaches of the microbenchmark peak (tiling, wave
+quantisation, the instructions around each MMA or promotion), which no microbenchmark measures.
+
 Every constant is in :class:`CostConstants`: those of the GPU and the instruction kinds, and one
 :class:`ArchConstants` per kernel architecture (:data:`ARCH_CONSTANTS`: ``sm_80`` for the mma.sync kernels of
-sm_80/86/89, ``sm_90a`` for the wgmma kernels of Hopper), as CUTLASS keeps per-CC tables. A measured set
-(a later ``apex4gen probe``) replaces :data:`DEFAULT_CONSTANTS` through ``constants=``.
+sm_80/86/89, ``sm_90a`` for the wgmma kernels of Hopper), as CUTLASS keeps per-CC tables.
 
 Without a kernel configuration the estimate assumes ideal tiling (M padded to one MMA, full waves); with one,
 it pads M and N to the tile, counts waves over the SMs (a hybrid stream-K kernel's waves are whole), derates
@@ -30,13 +37,29 @@ waves at full speed, except a grid of fewer tiles than SMs: data-parallel on par
 split with each SM streaming I = tiles x K iterations / SMs and then paying ``hybrid_fixup_iters``: I / (I + f),
 whichever is faster. A wgmma tile of tile_m tokens pays the ``widening_share`` of the slots times 128 / tile_m.
 
-| constant | value | fitted to |
+Microbenchmark peaks (``probe``: the spec's ``measured:`` value; the datasheet path otherwise):
+
+| rate | probe | without a probe |
 | --- | --- | --- |
+| tensor peak per path | ``measured.tensor_tops`` (wgmma on sm_90a, mma.sync elsewhere) | datasheet x ``datasheet_tensor_reach`` |
+| FP32 (promotion issue rate) | ``measured.fp32_tflops`` (FFMA) | datasheet x ``datasheet_fp32_reach`` |
+| DRAM streaming | ``measured.stream_gbs`` (4-bit weights + scales, read once) | datasheet x ``datasheet_stream_reach`` |
+| promotion cost, FP32 instructions a partial | ``measured.dequant_ops_int`` / ``_float`` (FFMA rate / promotion loop rate) | ``dequant_ops_int`` / ``_float`` |
+
+Constants (kernel properties: a fraction of the microbenchmark peak; or the datasheet reach):
+
+| constant | value | probe or fitted to |
+| --- | --- | --- |
+| ``datasheet_tensor_reach`` | 1.0 | fitted: none yet (no wgmma probe of the H100 in the repository; the datasheet is taken as reached) |
+| ``datasheet_fp32_reach`` | 1.0 | fitted: none yet (the datasheet FP32 rate is taken as reached) |
+| ``datasheet_stream_reach`` | 0.916 | bench/results/h100/stream_probe.txt: best pure stream 3.069 of 3.35 TB/s (242 MB) |
+| ``dequant_ops_int`` | 3.0 | counted (FADD of the magic-number convert + FMUL + FFMA); probe: ``dequant_ops_int`` |
+| ``dequant_ops_float`` | 2.0 | counted (FMUL + FFMA); probe: ``dequant_ops_float`` |
 | ``fp16_tensor_efficiency`` | 0.75 | cuBLAS FP16 at large M: 0.68-0.72 of peak on the H100, about 0.8 on the A100 |
 | ``int4_tensor_efficiency`` | 0.25 | APEX4's compute-bound W4A4-g128 speedups (RTX 3090 2.0-2.5x, A100 0.43-0.47x), Atom's ~3x on the RTX 4090 |
 | ``int8_tensor_efficiency`` | 0.74 | sm90_prefill_channel, 256x128 tiles, M=4096: 1466 of 1979 TOPS (bench/results/h100/) |
 | ``fp8_tensor_efficiency`` | 0.62 | cuBLAS FP8 at M=4096: 1230 of 1979 TOPS (bench/results/h100/) |
-| ``dram_efficiency`` | 0.70 | cuBLAS FP16 at M=16 streams weights at 2.26 of 3.35 TB/s (bench/results/h100/) |
+| ``dram_efficiency`` | 0.764 | of the pure stream: cuBLAS FP16 at M=16 streams weights at 2.26 TB/s; 0.70 of the 3.35 TB/s datasheet before the split (0.70 / 0.916) |
 | ``launch_us`` | 2.0 | launch and tail of one kernel |
 | sm_80 ``dequant_slots`` | 8.0 | APEX4's A100 0.45x FP16 at g128 |
 | sm_80 ``reuse_tile`` | 32 | a 64x64 tile; the sm90 decode kernels (mma.sync) at M=64: 30.5-177.7 us for predictions of 27-177 (bench/notes/sm90-decode.md) |
@@ -48,11 +71,17 @@ whichever is faster. A wgmma tile of tile_m tokens pays the ``widening_share`` o
 | sm_90a ``widening_share`` | 0.26 | g128 256-token tiles at 0.85-0.90x the 128-token GEMM time, M=1024/4096 (bench/results/h200/); predicts 1.26x for 64 tokens, measured 1.32x |
 | sm_90a ``hybrid_fixup_iters`` | 13 | g128 256-token tile at M=256 against its M=4096 rate: qkv 0.64, o 0.70, down 0.93 (fits 22, 13, 8; geometric mean; bench/results/h200/) |
 
+The tensor efficiencies were fitted against datasheet peaks; with ``datasheet_tensor_reach`` 1.0 they read as
+fractions of the microbenchmark peak. Once the H100's probe is committed, ``datasheet_tensor_reach`` becomes its
+wgmma rate over the datasheet and each tensor efficiency the fitted rate over the probe's (their product, and so
+every datasheet prediction, unchanged).
+
 The sm_80 entry has no partial-tile derating, no widening share (mma.sync kernels read their operands once per
 K tile whatever M) and no stream-K constants (no sm_80 family has a stream-K scheduler).
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, fields
 
@@ -123,9 +152,12 @@ class CostConstants:
     dequant_ops_int: float = 3.0
     dequant_ops_float: float = 2.0
     dequant_overlap: float = 1.0
-    dram_efficiency: float = 0.70
+    dram_efficiency: float = 0.764
     launch_us: float = 2.0
     mma_m: int = 16                 # rows one MMA computes: smaller M still pays for 16
+    datasheet_tensor_reach: float = 1.0   # a microbenchmark's fraction of the datasheet, for specs without a probe
+    datasheet_fp32_reach: float = 1.0
+    datasheet_stream_reach: float = 0.916
     archs: tuple[tuple[str, ArchConstants], ...] = tuple(sorted(ARCH_CONSTANTS.items()))
 
     def tensor_efficiency(self, path: str) -> float:
@@ -167,6 +199,44 @@ def _arch_from(reader: Fields) -> ArchConstants:
 
 
 DEFAULT_CONSTANTS = CostConstants()
+
+
+@dataclass(frozen=True)
+class Rates:
+    """The peaks one GPU's estimates divide by, and where each came from ("probe" or "datasheet")."""
+
+    tensor_tops: tuple[tuple[str, float], ...]
+    fp32_tflops: float
+    stream_gbs: float
+    dequant_ops_int: float
+    dequant_ops_float: float
+    sources: tuple[tuple[str, str], ...]
+
+    def tops(self, path: str) -> float:
+        return dict(self.tensor_tops)[path]
+
+    def dequant_ops(self, path: str) -> float:
+        return self.dequant_ops_float if path == "fp8" else self.dequant_ops_int
+
+
+@functools.lru_cache(maxsize=64)
+def rates_of(gpu: GpuSpec, c: CostConstants = DEFAULT_CONSTANTS) -> Rates:
+    """Microbenchmark peaks: the spec's probed values where it has them, else the datasheet times its reach."""
+    m = gpu.measured
+    paths = [p for p in ("int4", "int8", "fp8", "fp16") if getattr(gpu.tensor_tops, p) is not None]
+    probed = {p: m.tops(p) if m is not None else None for p in paths}
+    tensor = tuple((p, probed[p] if probed[p] is not None else gpu.tops(p) * c.datasheet_tensor_reach)
+                   for p in paths)
+    sources = tuple((f"tensor_tops.{p}", "probe" if probed[p] is not None else "datasheet") for p in paths)
+    if m is None:
+        return Rates(tensor, gpu.fp32_tflops * c.datasheet_fp32_reach,
+                     gpu.dram_bandwidth_gbs * c.datasheet_stream_reach, c.dequant_ops_int, c.dequant_ops_float,
+                     sources + tuple((k, "datasheet") for k in _UNIT_RATES))
+    return Rates(tensor, m.fp32_tflops, m.stream_gbs, m.dequant_ops_int, m.dequant_ops_float,
+                 sources + tuple((k, "probe") for k in _UNIT_RATES))
+
+
+_UNIT_RATES = ("fp32_tflops", "stream_gbs", "dequant_ops_int", "dequant_ops_float")
 
 
 @dataclass(frozen=True)
@@ -266,8 +336,8 @@ def w4a4_bytes(m: int, n: int, k: int, granularity: Granularity, path: str, cfg:
     return weights + acts + m * n * _OUT_BYTES + partials
 
 
-def _memory_us(nbytes: float, gpu: GpuSpec, share: float, c: CostConstants) -> float:
-    return nbytes / (gpu.dram_bandwidth_gbs * 1e3 * c.dram_efficiency * share)
+def _memory_us(nbytes: float, r: Rates, share: float, c: CostConstants) -> float:
+    return nbytes / (r.stream_gbs * 1e3 * c.dram_efficiency * share)
 
 
 def _compute_us(tensor_us: float, dequant_us: float, c: CostConstants) -> float:
@@ -288,15 +358,15 @@ def _check_problem(m: int, n: int, k: int, granularity: Granularity, path: str, 
 def w4a4_time(gpu: GpuSpec, m: int, n: int, k: int, granularity: Granularity, path: str,
               cfg: KernelConfig | None = None, constants: CostConstants = DEFAULT_CONSTANTS) -> Estimate:
     _check_problem(m, n, k, granularity, path, gpu)
-    c = constants
+    c, r = constants, rates_of(gpu, constants)
     group = granularity.size(k)
     t = _tiling(m, n, k, gpu, cfg, c)
-    tensor_rate = gpu.tops(path) * 1e6 * c.tensor_efficiency(path) * t.reuse_efficiency * t.wave_efficiency
+    tensor_rate = r.tops(path) * 1e6 * c.tensor_efficiency(path) * t.reuse_efficiency * t.wave_efficiency
     tensor_us = 2.0 * t.m * t.n * k / tensor_rate
     partials = t.m * t.n * (k // group)
-    slots = c.dequant_ops(path) * c.arch(gpu.kernel_arch).dequant_slots * t.dequant_factor
-    dequant_us = partials * slots / (gpu.fp32_tflops * 1e6 / 2.0 * t.wave_efficiency)
-    memory_us = _memory_us(w4a4_bytes(m, n, k, granularity, path, cfg, gpu.sm_count), gpu, t.bandwidth_share, c)
+    slots = r.dequant_ops(path) * c.arch(gpu.kernel_arch).dequant_slots * t.dequant_factor
+    dequant_us = partials * slots / (r.fp32_tflops * 1e6 / 2.0 * t.wave_efficiency)
+    memory_us = _memory_us(w4a4_bytes(m, n, k, granularity, path, cfg, gpu.sm_count), r, t.bandwidth_share, c)
     compute_us = tensor_us + dequant_us if t.serial_dequant else _compute_us(tensor_us, dequant_us, c)
     us = max(compute_us, memory_us) + c.launch_us * (1 + (t.split_k > 1))
     return Estimate(us, tensor_us, dequant_us, memory_us)
@@ -304,10 +374,10 @@ def w4a4_time(gpu: GpuSpec, m: int, n: int, k: int, granularity: Granularity, pa
 
 def fp16_time(gpu: GpuSpec, m: int, n: int, k: int, constants: CostConstants = DEFAULT_CONSTANTS) -> Estimate:
     """The FP16/BF16 baseline (cuBLAS-class GEMM with FP32 accumulation)."""
-    c = constants
+    c, r = constants, rates_of(gpu, constants)
     m_pad = math.ceil(m / c.mma_m) * c.mma_m
-    tensor_us = 2.0 * m_pad * n * k / (gpu.tops("fp16") * 1e6 * c.fp16_tensor_efficiency)
-    memory_us = _memory_us(2.0 * (m * k + n * k + m * n), gpu, 1.0, c)
+    tensor_us = 2.0 * m_pad * n * k / (r.tops("fp16") * 1e6 * c.fp16_tensor_efficiency)
+    memory_us = _memory_us(2.0 * (m * k + n * k + m * n), r, 1.0, c)
     return Estimate(max(tensor_us, memory_us) + c.launch_us, tensor_us, 0.0, memory_us)
 
 

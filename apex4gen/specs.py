@@ -11,6 +11,13 @@ rho: for a GPU with native INT4 tensor cores, dense INT4 tensor TOPS / FP32 CUDA
 Where INT4 is emulated or absent (Hopper), W4A4 computes on INT8/FP8 tensor cores, so the ρ the planner uses
 is that path's rate over FP32 (H100 SXM: 1979 / 67 ≈ 30); :meth:`GpuSpec.rho_of` gives it per path.
 
+A GPU file may add a ``measured:`` section, what ``apex4gen probe`` measured on that GPU (each number
+``{value, source}``): ``tensor_tops`` per type (the microbenchmark peak of the instruction the kernels issue:
+wgmma on Hopper, mma.sync elsewhere), ``fp32_tflops`` (FFMA), ``stream_gbs`` (a kernel that only reads 4-bit
+weights and scales) and ``dequant_ops_int`` / ``dequant_ops_float`` (one group partial's promotion, in FP32
+instructions: the FFMA rate over the promotion loop's). The cost model divides by these instead of the datasheet
+figures above (apex4gen/costmodel.py); the top-level figures stay what the spec says of the GPU.
+
 Workload file: ``points`` of ``{phase: prefill, batch: B, seq_len: L, weight: W}`` (M = B*L tokens) or
 ``{phase: decode, batch: B, weight: W}`` (M = B). A weight is the share of FP16 linear-layer time spent at that
 point (normalised to sum to 1), so the end-to-end speedup is the weighted harmonic mean of per-point speedups.
@@ -55,6 +62,20 @@ class TensorThroughput:
 
 
 @dataclass(frozen=True)
+class MeasuredRates:
+    """A GPU's ``measured:`` section (``apex4gen probe``): microbenchmark peaks the cost model uses."""
+
+    tensor_tops: TensorThroughput
+    fp32_tflops: float
+    stream_gbs: float
+    dequant_ops_int: float
+    dequant_ops_float: float
+
+    def tops(self, path: str) -> float | None:
+        return getattr(self.tensor_tops, path)
+
+
+@dataclass(frozen=True)
 class GpuSpec:
     name: str
     full_name: str
@@ -68,6 +89,7 @@ class GpuSpec:
     l2_mb: float
     smem_per_block_kb: int
     sources: tuple[tuple[str, str], ...]
+    measured: MeasuredRates | None = None
 
     @property
     def kernel_arch(self) -> str:
@@ -98,7 +120,11 @@ class GpuSpec:
         return max(self.rho_of(p) for p in self.compute_paths)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Without ``measured`` when the spec has none, so a datasheet spec's hash stays what it was."""
+        data = asdict(self)
+        if self.measured is None:
+            del data["measured"]
+        return data
 
     def sha256(self) -> str:
         return _canonical_sha256(self.to_dict())
@@ -212,7 +238,7 @@ def spec_file(kind: str, ref: str | Path) -> Path:
 # Keys that only one kind of spec file has: they tell a file's kind before any schema is applied.
 _KIND_KEYS = {
     "gpus": ("int4_tensor_cores", "tensor_tops", "rho", "sm_count", "boost_clock_mhz", "fp32_tflops",
-             "dram_bandwidth_gbs", "l2_mb", "smem_per_block_kb"),
+             "dram_bandwidth_gbs", "l2_mb", "smem_per_block_kb", "measured"),
     "models": ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "num_layers",
                "vocab_size", "head_dim", "tie_word_embeddings", "attention_bias", "dtype", "source"),
     "workloads": ("points", "description"),
@@ -267,7 +293,8 @@ def load_workload(ref: str | Path | WorkloadSpec) -> WorkloadSpec:
 # ---------------------------------------------------------------------------------------------- GPU files
 
 _GPU_NUMBERS = ("sm_count", "boost_clock_mhz", "fp32_tflops", "dram_bandwidth_gbs", "l2_mb", "smem_per_block_kb")
-_GPU_KEYS = ("name", "full_name", "architecture", "int4_tensor_cores", "tensor_tops", "rho") + _GPU_NUMBERS
+_GPU_KEYS = ("name", "full_name", "architecture", "int4_tensor_cores", "tensor_tops", "rho", "measured") + _GPU_NUMBERS
+_MEASURED_NUMBERS = ("fp32_tflops", "stream_gbs", "dequant_ops_int", "dequant_ops_float")
 _INT_NUMBERS = ("sm_count", "smem_per_block_kb")
 
 
@@ -284,19 +311,34 @@ def _sourced(fields: Fields, key: str, kind: type, sources: dict, default: objec
     return value
 
 
-def _tensor_tops(fields: Fields, arch: str, int4_mode: str, sources: dict) -> TensorThroughput:
+def _tensor_rates(fields: Fields, arch: str, sources: dict) -> dict:
     sub = fields.sub("tensor_tops", TENSOR_TYPES)
     rates = {t: _sourced(sub, t, float, sources, None) for t in TENSOR_TYPES}
     for needed in ("int8", "fp16"):
         if rates[needed] is None:
             raise sub.error(needed, "missing")
+    if rates["fp8"] is not None and arch not in ("sm_89", "sm_90"):
+        raise sub.error("fp8", f"FP8 tensor cores need sm_89 or newer, this GPU is {arch}")
+    return rates
+
+
+def _tensor_tops(fields: Fields, arch: str, int4_mode: str, sources: dict) -> TensorThroughput:
+    rates = _tensor_rates(fields, arch, sources)
+    sub = fields.sub("tensor_tops", TENSOR_TYPES)
     if int4_mode == "native" and rates["int4"] is None:
         raise sub.error("int4", "missing (int4_tensor_cores is native)")
     if int4_mode == "absent" and rates["int4"] is not None:
         raise sub.error("int4", "given, but int4_tensor_cores is absent")
-    if rates["fp8"] is not None and arch not in ("sm_89", "sm_90"):
-        raise sub.error("fp8", f"FP8 tensor cores need sm_89 or newer, this GPU is {arch}")
     return TensorThroughput(**rates)
+
+
+def _measured(fields: Fields, arch: str, sources: dict) -> MeasuredRates | None:
+    """The optional ``measured:`` section: every number sourced, int8 and fp16 tensor rates at least."""
+    sub = fields.sub("measured", ("tensor_tops",) + _MEASURED_NUMBERS, None)
+    if sub is None:
+        return None
+    numbers = {k: _sourced(sub, k, float, sources) for k in _MEASURED_NUMBERS}
+    return MeasuredRates(TensorThroughput(**_tensor_rates(sub, arch, sources)), **numbers)
 
 
 def _check_int4_mode(fields: Fields, arch: str, mode: str) -> None:
@@ -325,9 +367,11 @@ def parse_gpu(data: object, file: str | Path) -> GpuSpec:
     sources: dict[str, str] = {}
     numbers = {k: _sourced(fields, k, int if k in _INT_NUMBERS else float, sources) for k in _GPU_NUMBERS}
     _check_smem(fields, arch, numbers["smem_per_block_kb"])
+    tensor_tops = _tensor_tops(fields, arch, mode, sources)
+    measured = _measured(fields, arch, sources)
     gpu = GpuSpec(name=fields.take("name", str), full_name=fields.take("full_name", str), architecture=arch,
-                  int4_tensor_cores=mode, tensor_tops=_tensor_tops(fields, arch, mode, sources),
-                  sources=tuple(sorted(sources.items())), **numbers)
+                  int4_tensor_cores=mode, tensor_tops=tensor_tops, sources=tuple(sorted(sources.items())),
+                  measured=measured, **numbers)
     if not gpu.compute_paths:
         raise fields.error("tensor_tops", "no tensor-core type a W4A4 kernel can compute on")
     _check_stated_rho(fields, gpu)

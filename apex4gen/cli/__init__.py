@@ -7,10 +7,10 @@ import click
 
 from .. import __version__
 from ..errors import Apex4genError
-from . import bench, build, calibrate, eval, export, generate, inspect, plan, quantize, specs, study
+from . import bench, build, calibrate, eval, export, generate, inspect, plan, probe, quantize, specs, study
 
 # every command module; each names its click commands in COMMANDS
-_COMMAND_MODULES = (bench, build, calibrate, eval, export, generate, inspect, plan, quantize, specs, study)
+_COMMAND_MODULES = (bench, build, calibrate, eval, export, generate, inspect, plan, probe, quantize, specs, study)
 
 
 class _Group(click.Group):
