@@ -41,6 +41,12 @@ class Point:
     tc_fraction: float
     quantize_us: float | None = None  # the halves of the op, timed alone (``breakdown``)
     gemm_us: float | None = None
+    stream_us: float | None = None    # the bound: a kernel that only reads this GEMM's 4-bit weights and scales
+
+    @property
+    def stream_fraction(self) -> float | None:
+        """Bound time over ours: 1.0 is an op as fast as reading its weights."""
+        return None if self.stream_us is None else self.stream_us / self.w4a4_us
 
     def speedup(self, baseline: str) -> float | None:
         """Baseline time over ours; ``fp8`` is the faster of cuBLAS FP8 per-tensor and row-wise."""
@@ -178,8 +184,10 @@ def _halves(build, info, x: list, weights: list, group: int) -> tuple[float | No
 
 
 def bench_gemm(build, name: str, n: int, k: int, group: int, ms, dtype=torch.float16, want=BASELINES,
-               tc_peak_tops: float = 0.0, bandwidth: float = 0.0, breakdown: bool = False) -> list[Point]:
-    """Time one GEMM of a build at each M (skipping buckets the build does not serve)."""
+               tc_peak_tops: float = 0.0, bandwidth: float = 0.0, breakdown: bool = False,
+               stream_us: float | None = None) -> list[Point]:
+    """Time one GEMM of a build at each M (skipping buckets the build does not serve); ``stream_us``, the
+    weight-stream bound of this GEMM measured in the same run, is recorded with every point."""
     gen = torch.Generator(device="cuda").manual_seed(0)
     wbytes = n * k // 2
     copies = copies_for(wbytes)
@@ -197,7 +205,7 @@ def bench_gemm(build, name: str, n: int, k: int, group: int, ms, dtype=torch.flo
         points.append(Point(
             name, n, k, m, Granularity.of_size(group, k).name, info.name, ours, base, moved,
             moved / (ours * 1e-6) / bandwidth if bandwidth else 0.0,
-            flops / (ours * 1e-6) / (tc_peak_tops * 1e12) if tc_peak_tops else 0.0, *halves))
+            flops / (ours * 1e-6) / (tc_peak_tops * 1e12) if tc_peak_tops else 0.0, *halves, stream_us))
     return points
 
 

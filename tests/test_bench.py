@@ -28,15 +28,28 @@ def test_geomean():
     assert abs(bench.geomean([1.0, 4.0]) - 2.0) < 1e-12
 
 
-def test_targets_report_met_and_not_met(capsys):
-    points = [_point(16, "g128", 20.0, fp16=60.0), _point(16, "g128", 10.0, fp16=50.0),
-              _point(4096, "channel", 100.0, fp8_tensor=120.0, int8=110.0, fp16=250.0)]
-    bench_cli._print_targets(points)
+def test_targets_report_met_and_not_met_with_the_bound_beside(capsys):
+    # two decode points at 90% and 100% of their weight stream; cuBLAS FP16 60 and 50 µs, ours 20 and 10
+    decode = [bench.Point("o_proj", 8192, 8192, 16, "g128", "k", 20.0, {"fp16": 60.0}, 1, 0.5, 0.1, stream_us=18.0),
+              bench.Point("down_proj", 8192, 28672, 1, "g128", "k", 10.0, {"fp16": 50.0}, 1, 0.5, 0.1, stream_us=10.0)]
+    prefill = [_point(4096, "channel", 100.0, fp8_tensor=120.0, fp8_row=130.0, fp16=250.0),
+               _point(4096, "g128", 200.0, fp8_tensor=150.0, fp16=180.0)]
+    bench_cli._print_targets(decode + prefill)
     out = capsys.readouterr().out
-    assert "M<=16 vs cuBLAS FP16: 3.87x (>= 4.0x: NOT met)" in out
-    assert "M=4096 channel vs cuBLAS FP8: 1.20x (>= 1.1x: met)" in out
-    assert "M=4096 vs cuBLAS INT8: 1.10x (>= 1.3x: NOT met)" in out
-    assert "g128 vs cuBLAS FP8" not in out
+    # geomean(0.9, 1.0) = 0.949; the stream runs geomean(60/18, 50/10) = 4.08x FP16, the op geomean(3, 5) = 3.87x
+    assert ("M<=16: W4A4 op vs the pure 4-bit weight stream: 0.95x (>= 0.95x: NOT met); "
+            "bound: the weight stream runs 4.08x cuBLAS FP16, the op 3.87x") in out
+    assert "M=4096 channel vs cuBLAS FP8: 1.20x (>= 1.1x: met); the op at 10% of the tensor-core peak" in out
+    assert "M=4096 g128 vs cuBLAS FP8 per-tensor: 0.75x (>= 0.8x: NOT met)" in out
+    assert "every M, g128: never slower than cuBLAS FP16 (worst point): 0.90x (>= 1.0x: NOT met); " \
+           "worst: o_proj at M=4096" in out
+    assert "every M, channel: never slower than cuBLAS FP16 (worst point): 2.50x (>= 1.0x: met)" in out
+
+
+def test_a_point_without_its_bound_leaves_the_stream_target_out(capsys):
+    bench_cli._print_targets([_point(1, "g128", 20.0, fp16=60.0)])
+    out = capsys.readouterr().out
+    assert "weight stream" not in out and "g128: never slower" in out
 
 
 def test_bad_ms_is_one_line(tmp_path):
@@ -48,10 +61,10 @@ def test_bad_ms_is_one_line(tmp_path):
 def test_breakdown_columns_show_the_halves_or_a_dash(capsys):
     split = bench.Point("o_proj", 8192, 8192, 4096, "channel", "k", 450.0, {"fp16": 800.0},
                         bench.w4a4_bytes(4096, 8192, 8192, 8192), 0.1, 0.7, quantize_us=41.0, gemm_us=407.5)
-    fused = _point(1, "g128", 17.7, fp16=47.4)
+    fused = bench.Point("o_proj", 8192, 8192, 1, "g128", "k", 17.7, {"fp16": 47.4}, 1, 0.5, 0.1, stream_us=15.0)
     bench_cli._print_table([split, fused], ("fp16",), "H100", 3e12, breakdown=True)
     out = capsys.readouterr().out
     assert "quant µs" in out and "GEMM µs" in out
     assert "41.0" in out and "407.5" in out
     row = next(line for line in out.splitlines() if " 17.7 " in line)
-    assert row.count(" - ") == 2
+    assert row.count(" - ") == 2 and " 85 " in row  # the halves; 15.0 / 17.7 of the stream bound
