@@ -59,6 +59,7 @@ def bench_command(build_dir: Path, ms: str, json_path: Path | None, baselines: s
 
     from .. import specs
     from ..loader import load
+    from ..probe import stream_us
 
     m_values = _parse_ms(ms)
     want = _parse_baselines(baselines)
@@ -71,9 +72,10 @@ def bench_command(build_dir: Path, ms: str, json_path: Path | None, baselines: s
     for layer in plan.layers:
         group = layer.granularity.size(layer.k)
         dtype = torch.float16 if plan.out_dtype == "f16" else torch.bfloat16
+        bound = stream_us(layer.n, layer.k, group) if min(m_values) <= 16 else None
         points += bench_stage.bench_gemm(build, layer.name, layer.n, layer.k, group, m_values, dtype, want,
                                          tc_peak_tops=gpu.tops(layer.path), bandwidth=bandwidth,
-                                         breakdown=breakdown)
+                                         breakdown=breakdown, stream_us=bound)
     _print_table(points, want, torch.cuda.get_device_name(), bandwidth, breakdown)
     _print_targets(points)
     if json_path:
