@@ -50,16 +50,17 @@ Constants (kernel properties: a fraction of the microbenchmark peak; or the data
 
 | constant | value | probe or fitted to |
 | --- | --- | --- |
-| ``datasheet_tensor_reach`` | 1.0 | fitted: none yet (no wgmma probe of the H100 in the repository; the datasheet is taken as reached) |
-| ``datasheet_fp32_reach`` | 1.0 | fitted: none yet (the datasheet FP32 rate is taken as reached) |
-| ``datasheet_stream_reach`` | 0.916 | bench/results/h100/stream_probe.txt: best pure stream 3.069 of 3.35 TB/s (242 MB) |
+| ``datasheet_tensor_reach`` | 1.0 | apex4gen probe on the H100 SXM (bench/results/h100/probe.json): wgmma INT8 2,013 / FP8 1,920 / FP16 911 of 1,979 / 1,979 / 989 datasheet (1.02 / 0.97 / 0.92): within 8%, taken as reached |
+| ``datasheet_fp32_reach`` | 1.0 | apex4gen probe on the H100 SXM: FFMA 64.3 of 66.9 TFLOPS (0.96), taken as reached |
+| ``datasheet_stream_reach`` | 0.928 | apex4gen probe on the H100 SXM: pure stream 3,109 of 3,350 GB/s (242 MB; bench/results/h100/probe.json) |
 | ``dequant_ops_int`` | 3.0 | counted (FADD of the magic-number convert + FMUL + FFMA); probe: ``dequant_ops_int`` |
 | ``dequant_ops_float`` | 2.0 | counted (FMUL + FFMA); probe: ``dequant_ops_float`` |
 | ``fp16_tensor_efficiency`` | 0.75 | cuBLAS FP16 at large M: 0.68-0.72 of peak on the H100, about 0.8 on the A100 |
 | ``int4_tensor_efficiency`` | 0.25 | APEX4's compute-bound W4A4-g128 speedups (RTX 3090 2.0-2.5x, A100 0.43-0.47x), Atom's ~3x on the RTX 4090 |
 | ``int8_tensor_efficiency`` | 0.74 | sm90_prefill_channel, 256x128 tiles, M=4096: 1466 of 1979 TOPS (bench/results/h100/) |
 | ``fp8_tensor_efficiency`` | 0.62 | cuBLAS FP8 at M=4096: 1230 of 1979 TOPS (bench/results/h100/) |
-| ``dram_efficiency`` | 0.764 | of the pure stream: cuBLAS FP16 at M=16 streams weights at 2.26 TB/s; 0.70 of the 3.35 TB/s datasheet before the split (0.70 / 0.916) |
+| ``dram_efficiency`` | 0.754 | W4A4 kernels' share of the pure stream; 0.70 of the 3.35 TB/s datasheet (0.70 / 0.928); the H100 study's memory-bound W4A4 points: predicted/measured 1.07, ±22% (bench/results/h100/study.md) |
+| ``fp16_stream_efficiency`` | 0.94 | cuBLAS FP16's share of the pure stream: 2.65-3.02 TB/s of 3.11 at M <= 64 in the H100 study (bench/results/h100/study.json); with ``dram_efficiency`` it overpredicted FP16 by 1.26x |
 | ``launch_us`` | 2.0 | launch and tail of one kernel |
 | sm_80 ``dequant_slots`` | 8.0 | APEX4's A100 0.45x FP16 at g128 |
 | sm_80 ``reuse_tile`` | 32 | a 64x64 tile; the sm90 decode kernels (mma.sync) at M=64: 30.5-177.7 us for predictions of 27-177 (bench/notes/sm90-decode.md) |
@@ -71,10 +72,9 @@ Constants (kernel properties: a fraction of the microbenchmark peak; or the data
 | sm_90a ``widening_share`` | 0.26 | g128 256-token tiles at 0.85-0.90x the 128-token GEMM time, M=1024/4096 (bench/results/h200/); predicts 1.26x for 64 tokens, measured 1.32x |
 | sm_90a ``hybrid_fixup_iters`` | 13 | g128 256-token tile at M=256 against its M=4096 rate: qkv 0.64, o 0.70, down 0.93 (fits 22, 13, 8; geometric mean; bench/results/h200/) |
 
-The tensor efficiencies were fitted against datasheet peaks; with ``datasheet_tensor_reach`` 1.0 they read as
-fractions of the microbenchmark peak. Once the H100's probe is committed, ``datasheet_tensor_reach`` becomes its
-wgmma rate over the datasheet and each tensor efficiency the fitted rate over the probe's (their product, and so
-every datasheet prediction, unchanged).
+The tensor efficiencies were fitted against datasheet peaks; the H100's probe reaches those peaks within
+8% (``datasheet_tensor_reach``), so they read as fractions of the microbenchmark peak too, and a probed spec
+of the H100 plans as the shipped one does (bench/results/h100/h100-probed.yaml).
 
 The sm_80 entry has no partial-tile derating, no widening share (mma.sync kernels read their operands once per
 K tile whatever M) and no stream-K constants (no sm_80 family has a stream-K scheduler).
@@ -152,12 +152,13 @@ class CostConstants:
     dequant_ops_int: float = 3.0
     dequant_ops_float: float = 2.0
     dequant_overlap: float = 1.0
-    dram_efficiency: float = 0.764
+    dram_efficiency: float = 0.754
+    fp16_stream_efficiency: float = 0.94
     launch_us: float = 2.0
     mma_m: int = 16                 # rows one MMA computes: smaller M still pays for 16
     datasheet_tensor_reach: float = 1.0   # a microbenchmark's fraction of the datasheet, for specs without a probe
     datasheet_fp32_reach: float = 1.0
-    datasheet_stream_reach: float = 0.916
+    datasheet_stream_reach: float = 0.928
     archs: tuple[tuple[str, ArchConstants], ...] = tuple(sorted(ARCH_CONSTANTS.items()))
 
     def tensor_efficiency(self, path: str) -> float:
@@ -336,8 +337,8 @@ def w4a4_bytes(m: int, n: int, k: int, granularity: Granularity, path: str, cfg:
     return weights + acts + m * n * _OUT_BYTES + partials
 
 
-def _memory_us(nbytes: float, r: Rates, share: float, c: CostConstants) -> float:
-    return nbytes / (r.stream_gbs * 1e3 * c.dram_efficiency * share)
+def _memory_us(nbytes: float, r: Rates, share: float, efficiency: float) -> float:
+    return nbytes / (r.stream_gbs * 1e3 * efficiency * share)
 
 
 def _compute_us(tensor_us: float, dequant_us: float, c: CostConstants) -> float:
@@ -366,7 +367,8 @@ def w4a4_time(gpu: GpuSpec, m: int, n: int, k: int, granularity: Granularity, pa
     partials = t.m * t.n * (k // group)
     slots = r.dequant_ops(path) * c.arch(gpu.kernel_arch).dequant_slots * t.dequant_factor
     dequant_us = partials * slots / (r.fp32_tflops * 1e6 / 2.0 * t.wave_efficiency)
-    memory_us = _memory_us(w4a4_bytes(m, n, k, granularity, path, cfg, gpu.sm_count), r, t.bandwidth_share, c)
+    memory_us = _memory_us(w4a4_bytes(m, n, k, granularity, path, cfg, gpu.sm_count), r, t.bandwidth_share,
+                           c.dram_efficiency)
     compute_us = tensor_us + dequant_us if t.serial_dequant else _compute_us(tensor_us, dequant_us, c)
     us = max(compute_us, memory_us) + c.launch_us * (1 + (t.split_k > 1))
     return Estimate(us, tensor_us, dequant_us, memory_us)
@@ -377,7 +379,7 @@ def fp16_time(gpu: GpuSpec, m: int, n: int, k: int, constants: CostConstants = D
     c, r = constants, rates_of(gpu, constants)
     m_pad = math.ceil(m / c.mma_m) * c.mma_m
     tensor_us = 2.0 * m_pad * n * k / (r.tops("fp16") * 1e6 * c.fp16_tensor_efficiency)
-    memory_us = _memory_us(2.0 * (m * k + n * k + m * n), r, 1.0, c)
+    memory_us = _memory_us(2.0 * (m * k + n * k + m * n), r, 1.0, c.fp16_stream_efficiency)
     return Estimate(max(tensor_us, memory_us) + c.launch_us, tensor_us, 0.0, memory_us)
 
 

@@ -70,7 +70,7 @@ REGIME_CONSTANTS = {
     ("w4a4", "tensor"): ("<path>_tensor_efficiency", "reuse_tile", "streamk_efficiency", "hybrid_fixup_iters"),
     ("w4a4", "dequant"): ("dequant_ops_int", "dequant_ops_float", "dequant_slots", "widening_share",
                           "dequant_overlap"),
-    ("fp16", "memory"): ("dram_efficiency", "launch_us"),
+    ("fp16", "memory"): ("fp16_stream_efficiency", "launch_us"),
     ("fp16", "tensor"): ("fp16_tensor_efficiency",),
 }
 

@@ -40,7 +40,9 @@ def test_decode_is_memory_bound_and_pays_for_4_bit_weights():
     gpu = load_gpu("h100-sxm")
     est = w4a4_time(gpu, 16, 8192, 8192, G128, "fp8")
     assert est.bound == "memory"
-    assert 3.0 < fp16_time(gpu, 16, 8192, 8192).us / est.us < 4.2
+    # 4x fewer weight bytes, less what cuBLAS streams faster than the W4A4 kernels (0.94 vs 0.754 of the stream)
+    # and the launch both pay: measured 2.4-3.0x at M=16 on the H100 (bench/results/h100/study.md)
+    assert 2.5 < fp16_time(gpu, 16, 8192, 8192).us / est.us < 3.3
 
 
 def test_memory_traffic_counts_scales_activations_and_output():

@@ -180,8 +180,8 @@ def test_measured_peaks_equal_to_datasheet_times_reach_change_nothing(gpu_name):
 def test_each_measured_peak_drives_its_part():
     gpu = load_gpu("h100-sxm")
     base = w4a4_time(_with_measured(gpu), 4096, 8192, 8192, G128, "fp8")
-    slow_stream = w4a4_time(_with_measured(gpu, stream_gbs=gpu.dram_bandwidth_gbs * 0.458), 4096, 8192, 8192, G128,
-                            "fp8")
+    half_stream = gpu.dram_bandwidth_gbs * DEFAULT_CONSTANTS.datasheet_stream_reach / 2
+    slow_stream = w4a4_time(_with_measured(gpu, stream_gbs=half_stream), 4096, 8192, 8192, G128, "fp8")
     assert slow_stream.memory_us == pytest.approx(2 * base.memory_us)
     costly = w4a4_time(_with_measured(gpu, dequant_ops_float=4.0), 4096, 8192, 8192, G128, "fp8")
     assert costly.dequant_us == pytest.approx(2 * base.dequant_us)
