@@ -4,7 +4,8 @@
 
 One table a file: per M, geomeans over the file's GEMMs of cuBLAS time / W4A4 time (end to end, quantizer
 included) against FP16, the faster of the two FP8 baselines and INT8, the worst GEMM against FP16, and the geomean
-fraction of the measured copy bandwidth: the reductions `apex4gen bench` uses for its target lines.
+fraction of the measured copy bandwidth, and where the run timed it (M <= 16), the geomean of the pure 4-bit
+weight stream's time over the op's: the reductions `apex4gen bench` uses for its target lines.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import math
 import sys
 from pathlib import Path
 
-COLUMNS = ("M", "vs FP16", "vs best FP8", "vs INT8", "worst point vs FP16", "% of copy BW")
+COLUMNS = ("M", "vs FP16", "vs best FP8", "vs INT8", "worst point vs FP16", "% of copy BW", "% of stream bound")
 
 
 def geomean(values: list[float]) -> float | None:
@@ -34,9 +35,11 @@ def row(m: int, points: list[dict]) -> list[str]:
         return "–" if not values else f"{geomean(values):.2f}"
 
     worst = min(points, key=lambda p: ratio(p, "fp16"))
+    streams = [p["stream_us"] / p["w4a4_us"] for p in points if m <= 16 and p.get("stream_us")]
     return [str(m), mean_of("fp16"), mean_of("fp8"), mean_of("int8"),
             f"{ratio(worst, 'fp16'):.2f} ({worst['gemm']})",
-            f"{100 * geomean([p['bw_fraction'] for p in points]):.0f}"]
+            f"{100 * geomean([p['bw_fraction'] for p in points]):.0f}",
+            "–" if not streams else f"{100 * geomean(streams):.0f}"]
 
 
 def table(data: dict) -> str:
