@@ -10,6 +10,7 @@ Budget file (every key optional; ``default`` applies to kinds not named)::
     min_gain: 0.05              # coarsen a layer only if its workload-weighted time drops by at least 5%
     sensitivity: sens.yaml      # optional: per-layer sensitivities (path relative to this file, or inline)
     max_total_increase: 0.5     # required with sensitivity: the sum over layer kinds may not exceed it
+                                # (negative: more accurate than the 4-bit reference, through 8-bit activations)
 
 Defaults (:data:`DEFAULT_BUDGET`): ``finest`` g128 everywhere (APEX4's and Atom's W4A4 accuracy reference);
 ``coarsest`` channel for qkv_proj and gate_up_proj (they read RMSNorm outputs), g1024 for o_proj and g512 for
@@ -22,6 +23,12 @@ Sensitivity file: :mod:`apex4gen.accuracy.sensitivity` (what ``apex4gen calibrat
 With a sensitivity file a layer kind may leave its reference granularity only for granularities the file
 lists for it (no entry = no evidence = not allowed; a kind absent from the file stays at its reference), and the
 plan's summed increase over layer kinds stays within ``max_total_increase``.
+
+Activation precision: 4 bits (pure W4A4) everywhere, unless a sensitivity file has ``act8`` evidence for a kind:
+then 8-bit activations at the granularities it lists are options too, each with its measured change (usually a
+decrease). The planner takes the cheapest plan within ``max_total_increase`` (at equal cost the one with fewer
+8-bit kinds), so a limit that the 4-bit options cannot meet, e.g. a negative one, gives 8 bits to the kinds
+where they buy the most accuracy for the least time. Without a sensitivity file every activation is 4-bit.
 """
 from __future__ import annotations
 
@@ -69,10 +76,17 @@ class Budget:
             coarser = [g for g in coarser if self.sensitivity.increase(kind, g) is not None]
         return (ref, *coarser)
 
-    def increase(self, kind: str, granularity: Granularity, k: int) -> float:
-        if self.sensitivity is None or granularity == self.reference(kind, k):
+    def act_bits(self, kind: str, granularity: Granularity) -> tuple[int, ...]:
+        """Activation precisions ``kind`` may use at ``granularity``: 4, and 8 where the sensitivity file has
+        evidence for it."""
+        if self.sensitivity is None or self.sensitivity.increase(kind, granularity, 8) is None:
+            return (4,)
+        return (4, 8)
+
+    def increase(self, kind: str, granularity: Granularity, k: int, act_bits: int = 4) -> float:
+        if self.sensitivity is None or (act_bits == 4 and granularity == self.reference(kind, k)):
             return 0.0
-        return self.sensitivity.increase(kind, granularity)
+        return self.sensitivity.increase(kind, granularity, act_bits)
 
     def to_dict(self) -> dict:
         return {"finest": _names(self.finest), "coarsest": _names(self.coarsest), "min_gain": self.min_gain,
@@ -120,8 +134,10 @@ def parse_budget(data: object, file: str | Path, base_dir: Path | None = None) -
     limit = fields.take("max_total_increase", float, None)
     if (sensitivity is None) != (limit is None):
         raise fields.error("max_total_increase", "sensitivity and max_total_increase go together")
-    if limit is not None and limit < 0:
-        raise fields.error("max_total_increase", f"must be >= 0, got {limit}")
+    if limit is not None and limit < 0 and not sensitivity.act8:
+        raise fields.error("max_total_increase", f"{limit} < 0 asks for more accuracy than 4-bit activations give, "
+                           "which only 8-bit ones can buy: the sensitivity file has no act8 entries (re-run "
+                           "`apex4gen calibrate`), or use a limit >= 0")
     return Budget(finest, coarsest, min_gain, sensitivity, limit)
 
 

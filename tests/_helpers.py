@@ -101,7 +101,7 @@ def fake_quant_linear_f64(self, x: torch.Tensor) -> torch.Tensor:
     """W4A4Linear's fake-quant GEMM summed in float64: the same contract, another summation order (patched in to
     tell a kernel's rounding from the fake-quant path's own)."""
     from apex4gen.nn import fake_quant_activation
-    xq = fake_quant_activation(x, self.group).double()
+    xq = fake_quant_activation(x, self.group, self.act_bits).double()
     y = xq @ self._dequantized_weight(x.device).double().t()
     if self.bias is not None:
         y = y + self.bias.double()

@@ -51,7 +51,7 @@ def bench_command(build_dir: Path, ms: str, json_path: Path | None, baselines: s
         dtype = torch.float16 if plan.out_dtype == "f16" else torch.bfloat16
         points += bench_stage.bench_gemm(build, layer.name, layer.n, layer.k, group, m_values, dtype, want,
                                          tc_peak_tops=gpu.tops(layer.path), bandwidth=bandwidth,
-                                         breakdown=breakdown)
+                                         breakdown=breakdown, act_bits=layer.act_bits)
     _print_table(points, want, torch.cuda.get_device_name(), bandwidth, breakdown)
     _print_targets(points)
     if json_path:

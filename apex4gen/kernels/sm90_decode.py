@@ -2,7 +2,8 @@
 
 ``sm90_decode`` (group-wise, power-of-two groups >= 64) and ``sm90_decode_channel`` (per-channel) read raw
 activations (act format "raw") and weights packed by ``apex4gen.kernels.layouts.pack_sm90_decode``. The
-launcher quantizes x once (reference numerics) into the workspace, then launches the GEMM with programmatic
+launcher quantizes x once (reference numerics, 4- or 8-bit: ``KernelConfig.act_bits``, a template parameter
+because the x layout in the workspace and in shared memory doubles at 8 bits) into the workspace, then launches the GEMM with programmatic
 dependent launch so that its weight stream starts while x is still being quantized. One rendered kernel
 serves every M <= ``MAX_M``: it holds one GEMM instantiation per token-tile count (8, 16, 32, 64 tokens) and K
 class (``variants``) and its launcher picks by M and K, then picks the cluster split of K that fills the GPU
@@ -110,27 +111,33 @@ def _round16(v: int) -> int:
     return (v + 15) // 16 * 16
 
 
-def variant_smem_bytes(v: Variant, group: int, slice_k: int) -> int:
-    """Mirrors smem_layout() in the template: weight slots, int4 x slice, weight scales | reduction buffer,
+def _x_bytes(tokens: int, k: int, act_bits: int) -> int:
+    """Quantized x of ``tokens`` rows: int4 packed two a byte, or one int8 a value."""
+    return tokens * k * act_bits // 8
+
+
+def variant_smem_bytes(v: Variant, group: int, slice_k: int, act_bits: int = 4) -> int:
+    """Mirrors smem_layout() in the template: weight slots, quantized x slice, weight scales | reduction buffer,
     then the activation scales."""
     groups = slice_k // group if group else 1
-    sws = _round16(v.slot_bytes + v.tokens * slice_k // 2)
+    sws = _round16(v.slot_bytes + _x_bytes(v.tokens, slice_k, act_bits))
     loop_end = sws + (groups * v.rows * 2 if group else 0)
     red_end = v.tokens * (v.rows + 4) * 4
     sxs = _round16(max(loop_end, red_end))
     return _round16(sxs + groups * v.tokens * 4)
 
 
-def workspace_bytes(m: int, k: int, group: int) -> int:
-    """Mirrors the launcher's <name>_workspace(): int4 x in the layout of the variant serving M + fp32 scales."""
+def workspace_bytes(m: int, k: int, group: int, act_bits: int = 4) -> int:
+    """Mirrors the launcher's <name>_workspace(): quantized x in the layout of the variant serving M + fp32
+    scales."""
     mt = next(v.mt for v in VARIANTS_GROUP if (m + 7) // 8 <= v.mt)  # every table has the same token tiles
     groups = k // group if group else 1
-    return mt * 8 * k // 2 + _round16(groups * mt * 8 * 4)
+    return _x_bytes(mt * 8, k, act_bits) + _round16(groups * mt * 8 * 4)
 
 
 def smem_bytes(cfg: KernelConfig) -> int:
     group = cfg.granularity.template_group
-    return max(variant_smem_bytes(v, group, NOMINAL_SLICE_K)
+    return max(variant_smem_bytes(v, group, NOMINAL_SLICE_K, cfg.act_bits)
                for large_k in (False, True) for v in variants(group, large_k))
 
 
@@ -155,6 +162,7 @@ def _render(cfg: KernelConfig, channel: bool) -> dict:
     return {
         "element_out": cpp_names.CUDA_OUT[cfg.out_dtype],
         "group": group,
+        "act_bits": cfg.act_bits,
         "max_m": MAX_M,
         "align_n": ALIGN_N,
         "align_k": WINDOW_K,
@@ -187,6 +195,7 @@ _COMMON = dict(
     smem_bytes=smem_bytes,
     max_m=PLANNER_MAX_M,
     m_step=8,  # one instantiation per 8-token mma tile count; the K split is chosen at launch to fill the GPU
+    act_bits=(4, 8),  # the in-kernel quantizer writes int4 or int8 x (template kActBits); int8 mma either way
 )
 
 SM90_DECODE = register(Family(name="sm90_decode", granularity="group", render=render_group, **_COMMON))

@@ -162,6 +162,9 @@ def _granularity_of(group_name: str, scheme: dict[str, Any]) -> Granularity:
     def int4_symmetric(args: dict) -> bool:
         return args.get("num_bits") == 4 and args.get("type") == "int" and bool(args.get("symmetric"))
 
+    if a.get("num_bits") == 8 and a.get("type") == "int":
+        raise ValueError(f"config group {group_name} has 8-bit activations (a W4A8 layer of an apex4gen plan): the "
+                         "vLLM plugin serves 4-bit activations only; quantize with a plan whose layers are all 4-bit")
     strategy, size = w.get("strategy"), w.get("group_size")
     acts_match = a.get("dynamic") and ((strategy == "group" and a.get("strategy") == "group"
                                         and a.get("group_size") == size)
