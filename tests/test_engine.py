@@ -194,15 +194,16 @@ def test_bad_input_is_one_line(args, message):
 class _ReferenceBuild:
     """The Build API (pack, linear on [..., K]) computed by the reference: the kernel path's plumbing on the CPU."""
 
-    def pack(self, w):
+    def pack(self, w, act_bits=4):
         from apex4gen.loader import PackedWeight
-        return PackedWeight(w.shape[0], w.shape[1], w.group, w.scales.dtype, {"canonical": (w.q, w.scales)})
+        return PackedWeight(w.shape[0], w.shape[1], w.group, w.scales.dtype, {"canonical": (w.q, w.scales)},
+                            act_bits)
 
     def linear(self, x, packed, bias=None):
         from apex4gen import reference
         q, scales = packed.layouts["canonical"]
         w = reference.QuantizedTensor(q, scales, packed.group)
-        y = reference.reference_linear(x.reshape(-1, packed.k), w, bias)
+        y = reference.reference_linear(x.reshape(-1, packed.k), w, bias, packed.act_bits)
         return y.reshape(*x.shape[:-1], packed.n)
 
 
@@ -252,7 +253,7 @@ def test_weight_bytes_count_every_layout_held():
     from apex4gen.loader import PackedWeight
 
     class TwoLayouts(_ReferenceBuild):
-        def pack(self, w):
+        def pack(self, w, act_bits=4):
             q = torch.zeros(w.shape[0], w.shape[1] // 2, dtype=torch.uint8)
             return PackedWeight(w.shape[0], w.shape[1], w.group, w.scales.dtype,
                                 {"a": (q, w.scales), "b": (q.clone(), w.scales.t().contiguous())})
