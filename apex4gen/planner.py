@@ -137,8 +137,8 @@ class _Planner:
         if not fams:
             return f"kernel: null: no {kind} {prob.path} kernel family is registered for {self.gpu.kernel_arch}"
         if not any(prob.act_bits in f.act_bits for f in fams):
-            return (f"kernel: null: {', '.join(f.name for f in fams)} take only "
-                    f"{'/'.join(map(str, fams[0].act_bits))}-bit activations, not {prob.act_bits}-bit")
+            return (f"kernel: null: no {kind} {prob.path} kernel family takes {prob.act_bits}-bit activations "
+                    f"({', '.join(f.name for f in fams)}: {'/'.join(map(str, fams[0].act_bits))}-bit only)")
         fams = [f for f in fams if prob.act_bits in f.act_bits]
         if all(f.max_m is not None and (m_max is None or m_max > f.max_m) for f in fams):
             return f"kernel: null: {', '.join(f.name for f in fams)} serve only smaller M"
@@ -239,7 +239,7 @@ class _Planner:
         est = w4a4_time(self.gpu, m, lin.n, lin.k, first.granularity, first.path, None, self.c)
         rho = self.gpu.rho_of(chosen.path)
         dq = f"at M={m} {first.granularity.name} dequant is {est.dequant_us / est.tensor_us:.2f}x tensor time (rho {rho:.0f})"
-        if chosen is first:
+        if chosen.granularity == first.granularity:
             allowed = self.budget.allowed(grp.kind_name, lin.k)
             tail = "no coarser granularity allowed" if len(allowed) == 1 else \
                 f"coarser groups gain < {self.budget.min_gain:.0%}"
@@ -260,13 +260,15 @@ class _Planner:
         return why
 
     def act8_cost(self, chosen: _Option, chain: list[_Option]) -> str:
-        """What the 8 bits cost: time against the cheapest 4-bit option, accuracy against the reference."""
+        """What the 8 bits cost: time and accuracy against 4 bits at the same granularity, else against the
+        cheapest 4-bit option."""
         four = [o for o in chain if o.act_bits == 4]
         if not four:
             return "the only option with the best kernel coverage"
-        cheapest = min(four, key=lambda o: o.cost)
-        return (f"{chosen.cost / cheapest.cost:.3f}x the time of 4-bit {cheapest.granularity.name} "
-                f"(accuracy change {chosen.increase:g} against {cheapest.increase:g})")
+        same = [o for o in four if o.granularity == chosen.granularity]
+        other = same[0] if same else min(four, key=lambda o: o.cost)
+        return (f"{chosen.cost / other.cost:.3f}x the time of 4-bit {other.granularity.name}, accuracy change "
+                f"{chosen.increase:g} against {other.increase:g}")
 
     def gemm_plans(self, layers: tuple[LayerPlan, ...]) -> tuple[GemmPlan, ...]:
         users: dict[_Problem, list[str]] = {}

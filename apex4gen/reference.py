@@ -18,7 +18,7 @@ Contract (also in README.md, "Numerics"):
   (:meth:`apex4gen.granularity.Granularity.size`, K for per-channel).
 * GEMM: ``Y[m, n] = sum_g sX[m,g] * sW[n,g] * P[m,n,g]`` with ``P[m,n,g] = sum_{k in g} qX[m,k] qW[n,k]``
   exact in int32 (|P| <= 8 * 8 * group for 4-bit activations, 128 * 8 * group for 8-bit ones: < 2**31 for
-  any group up to 2**21), the sum over groups in fp32, then ``+ bias[n]`` and one rounding to
+  any group below 2**21), the sum over groups in fp32, then ``+ bias[n]`` and one rounding to
   the output dtype (fp16 or bf16).
 * Canonical packing: two values a byte, row-major, K contiguous, element 2i in the low nibble and 2i+1 in
   the high nibble, each nibble two's complement. This is CUTLASS's ``int4b_t`` K-major layout, so the sm_80

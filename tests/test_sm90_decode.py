@@ -152,7 +152,7 @@ def test_compiles_for_sm90a_without_spills(tmp_path, granularity, dtype, act_bit
     group = granularity.template_group
     lib, report = _build_library(cfg, tmp_path)
     kernels = re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", report)
-    distinct = {v for large_k in (False, True) for v in sm90_decode.variants(group, large_k)}
+    distinct = {v for large_k in (False, True) for v in sm90_decode.variants(group, large_k, act_bits)}
     assert len(kernels) == len(distinct) + 1  # + the activation quantization kernel
     if act_bits == 4:
         assert all(v == ("0", "0", "0") for v in kernels), report
@@ -172,5 +172,5 @@ def test_compiles_for_sm90a_without_spills(tmp_path, granularity, dtype, act_bit
     smem.restype = ctypes.c_size_t
     for m in (1, 9, 17, 33):
         for k, split in ((8192, 4), (11008, 2), (28672, 8)):
-            v = next(v for v in sm90_decode.variants(group, k >= sm90_decode.LARGE_K) if (m + 7) // 8 <= v.mt)
+            v = next(v for v in sm90_decode.variants(group, k >= sm90_decode.LARGE_K, act_bits) if (m + 7) // 8 <= v.mt)
             assert smem(m, k, split) == sm90_decode.variant_smem_bytes(v, group, k // split, act_bits), (m, k, split)

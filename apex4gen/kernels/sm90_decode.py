@@ -17,7 +17,7 @@ so fewer rows a warp.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from . import cpp_names
 from .config import KernelConfig
@@ -33,7 +33,8 @@ CHUNK_K = 64          # K elements of one 16-byte weight load (two m16n8k32 step
 WINDOW_K = 256        # K elements of one token a warp of the quantizing block covers: K is a multiple of it
 QUANT_ITERS = 16      # 8-value units a thread of the 512-thread quantizing block holds: K <= 65536
 ALIGN_N = 16          # one mma row tile
-NOMINAL_SLICE_K = 4096  # footprint reported to legality; the launcher only picks splits whose slice fits
+NOMINAL_SLICE_K = 4096  # footprint reported to legality (of 4-bit x; 8-bit x: the same bytes, half the K); the
+                        # launcher only picks splits whose slice fits
 
 
 @dataclass(frozen=True)
@@ -95,11 +96,20 @@ VARIANTS_GROUP_LARGE_K = (
 VARIANTS_CHANNEL_LARGE_K = (Variant(mt=1, warps=4, rt=2, p=8, smem_stream=True),) + VARIANTS_GROUP_LARGE_K[1:]
 
 
-def variants(group: int, large_k: bool) -> tuple[Variant, ...]:
-    """The launcher's instantiations for one granularity (group 0: per-channel) and K class, by token tiles."""
+def variants(group: int, large_k: bool, act_bits: int = 4) -> tuple[Variant, ...]:
+    """The launcher's instantiations for one granularity (group 0: per-channel), K class and activation precision,
+    by token tiles."""
     if group == 0:
-        return VARIANTS_CHANNEL_LARGE_K if large_k else VARIANTS_CHANNEL
-    return VARIANTS_GROUP_LARGE_K if large_k else VARIANTS_GROUP
+        table = VARIANTS_CHANNEL_LARGE_K if large_k else VARIANTS_CHANNEL
+    else:
+        table = VARIANTS_GROUP_LARGE_K if large_k else VARIANTS_GROUP
+    return table if act_bits == 4 else tuple(_for_8bit(v) for v in table)
+
+
+def _for_8bit(v: Variant) -> Variant:
+    """8-bit x fragments are twice the registers of 4-bit ones: the register-held 32- and 64-token variants keep
+    half the weight chunks in flight (with all of them they spilled 20-44 bytes, nvcc 13.0)."""
+    return replace(v, p=v.p // 2) if v.mt >= 4 and not v.smem_stream else v
 
 
 # The nominal tile of the configuration record: the M <= 16 variant (the one the targets are about).
@@ -137,8 +147,8 @@ def workspace_bytes(m: int, k: int, group: int, act_bits: int = 4) -> int:
 
 def smem_bytes(cfg: KernelConfig) -> int:
     group = cfg.granularity.template_group
-    return max(variant_smem_bytes(v, group, NOMINAL_SLICE_K, cfg.act_bits)
-               for large_k in (False, True) for v in variants(group, large_k))
+    return max(variant_smem_bytes(v, group, NOMINAL_SLICE_K * 4 // cfg.act_bits, cfg.act_bits)
+               for large_k in (False, True) for v in variants(group, large_k, cfg.act_bits))
 
 
 def _check_group(cfg: KernelConfig, channel: bool) -> None:
@@ -169,7 +179,8 @@ def _render(cfg: KernelConfig, channel: bool) -> dict:
         "quant_iters": QUANT_ITERS,
         "large_k": LARGE_K,
         "variants": [{"mt": small.mt, "small": _args(small), "large": _args(large)}
-                     for small, large in zip(variants(group, False), variants(group, True))],
+                     for small, large in zip(variants(group, False, cfg.act_bits),
+                                             variants(group, True, cfg.act_bits))],
     }
 
 
