@@ -194,12 +194,18 @@ class _Planner:
         per_choice = []
         for bits in served:
             for g in allowed:
-                if bits not in self.budget.act_bits(grp.kind_name, g):
+                if bits not in self.budget_act_bits(grp.kind_name, g):
                     continue
                 options = [self.option(grp, g, path, bits) for path in self.gpu.compute_paths]
                 per_choice.append(min(options, key=lambda o: (-o.coverage, o.cost, o.path)))
         best_coverage = max(o.coverage for o in per_choice)
         return [o for o in per_choice if o.coverage == best_coverage]
+
+    def budget_act_bits(self, kind: str, granularity: Granularity) -> tuple[int, ...]:
+        """The budget's precisions for a kind; one it fixes to 8 where no family of the arch takes 8 bits plans 4."""
+        wanted = self.budget.act_bits(kind, granularity)
+        served = act_bits_served(self.gpu.kernel_arch)
+        return wanted if any(b in served for b in wanted) or 4 in wanted else (4,)
 
     def worthwhile(self, options: list[_Option]) -> list[_Option]:
         """Per activation precision, fine to coarse, keep a coarser step only if it beats the last kept one by
@@ -217,7 +223,7 @@ class _Planner:
 
     def choose(self) -> tuple[tuple[_Option, list[_Option]], ...]:
         chains = [self.worthwhile(self.candidates(grp)) for grp in self.groups]
-        if self.budget.sensitivity is None:  # no 8-bit evidence: one 4-bit chain, its last kept step
+        if self.budget.sensitivity is None:  # one precision a kind (4, or the fixed one): its last kept step
             return tuple((chain[-1], chain) for chain in chains)
         combo = _best_combination(chains, self.budget.max_total_increase)
         return tuple(zip(combo, chains))
@@ -253,6 +259,9 @@ class _Planner:
             why += f"; {dropped} allowed granularities have fewer M buckets with a registered kernel"
         if chosen.act_bits == 8:
             why += f"; 8-bit activations: {self.act8_cost(chosen, chain)}"
+        elif dict(self.budget.fixed_act_bits).get(grp.kind_name) == 8:
+            why += (f"; the budget fixes 8-bit activations, but no kernel family for {self.gpu.kernel_arch} takes "
+                    "them: 4-bit")
         if self.budget.sensitivity is not None:
             why += f"; accuracy increase {chosen.increase:g} ({self.budget.sensitivity.metric})"
         if chosen.path != "int4":

@@ -195,3 +195,19 @@ def test_shipped_w4a8_budget_plans_smollm2_on_hopper_only():
     assert h100.totals.speedup >= pure.totals.speedup / 1.05  # predicted time within 5% of pure W4A4's
     a100 = make_plan("a100-80gb", "smollm2-135m", budget="specs/budgets/budget-smollm2-w4a8.yaml")
     assert {lp.act_bits for lp in a100.layers} == {4}
+
+
+def test_a_budget_may_fix_8_bits_per_kind_where_a_family_takes_them():
+    budget = "specs/budgets/budget-act8-kernels.yaml"
+    h100 = make_plan("h100-sxm", "llama3-8b", budget=budget)
+    assert _choices(h100) == {"qkv_proj": ("channel", 8), "o_proj": ("g128", 8), "gate_up_proj": ("channel", 8),
+                              "down_proj": ("g128", 4)}
+    families = {g.layers[0]: {b.kernel.family for b in g.buckets if b.kernel} for g in h100.gemms}
+    assert families["qkv_proj"] == {"sm90_decode_channel", "sm90_prefill_channel"}
+    assert families["o_proj"] == {"sm90_decode"}  # an 8-bit g128 layer: decode kernels only on Hopper
+    assert [m for g, ms in h100.unserved() for m in ms] and "4-bit only" in h100.unserved_summary()
+    a100 = make_plan("a100-80gb", "llama3-8b", budget=budget)
+    assert {lp.act_bits for lp in a100.layers} == {4}
+    assert "no kernel family for sm_80 takes them" in a100.layer("o_proj").rationale
+    with pytest.raises(SpecError, match="'act_bits.qkv_proj': 6 is not one of 4, 8"):
+        parse_budget({"act_bits": {"qkv_proj": 6}}, "budget.yaml")
