@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from apex4gen import abi
 from apex4gen import reference as ref
 from apex4gen.errors import ShapeError
 
@@ -241,11 +242,20 @@ def _problems8(build) -> list[tuple[int, int, int, str]]:
     return found
 
 
+def _routed_ms(build, n, k, group, dtype, ms) -> list[int]:
+    """The Ms of ``ms`` that an 8-bit route serves (a group-wise 8-bit layer has decode kernels only on Hopper)."""
+    return [m for m in ms if build.lib.apex4gen_select_kernel(m, n, k, group, 8, abi.DTYPE[_dtype_name(dtype)]) >= 0]
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float16: "f16", torch.bfloat16: "bf16"}[dtype]
+
+
 @requires_builds
 def test_every_routed_8bit_problem_and_m(build, gen):
     for n, k, group, dname in _problems8(build):
         dtype = _dtype(dname)
-        for m in _ms(build):
+        for m in _routed_ms(build, n, k, group, dtype, _ms(build)):
             x, wq, bias = _random_problem(n, k, group, dtype, m, gen)
             y = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
             packed = build.pack(wq, act_bits=8)
@@ -278,7 +288,7 @@ def test_8bit_worst_case_all_minus_128(build):
     raw kernels maps absmax to 127, so there every activation is -127."""
     for n, k, group, dname in _problems8(build):
         dtype = _dtype(dname)
-        for m in (1, 17, 128, 1024):
+        for m in _routed_ms(build, n, k, group, dtype, (1, 17, 128, 1024)):
             info = build.select(m, n, k, group, dtype, 8)
             wq = ref.QuantizedTensor(torch.full((n, k), -8, dtype=torch.int8, device="cuda"),
                                      torch.full((n, k // group), 2.0 ** -14, dtype=dtype, device="cuda"), group)
