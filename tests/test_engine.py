@@ -47,13 +47,15 @@ def _dense_weights(model) -> ModelWeights:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    """A rotated (online Hadamard before down_proj), g16 W4A4 checkpoint of a tiny LLaMA, and its model."""
+    """A rotated (online Hadamard before down_proj), g16 W4A4 checkpoint of a tiny LLaMA (gate/up with 8-bit
+    activations, as a plan's W4A8 layer), and its model."""
     from apex4gen.accuracy import QuantConfig, quantize_model
     from apex4gen.checkpoint import load_quantized, save_quantized
 
     out = tmp_path_factory.mktemp("ckpt")
     fp = tiny_llama(layers=2, tie=False)
-    save_quantized(quantize_model(copy.deepcopy(fp), QuantConfig.uniform(Granularity(16), rotate=True)), out)
+    cfg = QuantConfig.uniform(Granularity(16), rotate=True, act_bits={"gate_up_proj": 8})
+    save_quantized(quantize_model(copy.deepcopy(fp), cfg), out)
     return out, load_quantized(out), fp
 
 
@@ -217,6 +219,9 @@ def test_kernel_path_plumbing_on_reference_ops(checkpoint):
     weights = load_checkpoint(path, dtype=torch.bfloat16)
     kernel = Decoder(weights, _ReferenceBuild())
     assert sum(isinstance(m, KernelLinear) for m in kernel.modules()) == 8
+    # the checkpoint's 8-bit gate/up reach the packed weight the op routes by; the rest stay 4-bit
+    bits = {m.packed.act_bits for m in kernel.modules() if isinstance(m, KernelLinear)}
+    assert bits == {4, 8} and weights.layer(0).projections["gate_up_proj"].act_bits == 8
     ids = token_batch(2, 9)
     got, want = kernel(ids, all_logits=True).float(), Decoder(weights)(ids, all_logits=True).float()
     assert (got - want).norm() < 0.05 * want.norm(), float((got - want).norm() / want.norm())
