@@ -247,7 +247,9 @@ class _Planner:
         dq = f"at M={m} {first.granularity.name} dequant is {est.dequant_us / est.tensor_us:.2f}x tensor time (rho {rho:.0f})"
         if chosen.granularity == first.granularity:
             allowed = self.budget.allowed(grp.kind_name, lin.k)
+            faster = any(o.granularity > chosen.granularity and o.cost < chosen.cost for o in chain)
             tail = "no coarser granularity allowed" if len(allowed) == 1 else \
+                "faster coarser groups exceed the accuracy budget" if faster else \
                 f"coarser groups gain < {self.budget.min_gain:.0%}"
             why = f"{chosen.granularity.name}: {tail}; {dq}"
         else:
