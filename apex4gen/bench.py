@@ -176,26 +176,27 @@ def _halves(build, info, x: list, weights: list, group: int) -> tuple[float | No
     if info.act_format == "raw":
         return None, None
     copies = len(x)
-    quantized = [build.quantize_act(t, group, info.act_format) for t in x]
+    quantized = [build.quantize_act(t, group, info.act_format, info.act_bits) for t in x]
     out = torch.empty(x[0].shape[0], weights[0].n, dtype=x[0].dtype, device="cuda")
-    quantize = time_graph(lambda i: build.quantize_act(x[i % copies], group, info.act_format), copies)
+    quantize = time_graph(lambda i: build.quantize_act(x[i % copies], group, info.act_format, info.act_bits), copies)
     gemm = time_graph(lambda i: build.gemm(*quantized[i % copies], weights[i % copies], info, out=out), copies)
     return quantize, gemm
 
 
 def bench_gemm(build, name: str, n: int, k: int, group: int, ms, dtype=torch.float16, want=BASELINES,
                tc_peak_tops: float = 0.0, bandwidth: float = 0.0, breakdown: bool = False,
-               stream_us: float | None = None) -> list[Point]:
-    """Time one GEMM of a build at each M (skipping buckets the build does not serve); ``stream_us``, the
-    weight-stream bound of this GEMM measured in the same run, is recorded with every point."""
+               act_bits: int = 4, stream_us: float | None = None) -> list[Point]:
+    """Time one GEMM of a build at each M (skipping buckets the build does not serve), with the plan's
+    activation precision; ``stream_us``, the weight-stream bound of this GEMM measured in the same run, is
+    recorded with every point."""
     gen = torch.Generator(device="cuda").manual_seed(0)
     wbytes = n * k // 2
     copies = copies_for(wbytes)
     weights = [build.pack(reference.quantize_weight(
-        torch.randn(n, k, device="cuda", dtype=dtype, generator=gen), group)) for _ in range(copies)]
+        torch.randn(n, k, device="cuda", dtype=dtype, generator=gen), group), act_bits) for _ in range(copies)]
     points = []
     for m in ms:
-        info = build.select(m, n, k, group, dtype)
+        info = build.select(m, n, k, group, dtype, act_bits)
         x = [torch.randn(m, k, device="cuda", dtype=dtype, generator=gen) for _ in range(copies)]
         ours = time_graph(lambda i: build.linear(x[i % copies], weights[i % copies]), copies)
         halves = _halves(build, info, x, weights, group) if breakdown else (None, None)

@@ -69,8 +69,8 @@ def routes_of(plan, kernels: list[KernelConfig]) -> list[Route]:
                 continue
             group = gemm.granularity.size(gemm.k)
             m_max = INT_MAX if bucket.m_max is None else int(bucket.m_max)
-            routes.append(Route(gemm.n, gemm.k, group, gemm.out_dtype, m_max, index[bucket.kernel]))
-    return sorted(routes, key=lambda r: (r.n, r.k, r.group, r.dtype, r.m_max))
+            routes.append(Route(gemm.n, gemm.k, group, gemm.out_dtype, m_max, index[bucket.kernel], gemm.act_bits))
+    return sorted(routes, key=lambda r: (r.n, r.k, r.group, r.act_bits, r.dtype, r.m_max))
 
 
 def check_plan_legal(plan, gpu) -> None:
@@ -120,10 +120,11 @@ def render_sources(plan, kernels: list[KernelConfig], arch: str, build_dir: Path
     routes = routes_of(plan, kernels)
     context = {
         "kernels": [{"name": c.procedural_name(), "act_format": ACT_FORMAT_ENUM[family_of(c).act_format],
-                     "weight_layout": WEIGHT_LAYOUT_ENUM[family_of(c).weight_layout]} for c in kernels],
+                     "act_bits": c.act_bits, "weight_layout": WEIGHT_LAYOUT_ENUM[family_of(c).weight_layout]}
+                    for c in kernels],
         "routes": [{**r.__dict__, "dtype": DTYPE_ENUM[r.dtype]} for r in routes],
-        "problems": [{"n": n, "k": k, "group": g, "dtype": DTYPE_ENUM[d]}
-                     for n, k, g, d in dict.fromkeys((r.n, r.k, r.group, r.dtype) for r in routes)],
+        "problems": [{"n": n, "k": k, "group": g, "act_bits": b, "dtype": DTYPE_ENUM[d]}
+                     for n, k, g, b, d in dict.fromkeys((r.n, r.k, r.group, r.act_bits, r.dtype) for r in routes)],
         "sm_number": SM_NUMBER[arch],
         "version": __version__,
     }
@@ -140,8 +141,8 @@ def render_sources(plan, kernels: list[KernelConfig], arch: str, build_dir: Path
 
 
 def render_build_header(plan, dispatch_context: dict, arch: str, files: LibraryFiles) -> str:
-    kernels = [{"name": c["name"], "act_format": c["act_format"], "weight_layout": c["weight_layout"]}
-               for c in dispatch_context["kernels"]]
+    kernels = [{"name": c["name"], "act_format": c["act_format"], "act_bits": c["act_bits"],
+                "weight_layout": c["weight_layout"]} for c in dispatch_context["kernels"]]
     context = {"prefix": files.prefix, "gpu": plan.gpu, "arch": arch, "model": plan.model, "kernels": kernels}
     return render_template("build_header.h.jinja", context, inputs={"plan": sha256_text(plan.to_yaml())})
 
@@ -204,7 +205,8 @@ def manifest_of(plan, kernels: list[KernelConfig], routes: list[Route], arch: st
         static_library=files.static,
         header=files.header,
         kernels=tuple(KernelEntry(index=i, name=c.procedural_name(), config=c.to_dict(),
-                                  act_format=family_of(c).act_format, weight_layout=family_of(c).weight_layout,
+                                  act_format=family_of(c).act_format, act_bits=c.act_bits,
+                                  weight_layout=family_of(c).weight_layout,
                                   source=f"src/{c.procedural_name()}.cu")
                       for i, c in enumerate(kernels)),
         routes=tuple(routes),

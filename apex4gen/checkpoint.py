@@ -8,8 +8,9 @@ Per quantized linear ``<name>``:
 * ``<name>.bias`` if any.
 
 ``config.json`` is the model's config plus ``quantization_config`` (``quant_method: compressed-tensors``,
-``format: pack-quantized``, one config group per granularity with an explicit W4A4 scheme: weights int4
-symmetric group/channel, input activations int4 symmetric dynamic group/token) holding an ``apex4gen`` entry
+``format: pack-quantized``, one config group per (granularity, activation precision) with an explicit scheme:
+weights int4 symmetric group/channel, input activations int4 (or, for a plan's 8-bit layers, int8:
+``input_activations.num_bits``) symmetric dynamic group/token) holding an ``apex4gen`` entry
 for what compressed-tensors has no field for: per-layer activation clipping ratios and the online rotation of
 down_proj's input (its matrix is stored once as ``apex4gen.input_transform.<i>``).
 Everything else (embeddings, norms, lm_head) is stored as is.
@@ -61,24 +62,26 @@ def _weight_args(layer: W4A4Linear) -> dict:
 
 
 def _scheme(layer: W4A4Linear, targets: list[str]) -> dict:
-    common = {"num_bits": 4, "type": "int", "symmetric": True}
+    common = {"type": "int", "symmetric": True}
     acts = {"strategy": "token", "group_size": None} if layer.granularity.is_channel else \
         {"strategy": "group", "group_size": layer.group}
     return {
         "targets": targets,
-        "weights": {**common, **_weight_args(layer), "dynamic": False, "observer": "minmax"},
-        "input_activations": {**common, **acts, "dynamic": True, "observer": None},
+        "weights": {"num_bits": 4, **common, **_weight_args(layer), "dynamic": False, "observer": "minmax"},
+        "input_activations": {"num_bits": layer.act_bits, **common, **acts, "dynamic": True, "observer": None},
         "output_activations": None,
         "format": "pack-quantized",
     }
 
 
 def quantization_config(layers: dict[str, W4A4Linear]) -> dict:
-    """The ``quantization_config`` entry: one config group per granularity, targets by module name."""
-    by_gran: dict[str, list[str]] = {}
+    """The ``quantization_config`` entry: one config group per (granularity, activation precision), targets by
+    module name."""
+    by_scheme: dict[tuple[str, int], list[str]] = {}
     for name, layer in layers.items():
-        by_gran.setdefault(layer.granularity.name, []).append(name)
-    groups = {f"group_{i}": _scheme(layers[names[0]], names) for i, (_, names) in enumerate(sorted(by_gran.items()))}
+        by_scheme.setdefault((layer.granularity.name, layer.act_bits), []).append(name)
+    groups = {f"group_{i}": _scheme(layers[names[0]], names)
+              for i, (_, names) in enumerate(sorted(by_scheme.items()))}
     return {
         "quant_method": "compressed-tensors",
         "format": "pack-quantized",
@@ -193,6 +196,15 @@ def load_quantized(ckpt_dir: str | Path) -> nn.Module:
     return model.eval()
 
 
+def act_bits_of(scheme: dict, where: str) -> int:
+    """A config group's activation precision (``input_activations.num_bits``): 4 or 8."""
+    bits = (scheme.get("input_activations") or {}).get("num_bits", 4)
+    if bits not in reference.ACT_BITS:
+        raise SpecError(f"{where}: input_activations.num_bits is {bits}; apex4gen quantizes activations to "
+                        f"{' or '.join(map(str, reference.ACT_BITS))} bits")
+    return bits
+
+
 def _load_layer(tensors: dict, name: str, scheme: dict, extra: dict) -> W4A4Linear:
     n, k = (int(v) for v in tensors[f"{name}.weight_shape"])
     group = scheme["weights"]["group_size"] or k
@@ -200,4 +212,5 @@ def _load_layer(tensors: dict, name: str, scheme: dict, extra: dict) -> W4A4Line
     w = reference.QuantizedTensor(q=q, scales=tensors[f"{name}.weight_scale"], group=group)
     key = extra["input_transform"].get(name)
     return W4A4Linear.from_quantized(w, tensors.get(f"{name}.bias"), act_clip=extra["act_clip"].get(name, 1.0),
-                                     input_transform=tensors[key] if key else None)
+                                     input_transform=tensors[key] if key else None,
+                                     act_bits=act_bits_of(scheme, name))

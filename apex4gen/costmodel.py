@@ -12,6 +12,11 @@ A group-wise W4A4 GEMM ``Y[M,N] = X[M,K] W[N,K]^T`` does three things that overl
 * DRAM traffic: int4 weights, weight scales (model dtype), activations (int4, a byte where the kernel reads
   int8/e4m3, the model dtype where it quantizes them itself), activation scales (fp32), the output (model dtype) and split-K partials.
 
+Activation precision (``act_bits``, 4 or 8): 8-bit activations are a byte each where the kernel stores 4-bit ones
+packed (s4), and on the native-INT4 path (sm_80/86/89: s4 ``mma.sync``) they need the INT8 ``mma.sync``, at the
+GPU's INT8 rate (half the INT4 one) with the INT4 kernels' efficiency. The sm_90 INT8/FP8 kernels already read a
+byte (or the raw 16-bit value) per activation and compute on 8-bit tensor cores: there 8 bits cost nothing.
+
 ``time = max(compute, memory) + launch`` with ``compute = max(tc, dq) + (1 - dequant_overlap) * min(tc, dq)``:
 CUDA-core dequantization of some warps runs while others issue MMAs, so the slower unit sets the pace.
 
@@ -316,19 +321,25 @@ def _tiling(m: int, n: int, k: int, gpu: GpuSpec, cfg: KernelConfig | None, c: C
     return _ideal_tiling(m, n, c) if cfg is None else _config_tiling(m, n, k, gpu, cfg, c)
 
 
-def _act_traffic(path: str, cfg: KernelConfig | None) -> tuple[float, bool]:
-    """What the kernel reads: its family's activation format, else the path's natural one."""
-    if cfg is not None and cfg.family in FAMILIES:
-        return ACT_TRAFFIC[FAMILIES[cfg.family].act_format]
-    return ACT_TRAFFIC[_PATH_ACT_FORMAT[path]]
+def _act_traffic(path: str, cfg: KernelConfig | None, act_bits: int = 4) -> tuple[float, bool]:
+    """What the kernel reads: its family's activation format, else the path's natural one; 8-bit activations
+    take at least a byte each."""
+    fmt = FAMILIES[cfg.family].act_format if cfg is not None and cfg.family in FAMILIES else _PATH_ACT_FORMAT[path]
+    act_bytes, act_scales = ACT_TRAFFIC[fmt]
+    return max(act_bytes, act_bits / 8), act_scales
+
+
+def _mma_type(path: str, act_bits: int) -> str:
+    """The tensor-core instruction's type: 8-bit activations on the INT4 path need INT8 MMA (4-bit weights widened)."""
+    return "int8" if path == "int4" and act_bits == 8 else path
 
 
 def w4a4_bytes(m: int, n: int, k: int, granularity: Granularity, path: str, cfg: KernelConfig | None = None,
-               sm_count: int = 0) -> float:
+               sm_count: int = 0, act_bits: int = 4) -> float:
     """DRAM bytes; a stream-K kernel (``sm_count`` given) adds one int32 tile written and read per SM."""
     groups = k // granularity.size(k)
     weights = n * k * 0.5 + n * groups * _WEIGHT_SCALE_BYTES
-    act_bytes, act_scales = _act_traffic(path, cfg)
+    act_bytes, act_scales = _act_traffic(path, cfg, act_bits)
     acts = m * k * act_bytes + (m * groups * _ACT_SCALE_BYTES if act_scales else 0)
     split_k = cfg.split_k if cfg is not None else 1
     partials = 2 * m * n * _SPLITK_BYTES * split_k if split_k > 1 else 0
@@ -357,17 +368,21 @@ def _check_problem(m: int, n: int, k: int, granularity: Granularity, path: str, 
 
 
 def w4a4_time(gpu: GpuSpec, m: int, n: int, k: int, granularity: Granularity, path: str,
-              cfg: KernelConfig | None = None, constants: CostConstants = DEFAULT_CONSTANTS) -> Estimate:
+              cfg: KernelConfig | None = None, constants: CostConstants = DEFAULT_CONSTANTS,
+              act_bits: int | None = None) -> Estimate:
+    """``act_bits``: the activation precision (default: the kernel's, else 4)."""
     _check_problem(m, n, k, granularity, path, gpu)
     c, r = constants, rates_of(gpu, constants)
+    bits = act_bits if act_bits is not None else (cfg.act_bits if cfg is not None else 4)
     group = granularity.size(k)
     t = _tiling(m, n, k, gpu, cfg, c)
-    tensor_rate = r.tops(path) * 1e6 * c.tensor_efficiency(path) * t.reuse_efficiency * t.wave_efficiency
+    tensor_rate = (r.tops(_mma_type(path, bits)) * 1e6 * c.tensor_efficiency(path) * t.reuse_efficiency
+                   * t.wave_efficiency)
     tensor_us = 2.0 * t.m * t.n * k / tensor_rate
     partials = t.m * t.n * (k // group)
     slots = r.dequant_ops(path) * c.arch(gpu.kernel_arch).dequant_slots * t.dequant_factor
     dequant_us = partials * slots / (r.fp32_tflops * 1e6 / 2.0 * t.wave_efficiency)
-    memory_us = _memory_us(w4a4_bytes(m, n, k, granularity, path, cfg, gpu.sm_count), r, t.bandwidth_share,
+    memory_us = _memory_us(w4a4_bytes(m, n, k, granularity, path, cfg, gpu.sm_count, bits), r, t.bandwidth_share,
                            c.dram_efficiency)
     compute_us = tensor_us + dequant_us if t.serial_dequant else _compute_us(tensor_us, dequant_us, c)
     us = max(compute_us, memory_us) + c.launch_us * (1 + (t.split_k > 1))

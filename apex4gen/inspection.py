@@ -47,6 +47,7 @@ class LayerRow:
     path: str
     speedup: float                      # predicted, weighted over the plan's workload points
     points: tuple[PointSpeedup, ...]
+    act_bits: int = 4                   # the layer's activation precision
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class RouteRow:
     kernel: int
     kernel_name: str
     layers: tuple[str, ...]
+    act_bits: int = 4                   # the problem's activation precision
 
 
 @dataclass(frozen=True)
@@ -157,19 +159,21 @@ def _layer_rows(plan: Plan) -> tuple[LayerRow, ...]:
     rows = []
     for lp in plan.layers:
         points = tuple(PointSpeedup(p.phase, p.m, p.weight, p.speedup) for p in lp.predictions)
-        rows.append(LayerRow(lp.name, lp.n, lp.k, lp.granularity.name, lp.path, _weighted(points), points))
+        rows.append(LayerRow(lp.name, lp.n, lp.k, lp.granularity.name, lp.path, _weighted(points), points,
+                             lp.act_bits))
     return tuple(rows)
 
 
 def _route_rows(build: _Build) -> tuple[RouteRow, ...]:
     names = {k.index: k.name for k in build.manifest.kernels}
-    gemms = {(g.n, g.k, g.granularity.size(g.k), g.out_dtype): g for g in build.plan.gemms}
+    gemms = {(g.n, g.k, g.granularity.size(g.k), g.out_dtype, g.act_bits): g for g in build.plan.gemms}
     rows = []
     for r in build.manifest.routes:
-        gemm = gemms[(r.n, r.k, r.group, r.dtype)]  # the manifest was built from this plan (checked on reading)
+        # the manifest was built from this plan (checked on reading)
+        gemm = gemms[(r.n, r.k, r.group, r.dtype, r.act_bits)]
         m_max = None if r.m_max >= INT_MAX else r.m_max
         rows.append(RouteRow(r.n, r.k, r.group, r.dtype, gemm.m_min(m_max), m_max, r.kernel, names[r.kernel],
-                             gemm.layers))
+                             gemm.layers, r.act_bits))
     return tuple(rows)
 
 

@@ -25,7 +25,8 @@ ASIDE = ".manifest.json.previous"  # a rebuild's old manifest until it succeeds
 
 @dataclass(frozen=True)
 class Route:
-    """Problem (N, K, group, dtype) and M bucket -> kernel index, as dispatch.cu and the loader read it."""
+    """Problem (N, K, group, dtype, activation bits) and M bucket -> kernel index, as dispatch.cu and the loader
+    read it."""
 
     n: int
     k: int
@@ -33,6 +34,7 @@ class Route:
     dtype: str
     m_max: int
     kernel: int
+    act_bits: int = 4   # the plan's activation precision for the problem's layers
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,7 @@ class KernelEntry:
     name: str
     config: dict        # KernelConfig.to_dict()
     act_format: str     # a key of apex4gen.abi.ACT_FORMAT
+    act_bits: int       # activation precision the kernel reads (4 or 8): what quantize_act is asked for
     weight_layout: str  # a layout of apex4gen.kernels.layouts
     source: str         # relative to the build directory
 

@@ -49,21 +49,24 @@ def clip_activation(x: torch.Tensor, group: int, ratio: float) -> torch.Tensor:
     return torch.maximum(torch.minimum(xg, bound), -bound).reshape(m, k)
 
 
-def fake_quant_activation(x: torch.Tensor, group: int) -> torch.Tensor:
-    """``x`` [M, K] quantized per (token, group) by the contract and dequantized (fp32)."""
-    return reference.dequantize(reference.quantize_activation(x, group))
+def fake_quant_activation(x: torch.Tensor, group: int, bits: int = reference.DEFAULT_ACT_BITS) -> torch.Tensor:
+    """``x`` [M, K] quantized per (token, group) to ``bits`` by the contract and dequantized (fp32)."""
+    return reference.dequantize(reference.quantize_activation(x, group, bits))
 
 
 class W4A4Linear(nn.Module):
-    """y = x W^T + b with W int4 (symmetric, per group or per channel) and x quantized to int4 on the fly."""
+    """y = x W^T + b with W int4 (symmetric, per group or per channel) and x quantized on the fly to int4 (the
+    default) or int8 (``act_bits``, a plan's per-layer choice: W4A8)."""
 
     def __init__(self, in_features: int, out_features: int, group: int, *, bias: bool = False,
                  scale_dtype: torch.dtype = torch.float16, act_clip: float = 1.0,
-                 input_transform: torch.Tensor | None = None) -> None:
+                 input_transform: torch.Tensor | None = None, act_bits: int = reference.DEFAULT_ACT_BITS) -> None:
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
         self.group = reference.check_group(group, in_features)  # elements a scale covers (K: per-channel)
+        reference.act_range(act_bits)  # 4 or 8, else ValueError
+        self.act_bits = act_bits
         self.act_clip = float(act_clip)
         # diagnostic only (eval ppl --fp-acts): False leaves the input in full precision on the fake-quant
         # path (W4A16), to attribute the accuracy cost of 4-bit activations; the kernels always quantize
@@ -82,10 +85,11 @@ class W4A4Linear(nn.Module):
 
     @classmethod
     def from_quantized(cls, w: reference.QuantizedTensor, bias: torch.Tensor | None = None, *,
-                       act_clip: float = 1.0, input_transform: torch.Tensor | None = None) -> "W4A4Linear":
+                       act_clip: float = 1.0, input_transform: torch.Tensor | None = None,
+                       act_bits: int = reference.DEFAULT_ACT_BITS) -> "W4A4Linear":
         n, k = w.shape
         layer = cls(k, n, w.group, bias=bias is not None, scale_dtype=w.scales.dtype, act_clip=act_clip,
-                    input_transform=input_transform)
+                    input_transform=input_transform, act_bits=act_bits)
         layer.qweight.copy_(reference.pack_int4(w.q))
         layer.weight_scale.copy_(w.scales)
         if bias is not None:
@@ -95,12 +99,14 @@ class W4A4Linear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, granularity: Granularity, *,
                     scale_dtype: torch.dtype | None = None, act_clip: float = 1.0,
-                    input_transform: torch.Tensor | None = None) -> "W4A4Linear":
+                    input_transform: torch.Tensor | None = None,
+                    act_bits: int = reference.DEFAULT_ACT_BITS) -> "W4A4Linear":
         """Round-to-nearest quantization of ``linear`` (what a plan entry's granularity asks for)."""
         k = linear.in_features
         group = effective_granularity(granularity, k).size(k)
         w = reference.quantize_weight(linear.weight.detach(), group, scale_dtype or _scale_dtype(linear.weight))
-        return cls.from_quantized(w, linear.bias, act_clip=act_clip, input_transform=input_transform)
+        return cls.from_quantized(w, linear.bias, act_clip=act_clip, input_transform=input_transform,
+                                  act_bits=act_bits)
 
     @property
     def granularity(self) -> Granularity:
@@ -118,7 +124,7 @@ class W4A4Linear(nn.Module):
         if backend is not None and self.weight_override is not None:
             raise ValueError("the kernels read int4 weights: weight_override is fake-quant only")
         self.backend = backend
-        self._packed = None if backend is None else backend.pack(self.quantized_weight())
+        self._packed = None if backend is None else backend.pack(self.quantized_weight(), act_bits=self.act_bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -139,7 +145,7 @@ class W4A4Linear(nn.Module):
         return self.backend.linear(x, self._packed, bias)
 
     def _fake_quant_linear(self, x: torch.Tensor) -> torch.Tensor:
-        xq = fake_quant_activation(x, self.group) if self.quantize_input else x.float()
+        xq = fake_quant_activation(x, self.group, self.act_bits) if self.quantize_input else x.float()
         y = xq @ self._dequantized_weight(x.device).t()
         if self.bias is not None:
             y = y + self.bias.float()
@@ -164,7 +170,8 @@ class W4A4Linear(nn.Module):
         return super()._load_from_state_dict(*args, **kwargs)
 
     def extra_repr(self) -> str:
-        extra = f", act_clip={self.act_clip}" if self.act_clip < 1.0 else ""
+        extra = f", act_bits={self.act_bits}" if self.act_bits != reference.DEFAULT_ACT_BITS else ""
+        extra += f", act_clip={self.act_clip}" if self.act_clip < 1.0 else ""
         online = ", online_rotation" if self.input_transform is not None else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"granularity={self.granularity.name}{extra}{online}")

@@ -4,17 +4,21 @@ Every kernel, the fake-quant path and the checkpoint exporter are tested against
 
 Contract (also in README.md, "Numerics"):
 
-* Symmetric INT4, values -8..7 (quantization itself produces -7..7; kernels must accept -8).
+* Symmetric INT4 weights, values -8..7 (quantization itself produces -7..7; kernels must accept -8); activations
+  INT4 or INT8 (below; likewise -8 / -128 only from hand-made inputs).
 * Weights W[N, K]: one scale per (output channel n, group g of ``group`` consecutive k), stored in the
   model's dtype (fp16 or bf16). ``s = absmax / 7`` rounded to that dtype, ``q = clamp(rint(w / s), -8, 7)``
   evaluated in fp32 with the *stored* scale (so dequantization is consistent). ``s == 0`` gives ``q = 0``.
-* Activations X[M, K]: quantized at run time per (token m, group g), scale kept in fp32:
-  ``s = absmax(fp32(x)) / 7`` (fp32 division), ``q = clamp(rint(fp32(x) / s), -8, 7)``; ``s == 0`` gives 0.
-  rint is round-half-to-even (CUDA ``__float2int_rn``, ``torch.round``).
+* Activations X[M, K]: quantized at run time per (token m, group g), scale kept in fp32, to ``bits`` = 4 (the
+  default, pure W4A4) or 8 (a plan's per-layer choice, W4A8): ``qmax = 7`` or ``127``,
+  ``s = absmax(fp32(x)) / qmax`` (fp32 division), ``q = clamp(rint(fp32(x) / s), -qmax - 1, qmax)``
+  (-8..7 or -128..127); ``s == 0`` gives 0. rint is round-half-to-even (CUDA ``__float2int_rn``,
+  ``torch.round``). Weights are 4-bit either way.
 * Per-channel granularity is one group of length K: ``group`` is always the elements a scale covers
   (:meth:`apex4gen.granularity.Granularity.size`, K for per-channel).
 * GEMM: ``Y[m, n] = sum_g sX[m,g] * sW[n,g] * P[m,n,g]`` with ``P[m,n,g] = sum_{k in g} qX[m,k] qW[n,k]``
-  exact in int32 (|P| <= 64 * group), the sum over groups in fp32, then ``+ bias[n]`` and one rounding to
+  exact in int32 (|P| <= 8 * 8 * group for 4-bit activations, 128 * 8 * group for 8-bit ones: < 2**31 for
+  any group below 2**21), the sum over groups in fp32, then ``+ bias[n]`` and one rounding to
   the output dtype (fp16 or bf16).
 * Canonical packing: two values a byte, row-major, K contiguous, element 2i in the low nibble and 2i+1 in
   the high nibble, each nibble two's complement. This is CUTLASS's ``int4b_t`` K-major layout, so the sm_80
@@ -34,6 +38,16 @@ import torch
 
 QMIN, QMAX = -8, 7
 QUANT_MAX = 7.0  # symmetric: the scale maps absmax to 7, so -8 is only reached by hand-made inputs
+ACT_BITS = (4, 8)  # activation precisions of the contract; weights are always 4-bit
+DEFAULT_ACT_BITS = 4
+
+
+def act_range(bits: int) -> tuple[int, int]:
+    """(qmin, qmax) of ``bits``-bit activations: (-8, 7) or (-128, 127)."""
+    if bits not in ACT_BITS:
+        raise ValueError(f"activations are {' or '.join(map(str, ACT_BITS))}-bit, not {bits}-bit")
+    qmax = (1 << (bits - 1)) - 1
+    return -qmax - 1, qmax
 
 _OUT_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -63,15 +77,15 @@ def _grouped(t: torch.Tensor, group: int) -> torch.Tensor:
     return t.reshape(rows, k // group, group)
 
 
-def _scale_of(absmax: torch.Tensor) -> torch.Tensor:
-    """absmax / 7 as an IEEE division. Dividing a CUDA tensor by a Python scalar multiplies by the rounded
+def _scale_of(absmax: torch.Tensor, qmax: int = QMAX) -> torch.Tensor:
+    """absmax / qmax as an IEEE division. Dividing a CUDA tensor by a Python scalar multiplies by the rounded
     reciprocal instead (one ulp off at times), so the divisor is a tensor on the same device."""
-    return absmax / torch.full((), QUANT_MAX, dtype=absmax.dtype, device=absmax.device)
+    return absmax / torch.full((), float(qmax), dtype=absmax.dtype, device=absmax.device)
 
 
-def _round_clamp(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+def _round_clamp(x: torch.Tensor, s: torch.Tensor, qmin: int = QMIN, qmax: int = QMAX) -> torch.Tensor:
     safe = torch.where(s == 0, torch.ones_like(s), s)
-    q = torch.round(x / safe).clamp_(QMIN, QMAX)
+    q = torch.round(x / safe).clamp_(qmin, qmax)
     return torch.where(s == 0, torch.zeros_like(q), q).to(torch.int8)
 
 
@@ -90,14 +104,16 @@ def quantize_weight(w: torch.Tensor, group: int, scale_dtype: torch.dtype | None
     return QuantizedTensor(q=q, scales=s, group=g)
 
 
-def quantize_activation(x: torch.Tensor, group: int) -> QuantizedTensor:
-    """Quantize activations [M, K] per (token, group); scales are fp32 as the kernels produce them."""
+def quantize_activation(x: torch.Tensor, group: int, bits: int = DEFAULT_ACT_BITS) -> QuantizedTensor:
+    """Quantize activations [M, K] per (token, group) to ``bits`` (4 or 8); scales are fp32 as the kernels
+    produce them. Values are int8 either way (-8..7 or -128..127)."""
     if x.dim() != 2:
         raise ValueError(f"activations must be 2-D [M, K], got shape {tuple(x.shape)}")
+    qmin, qmax = act_range(bits)
     g = check_group(group, x.shape[1])
     xg = _grouped(x.float(), g)
-    s = _scale_of(xg.abs().amax(dim=-1))
-    q = _round_clamp(xg, s.unsqueeze(-1)).reshape(x.shape)
+    s = _scale_of(xg.abs().amax(dim=-1), qmax)
+    q = _round_clamp(xg, s.unsqueeze(-1), qmin, qmax).reshape(x.shape)
     return QuantizedTensor(q=q, scales=s, group=g)
 
 
@@ -184,7 +200,9 @@ def gemm_tolerance(x: QuantizedTensor, w: QuantizedTensor, out_dtype: torch.dtyp
     return (n_groups + 4) * 2.0 ** -23 * abssum * (1 + out_eps) + out_eps * ref.abs() + tiny
 
 
-def reference_linear(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """What ``apex4gen.linear`` computes: quantize x per (token, group), then :func:`gemm` in x's dtype."""
+def reference_linear(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None = None,
+                     act_bits: int = DEFAULT_ACT_BITS) -> torch.Tensor:
+    """What ``apex4gen.linear`` computes: quantize x per (token, group) to ``act_bits``, then :func:`gemm` in x's
+    dtype."""
     out_dtype = x.dtype if x.dtype in _OUT_DTYPES else torch.float16
-    return gemm(quantize_activation(x, w.group), w, bias, out_dtype)
+    return gemm(quantize_activation(x, w.group, act_bits), w, bias, out_dtype)

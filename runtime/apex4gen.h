@@ -20,7 +20,7 @@
 
 // The ABI's version: changes whenever a declaration below changes meaning. A caller compares
 // apex4gen_<prefix>_abi_version() with the APEX4GEN_ABI_VERSION it was compiled against.
-#define APEX4GEN_ABI_VERSION 1
+#define APEX4GEN_ABI_VERSION 2  // 2: activation precision (act_bits) in problems, routes, kernels, quantize_act
 
 #ifdef __cplusplus
 extern "C" {
@@ -38,13 +38,14 @@ typedef enum {
 
 typedef enum { APEX4GEN_F16 = 0, APEX4GEN_BF16 = 1 } apex4gen_dtype;
 
-// How quantized activations are stored. Values are always -8..7; only the storage differs.
+// How quantized activations are stored. Values are -8..7 (4-bit activations, the default) or -128..127 (8-bit:
+// a plan's per-layer W4A8, act_bits 8); only S8 and RAW carry 8-bit values.
 typedef enum {
-  APEX4GEN_ACT_S4 = 0,    // two values a byte, [M, K/2], low nibble first (canonical packing)
-  APEX4GEN_ACT_S8 = 1,    // one int8 a value, [M, K]
-  APEX4GEN_ACT_E4M3 = 2,  // one float8 e4m3 a value, [M, K] (-8..7 are exact in e4m3)
+  APEX4GEN_ACT_S4 = 0,    // two values a byte, [M, K/2], low nibble first (canonical packing); 4-bit only
+  APEX4GEN_ACT_S8 = 1,    // one int8 a value, [M, K]; 4- or 8-bit values
+  APEX4GEN_ACT_E4M3 = 2,  // one float8 e4m3 a value, [M, K] (-8..7 are exact in e4m3); 4-bit only
   APEX4GEN_ACT_RAW = 3    // not quantized yet: qx is x [M, K] in the output dtype and sx is NULL;
-                          // the kernel quantizes it itself (fused), with the reference's numerics
+                          // the kernel quantizes it itself (fused), with the reference's numerics, to its act_bits
 } apex4gen_act_format;
 
 // How a kernel reads the weights (apex4gen/kernels/layouts.py documents each). Every layout has the canonical
@@ -82,23 +83,27 @@ typedef size_t (*apex4gen_workspace_fn)(int m, int n, int k);
 //
 // Versions:  abi_version() (== APEX4GEN_ABI_VERSION of the header the build was made with), version() (the
 //            apex4gen release that made the build), build_arch() (e.g. 86 or 90).
-// Problems:  num_problems() / problem(): the GEMM problems (N, K, group, output dtype) the build serves.
+// Problems:  num_problems() / problem(): the GEMM problems (N, K, group, act_bits, output dtype) the build
+//            serves; act_bits is the activation precision (4 or 8) the plan chose for the layers of a problem.
 // Weights:   once per weight, from the canonical form (reference.py: values [N, K/2], scales [N, K/group]):
 //            prepared_weight_bytes() -> allocate -> prepare_weight() on a stream. prepared_operands() then gives
 //            the qw/sw a kernel reads. Lower level: weight_layouts() (the layouts a problem's kernels read, a
 //            bit set of 1 << apex4gen_weight_layout), kernel_weight_layout(), pack_weight() (one layout).
-// Kernels:   select_kernel() (the plan's kernel for M; -1: none), kernel_act_format(), kernel_workspace(),
-//            run_kernel(). quantize_act() quantizes activations in a kernel's act format (not for RAW).
+//            A weight is prepared once for its (N, K, group, dtype), whatever the activation precision.
+// Kernels:   select_kernel() (the plan's kernel for M and act_bits; -1: none), kernel_act_format(),
+//            kernel_act_bits(), kernel_workspace(), run_kernel(). quantize_act() quantizes activations to
+//            act_bits in a kernel's act format (not for RAW).
 #define APEX4GEN_FUNCTIONS(X)                                                                                   \
   X(int, abi_version, (void))                                                                                   \
   X(const char*, version, (void))                                                                               \
   X(int, build_arch, (void))                                                                                    \
   X(const char*, status_string, (int status))                                                                   \
   X(int, num_problems, (void))                                                                                  \
-  X(int, problem, (int index, int* n, int* k, int* group, apex4gen_dtype* out_dtype))                          \
+  X(int, problem, (int index, int* n, int* k, int* group, int* act_bits, apex4gen_dtype* out_dtype))           \
   X(int, num_kernels, (void))                                                                                   \
   X(const char*, kernel_name, (int index))                                                                      \
   X(int, kernel_act_format, (int index))                                                                        \
+  X(int, kernel_act_bits, (int index))                                                                          \
   X(int, kernel_weight_layout, (int index))                                                                     \
   X(unsigned, weight_layouts, (int n, int k, int group, apex4gen_dtype out_dtype))                              \
   X(int, pack_weight, (apex4gen_weight_layout layout, const void* qw, const void* sw, int n, int k, int group,   \
@@ -108,9 +113,9 @@ typedef size_t (*apex4gen_workspace_fn)(int m, int n, int k);
                           void* prepared, size_t prepared_bytes, cudaStream_t stream))                          \
   X(int, prepared_operands, (int kernel, const void* prepared, int n, int k, int group,                         \
                              apex4gen_dtype out_dtype, const void** qw, const void** sw))                       \
-  X(int, quantize_act, (const void* x, int ldx, apex4gen_dtype x_dtype, int m, int k, int group,                \
+  X(int, quantize_act, (const void* x, int ldx, apex4gen_dtype x_dtype, int m, int k, int group, int act_bits,  \
                         apex4gen_act_format format, void* qx, float* sx, cudaStream_t stream))                  \
-  X(int, select_kernel, (int m, int n, int k, int group, apex4gen_dtype out_dtype))                             \
+  X(int, select_kernel, (int m, int n, int k, int group, int act_bits, apex4gen_dtype out_dtype))               \
   X(size_t, kernel_workspace, (int index, int m, int n, int k))                                                 \
   X(int, run_kernel, (int index, const apex4gen_gemm_args* args, cudaStream_t stream))
 

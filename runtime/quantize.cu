@@ -1,7 +1,9 @@
 // Activation quantization: x [M, K] (f16/bf16, row stride ldx) -> qx (packed s4 / s8 / e4m3) and sx [M, K/group]
-// fp32, with the numerics of apex4gen/reference.py quantize_activation: fp32 absmax, s = absmax / 7 (IEEE
-// division), q = clamp(rint(x / s), -8, 7), s == 0 -> q = 0. Must be compiled without fast-math; the
-// divisions are spelled __fdiv_rn so that a stray -use_fast_math cannot change them.
+// fp32, with the numerics of apex4gen/reference.py quantize_activation: fp32 absmax, s = absmax / qmax (IEEE
+// division), q = clamp(rint(x / s), -qmax - 1, qmax), s == 0 -> q = 0; qmax = 7 for 4-bit activations, 127 for
+// 8-bit ones (act_bits, a run-time argument: one more kernel argument, no more instantiations; s8 storage only).
+// Must be compiled without fast-math; the divisions are spelled __fdiv_rn so that a stray -use_fast_math cannot
+// change them.
 // A value is quantized with one multiply by RN(1/s) and rounded with FP32 adds (quantize_value) instead of an
 // IEEE division and int <-> float conversions (quarter-rate pipes); the division runs only for values near a
 // rounding boundary. Measured on the H100 at M = 4096, K = 8192: per-channel 41.4 -> 39.4 us, g128 1% faster.
@@ -33,7 +35,6 @@
 namespace {
 
 constexpr int kWarpsPerBlock = 4;
-constexpr float kQuantMax = 7.0f;
 constexpr int kBlockMinVectors = 256;     // 2048 values of 16 bits (vectors of 8): smaller chunks go to warps
 constexpr int kVectorsPerThread = 4;      // target loads in flight per thread in the block kernel
 constexpr int kMaxBlockThreads = 512;
@@ -69,24 +70,42 @@ struct QuantizedVector {
 // mantissa bits: t's bits are kRoundBits + rint(y).
 constexpr float kRoundMagic = 12582912.0f;
 constexpr int kRoundBits = 0x4B400000;
-// y = x * RN(1/s) is within |x/s| * 2^-23 (1 + 2^-25) <= 8.4e-7 of x / s (|x / s| <= 7 / (1 - 2^-24)), and
+// 4-bit: y = x * RN(1/s) is within |x/s| * 2^-23 (1 + 2^-25) <= 8.4e-7 of x / s (|x / s| <= 7 / (1 - 2^-24)), and
 // RN(x / s) within 4.2e-7 of it: where y is more than 2^-19 (1.9e-6) from every half-integer, RN(x / s) lies
-// on the same side of every rounding boundary, so rint(y) == rint(RN(x / s)). The margin below is 8x that
-// (tests/test_quantize_fast_path.py checks these distances and the fast path on boundary values).
+// on the same side of every rounding boundary, so rint(y) == rint(RN(x / s)). The margin below is 8x that.
+// 8-bit: |x / s| <= 127 / (1 - 2^-24): y within 1.52e-5 of x / s, RN(x / s) within 3.9e-6 (half an ulp below
+// 128), together under 2^-15.7; kFastMargin8 is 12x that (tests/test_quantize_fast_path.py checks these distances
+// and the fast path on boundary values, for both).
 constexpr float kFastMargin = 1.0f / 65536.0f;
+constexpr float kFastMargin8 = 1.0f / 4096.0f;
 
-__device__ __forceinline__ int quantize_value(float x, float scale, float inv_scale) {
+// The integer range of one activation precision: qmax = 7 or 127, values -qmax - 1 .. qmax.
+struct Levels {
+  int qmax;
+  float margin;  // the fast path's distance from a rounding boundary (above)
+};
+
+__host__ __device__ inline Levels levels_of(int act_bits) {
+  return act_bits == 8 ? Levels{127, kFastMargin8} : Levels{7, kFastMargin};
+}
+
+__device__ __forceinline__ int quantize_value(float x, float scale, float inv_scale, Levels lv) {
   if (scale == 0.f) return 0;
   // _rn intrinsics: no multiply-add contraction, y and t are the rounded values the bound is about
   const float y = __fmul_rn(x, inv_scale);
   const float t = __fadd_rn(y, kRoundMagic);
   int q;
-  if (fabsf(__fsub_rn(y, __fsub_rn(t, kRoundMagic))) <= 0.5f - kFastMargin) {  // false for a non-finite y
+  if (fabsf(__fsub_rn(y, __fsub_rn(t, kRoundMagic))) <= 0.5f - lv.margin) {  // false for a non-finite y
     q = __float_as_int(t) - kRoundBits;
   } else {
     q = __float2int_rn(__fdiv_rn(x, scale));  // the reference's division, for values near a boundary
   }
-  return min(max(q, -8), 7);
+  return min(max(q, -lv.qmax - 1), lv.qmax);
+}
+
+// absmax / qmax, the reference's IEEE division.
+__device__ __forceinline__ float scale_of(float absmax, Levels lv) {
+  return __fdiv_rn(absmax, static_cast<float>(lv.qmax));
 }
 
 // RN(1/s), the multiplier quantize_value's error bound assumes (inf for s == 0, never used: quantize_value returns
@@ -156,7 +175,7 @@ __device__ __forceinline__ int split_chunk(int64_t chunk, int groups, int64_t& r
 
 template <typename T, int kVec, apex4gen_act_format kFormat>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32)
-quantize_kernel(const T* __restrict__ x, int ldx, int m, int k, int group, int lanes_shift,
+quantize_kernel(const T* __restrict__ x, int ldx, int m, int k, int group, int lanes_shift, Levels lv,
                 void* __restrict__ qx, float* __restrict__ sx) {
   allow_dependents();
   const int groups = k / group;
@@ -185,7 +204,7 @@ quantize_kernel(const T* __restrict__ x, int ldx, int m, int k, int group, int l
     absmax = fmaxf(absmax, __shfl_xor_sync(0xFFFFFFFFu, absmax, offset));
   }
   if (!valid) return;
-  const float scale = __fdiv_rn(absmax, kQuantMax);
+  const float scale = scale_of(absmax, lv);
   const float inv_scale = inverse_scale(scale);
   if (lane_in_chunk == 0) sx[row_index * groups + k0 / group] = scale;
 
@@ -194,7 +213,7 @@ quantize_kernel(const T* __restrict__ x, int ldx, int m, int k, int group, int l
     const Vec in = *reinterpret_cast<const Vec*>(row + kk);
     QuantizedVector<kVec> q;
 #pragma unroll
-    for (int i = 0; i < kVec; ++i) q.q[i] = quantize_value(to_float(in.v[i]), scale, inv_scale);
+    for (int i = 0; i < kVec; ++i) q.q[i] = quantize_value(to_float(in.v[i]), scale, inv_scale, lv);
     store_quantized<kFormat, kVec>(qx, row_index, k, kk, q);
   }
 }
@@ -215,7 +234,7 @@ __device__ float block_absmax(float absmax, float* warp_absmax) {
 // vectors t, t + blockDim.x, ... (coalesced), so cp.async's wait makes them visible without a block barrier.
 template <typename T, apex4gen_act_format kFormat>
 __global__ void __launch_bounds__(kStagedThreads)
-quantize_chunk_staged_kernel(const T* __restrict__ x, int ldx, int k, int group, void* __restrict__ qx,
+quantize_chunk_staged_kernel(const T* __restrict__ x, int ldx, int k, int group, Levels lv, void* __restrict__ qx,
                              float* __restrict__ sx) {
   allow_dependents();
   using Vec = Vector<T, 8>;
@@ -239,7 +258,7 @@ quantize_chunk_staged_kernel(const T* __restrict__ x, int ldx, int k, int group,
 #pragma unroll
     for (int j = 0; j < 8; ++j) absmax = fmaxf(absmax, fabsf(to_float(in.v[j])));
   }
-  const float scale = __fdiv_rn(block_absmax(absmax, warp_absmax), kQuantMax);
+  const float scale = scale_of(block_absmax(absmax, warp_absmax), lv);
   const float inv_scale = inverse_scale(scale);
   if (threadIdx.x == 0) sx[row_index * groups + k0 / group] = scale;
 
@@ -247,7 +266,7 @@ quantize_chunk_staged_kernel(const T* __restrict__ x, int ldx, int k, int group,
     const Vec in = staged[v];
     QuantizedVector<8> q;
 #pragma unroll
-    for (int j = 0; j < 8; ++j) q.q[j] = quantize_value(to_float(in.v[j]), scale, inv_scale);
+    for (int j = 0; j < 8; ++j) q.q[j] = quantize_value(to_float(in.v[j]), scale, inv_scale, lv);
     store_quantized<kFormat, 8>(qx, row_index, k, k0 + v * 8, q);
   }
 }
@@ -255,8 +274,8 @@ quantize_chunk_staged_kernel(const T* __restrict__ x, int ldx, int k, int group,
 // One block per chunk; thread t holds vectors t, t + blockDim.x, ... (coalesced), at most kHeld.
 template <typename T, int kVec, int kHeld, apex4gen_act_format kFormat>
 __global__ void __launch_bounds__(kMaxBlockThreads)
-quantize_chunk_per_block_kernel(const T* __restrict__ x, int ldx, int k, int group, void* __restrict__ qx,
-                                float* __restrict__ sx) {
+quantize_chunk_per_block_kernel(const T* __restrict__ x, int ldx, int k, int group, Levels lv,
+                                void* __restrict__ qx, float* __restrict__ sx) {
   allow_dependents();
   __shared__ float warp_absmax[kMaxBlockThreads / 32];
   const int groups = k / group;
@@ -277,7 +296,7 @@ quantize_chunk_per_block_kernel(const T* __restrict__ x, int ldx, int k, int gro
       for (int j = 0; j < kVec; ++j) absmax = fmaxf(absmax, fabsf(to_float(held[i].v[j])));
     }
   }
-  const float scale = __fdiv_rn(block_absmax(absmax, warp_absmax), kQuantMax);
+  const float scale = scale_of(block_absmax(absmax, warp_absmax), lv);
   const float inv_scale = inverse_scale(scale);
   if (threadIdx.x == 0) sx[row_index * groups + k0 / group] = scale;
 
@@ -287,7 +306,7 @@ quantize_chunk_per_block_kernel(const T* __restrict__ x, int ldx, int k, int gro
     if (v < vectors) {
       QuantizedVector<kVec> q;
 #pragma unroll
-      for (int j = 0; j < kVec; ++j) q.q[j] = quantize_value(to_float(held[i].v[j]), scale, inv_scale);
+      for (int j = 0; j < kVec; ++j) q.q[j] = quantize_value(to_float(held[i].v[j]), scale, inv_scale, lv);
       store_quantized<kFormat, kVec>(qx, row_index, k, k0 + v * kVec, q);
     }
   }
@@ -301,7 +320,7 @@ int lanes_shift(int vectors) {
 }
 
 template <typename T, int kVec, apex4gen_act_format kFormat>
-int launch(const void* x, int ldx, int m, int k, int group, void* qx, float* sx, cudaStream_t stream) {
+int launch(const void* x, int ldx, int m, int k, int group, Levels lv, void* qx, float* sx, cudaStream_t stream) {
   const int vectors = group / kVec;
   if (vectors >= kBlockMinVectors && vectors <= kBlockMaxVectors) {
     const int64_t blocks = static_cast<int64_t>(m) * (k / group);
@@ -314,7 +333,7 @@ int launch(const void* x, int ldx, int m, int k, int group, void* qx, float* sx,
         return APEX4GEN_CUDA_ERROR;
       }
       kernel<<<static_cast<unsigned>(blocks), kStagedThreads, smem, stream>>>(static_cast<const T*>(x), ldx, k,
-                                                                              group, qx, sx);
+                                                                              group, lv, qx, sx);
     } else {
       // threads: a multiple of 32 giving ~kVectorsPerThread vectors each (at most kHeld by the bounds)
       const int per_thread = (vectors + kVectorsPerThread - 1) / kVectorsPerThread;
@@ -322,8 +341,8 @@ int launch(const void* x, int ldx, int m, int k, int group, void* qx, float* sx,
       const auto kernel = vectors <= kHeldFew * kMaxBlockThreads
                               ? quantize_chunk_per_block_kernel<T, kVec, kHeldFew, kFormat>
                               : quantize_chunk_per_block_kernel<T, kVec, kHeldMost, kFormat>;
-      kernel<<<static_cast<unsigned>(blocks), threads, 0, stream>>>(static_cast<const T*>(x), ldx, k, group, qx,
-                                                                    sx);
+      kernel<<<static_cast<unsigned>(blocks), threads, 0, stream>>>(static_cast<const T*>(x), ldx, k, group, lv,
+                                                                    qx, sx);
     }
     return cudaGetLastError() == cudaSuccess ? APEX4GEN_OK : APEX4GEN_CUDA_ERROR;
   }
@@ -333,26 +352,27 @@ int launch(const void* x, int ldx, int m, int k, int group, void* qx, float* sx,
   const int64_t blocks = (threads + block - 1) / block;
   if (blocks > 0x7FFFFFFF) return APEX4GEN_BAD_SHAPE;
   quantize_kernel<T, kVec, kFormat><<<static_cast<unsigned>(blocks), block, 0, stream>>>(
-      static_cast<const T*>(x), ldx, m, k, group, shift, qx, sx);
+      static_cast<const T*>(x), ldx, m, k, group, shift, lv, qx, sx);
   return cudaGetLastError() == cudaSuccess ? APEX4GEN_OK : APEX4GEN_CUDA_ERROR;
 }
 
 template <typename T, apex4gen_act_format kFormat>
-int launch_vectorised(const void* x, int ldx, int m, int k, int group, void* qx, float* sx, cudaStream_t stream) {
+int launch_vectorised(const void* x, int ldx, int m, int k, int group, Levels lv, void* qx, float* sx,
+                      cudaStream_t stream) {
   // 16-byte loads when every chunk starts on a 16-byte boundary (and the s4 stores on 4-byte ones)
   const bool wide = group % 8 == 0 && ldx % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0 &&
                     reinterpret_cast<uintptr_t>(qx) % 8 == 0;
-  return wide ? launch<T, 8, kFormat>(x, ldx, m, k, group, qx, sx, stream)
-              : launch<T, 2, kFormat>(x, ldx, m, k, group, qx, sx, stream);
+  return wide ? launch<T, 8, kFormat>(x, ldx, m, k, group, lv, qx, sx, stream)
+              : launch<T, 2, kFormat>(x, ldx, m, k, group, lv, qx, sx, stream);
 }
 
 template <typename T>
-int launch_format(apex4gen_act_format format, const void* x, int ldx, int m, int k, int group, void* qx,
+int launch_format(apex4gen_act_format format, const void* x, int ldx, int m, int k, int group, Levels lv, void* qx,
                   float* sx, cudaStream_t stream) {
   switch (format) {
-    case APEX4GEN_ACT_S4: return launch_vectorised<T, APEX4GEN_ACT_S4>(x, ldx, m, k, group, qx, sx, stream);
-    case APEX4GEN_ACT_S8: return launch_vectorised<T, APEX4GEN_ACT_S8>(x, ldx, m, k, group, qx, sx, stream);
-    case APEX4GEN_ACT_E4M3: return launch_vectorised<T, APEX4GEN_ACT_E4M3>(x, ldx, m, k, group, qx, sx, stream);
+    case APEX4GEN_ACT_S4: return launch_vectorised<T, APEX4GEN_ACT_S4>(x, ldx, m, k, group, lv, qx, sx, stream);
+    case APEX4GEN_ACT_S8: return launch_vectorised<T, APEX4GEN_ACT_S8>(x, ldx, m, k, group, lv, qx, sx, stream);
+    case APEX4GEN_ACT_E4M3: return launch_vectorised<T, APEX4GEN_ACT_E4M3>(x, ldx, m, k, group, lv, qx, sx, stream);
     default: return APEX4GEN_BAD_ARGUMENT;  // RAW is quantized inside the GEMM, not here
   }
 }
@@ -362,24 +382,27 @@ bool aligned(const void* ptr, size_t bytes) { return reinterpret_cast<uintptr_t>
 }  // namespace
 
 extern "C" APEX4GEN_EXPORT int apex4gen_quantize_act(const void* x, int ldx, apex4gen_dtype x_dtype, int m, int k,
-                                                     int group, apex4gen_act_format format, void* qx, float* sx,
-                                                     cudaStream_t stream) {
+                                                     int group, int act_bits, apex4gen_act_format format, void* qx,
+                                                     float* sx, cudaStream_t stream) {
   if (!x || !qx || !sx) return APEX4GEN_BAD_ARGUMENT;
   if (x_dtype != APEX4GEN_F16 && x_dtype != APEX4GEN_BF16) return APEX4GEN_BAD_ARGUMENT;
+  // 8-bit values fit only int8 storage (s4 holds -8..7, e4m3 holds integers exactly only up to +-16)
+  if (act_bits != 4 && !(act_bits == 8 && format == APEX4GEN_ACT_S8)) return APEX4GEN_BAD_ARGUMENT;
   // pairs of values: one s4 byte, one 4-byte load on the narrow path
   if (m < 0 || k <= 0 || group <= 0 || group % 2 || k % group || ldx < k || ldx % 2) return APEX4GEN_BAD_SHAPE;
   if (!aligned(x, 4) || !aligned(sx, 4) || !aligned(qx, 2)) return APEX4GEN_BAD_ARGUMENT;
   if (m == 0) return APEX4GEN_OK;
   return x_dtype == APEX4GEN_F16
-             ? launch_format<__half>(format, x, ldx, m, k, group, qx, sx, stream)
-             : launch_format<__nv_bfloat16>(format, x, ldx, m, k, group, qx, sx, stream);
+             ? launch_format<__half>(format, x, ldx, m, k, group, levels_of(act_bits), qx, sx, stream)
+             : launch_format<__nv_bfloat16>(format, x, ldx, m, k, group, levels_of(act_bits), qx, sx, stream);
 }
 
 extern "C" APEX4GEN_EXPORT const char* apex4gen_status_string(int status) {
   switch (status) {
     case APEX4GEN_OK: return "ok";
     case APEX4GEN_BAD_SHAPE: return "bad shape: M/N/K/group not supported by this kernel (alignment or divisibility)";
-    case APEX4GEN_BAD_ARGUMENT: return "bad argument: null or misaligned pointer, unknown format or dtype";
+    case APEX4GEN_BAD_ARGUMENT:
+      return "bad argument: null or misaligned pointer, unknown format or dtype, or activation bits the format cannot hold";
     case APEX4GEN_CUDA_ERROR: return "CUDA error: a launch failed (cudaGetLastError() has the detail)";
     case APEX4GEN_NO_KERNEL: return "no kernel in this build serves the problem";
     case APEX4GEN_WORKSPACE: return "workspace too small (see the kernel's workspace size)";

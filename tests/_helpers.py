@@ -59,18 +59,20 @@ TEST_FAMILIES = (
 
 
 def boundary_values(gen: torch.Generator, rows: int, width: int = 320, dtype: torch.dtype = torch.float32,
-                    device: str = "cpu") -> torch.Tensor:
+                    device: str = "cpu", qmax: int = 7) -> torch.Tensor:
     """Activations aimed at the quantizer's rounding boundaries, [rows, width] of ``dtype``: each row (meant as
-    one group) holds its absmax, every half-integer multiple (k + 1/2) s of s = absmax / 7 inside it, each
-    nudged by -8..8 ulps of ``dtype``, then random values up to the absmax. Even rows have absmax = 7 * 2^e, so
-    s = 2^e and the half-integer multiples are exact ties (representable in 16-bit floats too); odd rows have a
-    random absmax (near misses in float32; in 16-bit floats the rounding to the format lands them anywhere)."""
+    one group) holds its absmax, every half-integer multiple (k + 1/2) s of s = absmax / qmax inside it (qmax 7:
+    4-bit, 127: 8-bit; width >= 1 + 34 qmax), each nudged by -8..8 ulps of ``dtype``, then random values up to
+    the absmax. Even rows have absmax = qmax * 2^e, so s = 2^e and the half-integer multiples are exact ties
+    (representable in 16-bit floats too, for qmax 7); odd rows have a random absmax (near misses in float32; in
+    16-bit floats the rounding to the format lands them anywhere)."""
     exponent = torch.randint(-10, 10, (rows, 1), generator=gen, device=device).float()  # finite in float16
     absmax = torch.exp(torch.empty(rows, 1, device=device).uniform_(-8, 8, generator=gen))
-    absmax = torch.where(torch.arange(rows, device=device).unsqueeze(1) % 2 == 0, 7 * torch.exp2(exponent), absmax)
+    absmax = torch.where(torch.arange(rows, device=device).unsqueeze(1) % 2 == 0, qmax * torch.exp2(exponent),
+                         absmax)
     absmax = absmax.to(dtype)
-    s = ref._scale_of(absmax.float())
-    halves = ((torch.arange(-7, 7, dtype=torch.float32, device=device) + 0.5) * s).to(dtype)  # [rows, 14]
+    s = ref._scale_of(absmax.float(), qmax)
+    halves = ((torch.arange(-qmax, qmax, dtype=torch.float32, device=device) + 0.5) * s).to(dtype)  # [rows, 2 qmax]
     nudged = [halves]
     up, down = halves.clone(), halves.clone()
     for _ in range(8):
@@ -101,7 +103,7 @@ def fake_quant_linear_f64(self, x: torch.Tensor) -> torch.Tensor:
     """W4A4Linear's fake-quant GEMM summed in float64: the same contract, another summation order (patched in to
     tell a kernel's rounding from the fake-quant path's own)."""
     from apex4gen.nn import fake_quant_activation
-    xq = fake_quant_activation(x, self.group).double()
+    xq = fake_quant_activation(x, self.group, self.act_bits).double()
     y = xq @ self._dequantized_weight(x.device).double().t()
     if self.bias is not None:
         y = y + self.bias.double()

@@ -42,14 +42,21 @@ def test_calibration_writes_what_the_planner_reads(tmp_path):
     model = tiny_llama(seed=10, hidden=192, ffn=256)
     errors = kind_errors(layer_errors(model, token_batch(2, 32, seed=11)))
     assert set(errors) == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
-    names = {kind: {g.name: e for g, e in errs.items()} for kind, errs in errors.items()}
-    assert set(names["qkv_proj"]) == {"g64", "channel"}  # K=192: g128 and coarser groups do not divide it
-    assert set(names["down_proj"]) == {"g64", "g128", "g256", "channel"}  # K=256
-    assert names["down_proj"]["g64"] < names["down_proj"]["channel"]
+    names = {kind: {f"{g.name}/a{bits}": e for (g, bits), e in errs.items()} for kind, errs in errors.items()}
+    # K=192: g128 and coarser groups do not divide it; each granularity with 4- and 8-bit activations
+    assert set(names["qkv_proj"]) == {"g64/a4", "channel/a4", "g64/a8", "channel/a8"}
+    assert {n.split("/")[0] for n in names["down_proj"]} == {"g64", "g128", "g256", "channel"}  # K=256
+    assert names["down_proj"]["g64/a4"] < names["down_proj"]["channel/a4"]
+    for kind in names:  # 8-bit activations always help at the same granularity
+        assert all(names[kind][f"{g}/a8"] < names[kind][f"{g}/a4"] for g in ("g64", "channel"))
     sens = sensitivity(errors, kind_in_features(model), "smollm2-135m")
     # the reference of qkv_proj is g64 (g128 does not divide 192): channel is its only coarser option
     assert [g.name for g, _ in dict(sens.layers)["qkv_proj"]] == ["channel"]
     assert [g.name for g, _ in dict(sens.layers)["down_proj"]] == ["g256", "channel"]
+    # 8 bits at every granularity, against the 4-bit reference: a decrease at the reference itself
+    act8 = dict(dict(sens.act8)["qkv_proj"])
+    assert [g.name for g in act8] == ["g64", "channel"] and act8[Granularity(64)] < 0
+    assert act8[Granularity(64)] == round(errors["qkv_proj"][Granularity(64), 8] - errors["qkv_proj"][Granularity(64), 4], 6)
     path = write_sensitivity(sens, tmp_path / "sens.yaml", errors)
     assert load_sensitivity(path) == sens
 

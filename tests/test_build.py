@@ -66,7 +66,7 @@ def test_kernel_names_cover_every_field():
     base = KernelConfig("sm80_group", "sm_86", "int4", G128, 64, 128, 128, 2, 2, 3, 1, "f16")
     changed = dict(family="sm80_channel", arch="sm_80", path="int8", granularity=Granularity(64), tile_m=32,
                    tile_n=64, tile_k=256, warps_m=1, warps_n=4, stages=4, split_k=2, out_dtype="bf16",
-                   scheduler="streamk")
+                   scheduler="streamk", act_bits=8)
     assert set(changed) == {f.name for f in dataclasses.fields(KernelConfig)}
     for field, value in changed.items():
         other = dataclasses.replace(base, **{field: value})

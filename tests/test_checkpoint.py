@@ -39,11 +39,12 @@ def test_pack_int32_matches_compressed_tensors():
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    """A tiny model, rotated (online down_proj rotation), activation clipping searched, mixed granularities."""
+    """A tiny model, rotated (online down_proj rotation), activation clipping searched, mixed granularities,
+    8-bit activations for o_proj and gate_up_proj (gate_up at g16 like qkv: one granularity, two config groups)."""
     model = tiny_llama(seed=4)
     grans = {"qkv_proj": "g16", "o_proj": "channel", "gate_up_proj": "g16", "down_proj": "g32"}
     cfg = QuantConfig(granularity={kind: Granularity.parse(g) for kind, g in grans.items()}, rotate=True,
-                      clip_acts=True)
+                      clip_acts=True, act_bits={"o_proj": 8, "gate_up_proj": 8})
     quantize_model(model, cfg, token_batch(4, 32, seed=5))
     out = save_quantized(model, tmp_path_factory.mktemp("ckpt"))
     return model, out
@@ -58,6 +59,7 @@ def test_round_trip_gives_the_same_model(saved):
     for name, layer in quantized_layers(model).items():
         other = loaded.get_submodule(name)
         assert isinstance(other, W4A4Linear) and other.act_clip == layer.act_clip
+        assert other.act_bits == layer.act_bits == (8 if name.endswith(("o_proj", "gate_proj", "up_proj")) else 4)
         assert torch.equal(other.qweight, layer.qweight) and torch.equal(other.weight_scale, layer.weight_scale)
     generated = loaded.generate(ids[:1, :8], max_new_tokens=5, do_sample=False, pad_token_id=0)
     assert generated.shape == (1, 13)
@@ -84,7 +86,8 @@ def test_compressed_tensors_reads_our_weights(saved):
     seen = set()
     for scheme in qconfig.config_groups.values():
         assert scheme.weights.num_bits == 4 and scheme.weights.symmetric
-        assert scheme.input_activations.num_bits == 4 and scheme.input_activations.dynamic
+        assert scheme.input_activations.dynamic
+        assert {scheme.input_activations.num_bits} == {layers[name].act_bits for name in scheme.targets}
         for name in scheme.targets:
             state = {k: tensors[f"{name}.{k}"] for k in ("weight_packed", "weight_scale", "weight_shape")}
             weight = PackedQuantizationCompressor.decompress(state, scheme)["weight"]
@@ -93,6 +96,8 @@ def test_compressed_tensors_reads_our_weights(saved):
             assert torch.allclose(weight.float(), ours, rtol=2 ** -10, atol=0), name
             seen.add(name)
     assert seen == set(layers)
+    bits = sorted(s.input_activations.num_bits for s in qconfig.config_groups.values())
+    assert bits.count(8) == 2 and bits.count(4) == 2  # (channel, 8): o; (g16, 8): gate/up; (g16, 4): qkv; (g32, 4)
 
 
 def test_only_a_rotated_checkpoint_names_apex4gen(saved, tmp_path):

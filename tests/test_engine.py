@@ -47,13 +47,15 @@ def _dense_weights(model) -> ModelWeights:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    """A rotated (online Hadamard before down_proj), g16 W4A4 checkpoint of a tiny LLaMA, and its model."""
+    """A rotated (online Hadamard before down_proj), g16 W4A4 checkpoint of a tiny LLaMA (gate/up with 8-bit
+    activations, as a plan's W4A8 layer), and its model."""
     from apex4gen.accuracy import QuantConfig, quantize_model
     from apex4gen.checkpoint import load_quantized, save_quantized
 
     out = tmp_path_factory.mktemp("ckpt")
     fp = tiny_llama(layers=2, tie=False)
-    save_quantized(quantize_model(copy.deepcopy(fp), QuantConfig.uniform(Granularity(16), rotate=True)), out)
+    cfg = QuantConfig.uniform(Granularity(16), rotate=True, act_bits={"gate_up_proj": 8})
+    save_quantized(quantize_model(copy.deepcopy(fp), cfg), out)
     return out, load_quantized(out), fp
 
 
@@ -194,15 +196,16 @@ def test_bad_input_is_one_line(args, message):
 class _ReferenceBuild:
     """The Build API (pack, linear on [..., K]) computed by the reference: the kernel path's plumbing on the CPU."""
 
-    def pack(self, w):
+    def pack(self, w, act_bits=4):
         from apex4gen.loader import PackedWeight
-        return PackedWeight(w.shape[0], w.shape[1], w.group, w.scales.dtype, {"canonical": (w.q, w.scales)})
+        return PackedWeight(w.shape[0], w.shape[1], w.group, w.scales.dtype, {"canonical": (w.q, w.scales)},
+                            act_bits)
 
     def linear(self, x, packed, bias=None):
         from apex4gen import reference
         q, scales = packed.layouts["canonical"]
         w = reference.QuantizedTensor(q, scales, packed.group)
-        y = reference.reference_linear(x.reshape(-1, packed.k), w, bias)
+        y = reference.reference_linear(x.reshape(-1, packed.k), w, bias, packed.act_bits)
         return y.reshape(*x.shape[:-1], packed.n)
 
 
@@ -216,6 +219,9 @@ def test_kernel_path_plumbing_on_reference_ops(checkpoint):
     weights = load_checkpoint(path, dtype=torch.bfloat16)
     kernel = Decoder(weights, _ReferenceBuild())
     assert sum(isinstance(m, KernelLinear) for m in kernel.modules()) == 8
+    # the checkpoint's 8-bit gate/up reach the packed weight the op routes by; the rest stay 4-bit
+    bits = {m.packed.act_bits for m in kernel.modules() if isinstance(m, KernelLinear)}
+    assert bits == {4, 8} and weights.layer(0).projections["gate_up_proj"].act_bits == 8
     ids = token_batch(2, 9)
     got, want = kernel(ids, all_logits=True).float(), Decoder(weights)(ids, all_logits=True).float()
     assert (got - want).norm() < 0.05 * want.norm(), float((got - want).norm() / want.norm())
@@ -252,7 +258,7 @@ def test_weight_bytes_count_every_layout_held():
     from apex4gen.loader import PackedWeight
 
     class TwoLayouts(_ReferenceBuild):
-        def pack(self, w):
+        def pack(self, w, act_bits=4):
             q = torch.zeros(w.shape[0], w.shape[1] // 2, dtype=torch.uint8)
             return PackedWeight(w.shape[0], w.shape[1], w.group, w.scales.dtype,
                                 {"a": (q, w.scales), "b": (q.clone(), w.scales.t().contiguous())})

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from apex4gen import abi
 from apex4gen import reference as ref
 from apex4gen.errors import ShapeError
 
@@ -53,8 +54,9 @@ def gen():
     return torch.Generator(device="cuda").manual_seed(seed)
 
 
-def problems(build) -> list[tuple[int, int, int, str]]:
-    return sorted({(r.n, r.k, r.group, r.dtype) for r in build.manifest.routes})
+def problems(build, act_bits: int = 4) -> list[tuple[int, int, int, str]]:
+    """The build's problems whose layers the plan gave ``act_bits``-bit activations."""
+    return sorted({(r.n, r.k, r.group, r.dtype) for r in build.manifest.routes if r.act_bits == act_bits})
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -101,9 +103,10 @@ def test_every_routed_problem_and_m(build, gen):
             assert_matches_reference(y, xq, wq, bias)
 
 
-def _kernels_by_problem(build) -> list[tuple[tuple[int, int, int, str], int]]:
-    """(problem, kernel index) for every kernel a route names, once each."""
-    return sorted({((r.n, r.k, r.group, r.dtype), r.kernel) for r in build.manifest.routes})
+def _kernels_by_problem(build, act_bits: int = 4) -> list[tuple[tuple[int, int, int, str], int]]:
+    """(problem, kernel index) for every kernel a route of ``act_bits``-bit activations names, once each."""
+    return sorted({((r.n, r.k, r.group, r.dtype), r.kernel) for r in build.manifest.routes
+                   if r.act_bits == act_bits})
 
 
 @requires_builds
@@ -225,3 +228,100 @@ def test_opcheck(build, gen):
     qw, sw = build.pack(wq).layouts[info.weight_layout]
     torch.library.opcheck(torch.ops.apex4gen.linear.default, (x, qw, sw, bias, n, group, build.handle, info.index))
     torch.library.opcheck(torch.ops.apex4gen.quantize_act.default, (x, group, 0, build.handle))
+
+
+# ---------------------------------------------------------------------------------------------- 8-bit activations
+# Routes of a plan's W4A8 layers (act_bits 8): the sm90 decode kernels (raw input, quantized in-kernel to int8)
+# and the per-channel prefill kernel (s8 from runtime/quantize.cu). A build without such routes skips these.
+
+
+def _problems8(build) -> list[tuple[int, int, int, str]]:
+    found = problems(build, 8)
+    if not found:
+        pytest.skip(f"{build.build_dir.name} has no 8-bit activation routes (plan it with an act8 budget)")
+    return found
+
+
+def _routed_ms(build, n, k, group, dtype, ms) -> list[int]:
+    """The Ms of ``ms`` that an 8-bit route serves (a group-wise 8-bit layer has decode kernels only on Hopper)."""
+    return [m for m in ms if build.lib.apex4gen_select_kernel(m, n, k, group, 8, abi.DTYPE[_dtype_name(dtype)]) >= 0]
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float16: "f16", torch.bfloat16: "bf16"}[dtype]
+
+
+@requires_builds
+def test_every_routed_8bit_problem_and_m(build, gen):
+    for n, k, group, dname in _problems8(build):
+        dtype = _dtype(dname)
+        for m in _routed_ms(build, n, k, group, dtype, _ms(build)):
+            x, wq, bias = _random_problem(n, k, group, dtype, m, gen)
+            y = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
+            packed = build.pack(wq, act_bits=8)
+            assert build.select(m, n, k, group, dtype, 8).config["act_bits"] == 8
+            build.linear(x, packed, bias, out=y)
+            xq = ref.quantize_activation(x, group, 8)
+            assert int(xq.q.abs().max()) > 7, "8-bit values expected"
+            assert_matches_reference(y, xq, wq, bias)
+
+
+@requires_builds
+def test_every_8bit_kernel_at_any_m(build, gen):
+    for (n, k, group, dname), index in _kernels_by_problem(build, 8):
+        info = build.kernels[index]
+        if info.act_format == "raw":
+            continue  # quantizes its own input: only reachable through linear(), covered above
+        assert info.act_format == "s8" and info.act_bits == 8
+        dtype = _dtype(dname)
+        for m in (1, 3, 17, 100):
+            x, wq, bias = _random_problem(n, k, group, dtype, m, gen)
+            xq = ref.quantize_activation(x, group, 8)
+            y = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
+            build.gemm(xq.q.clone(), xq.scales, build.pack(wq, act_bits=8), info, bias, out=y)
+            assert_matches_reference(y, xq, wq, bias)
+
+
+@requires_builds
+def test_8bit_worst_case_all_minus_128(build):
+    """Largest partial sums: every weight -8 and every activation -128 (s8 kernels); the in-kernel quantizer of
+    raw kernels maps absmax to 127, so there every activation is -127."""
+    for n, k, group, dname in _problems8(build):
+        dtype = _dtype(dname)
+        for m in _routed_ms(build, n, k, group, dtype, (1, 17, 128, 1024)):
+            info = build.select(m, n, k, group, dtype, 8)
+            wq = ref.QuantizedTensor(torch.full((n, k), -8, dtype=torch.int8, device="cuda"),
+                                     torch.full((n, k // group), 2.0 ** -14, dtype=dtype, device="cuda"), group)
+            y = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
+            if info.act_format == "raw":
+                x = torch.full((m, k), -1.0, device="cuda", dtype=dtype)  # quantizes to -127 everywhere
+                build.linear(x, build.pack(wq, act_bits=8), out=y)
+                xq = ref.quantize_activation(x, group, 8)
+            else:
+                xq = ref.QuantizedTensor(torch.full((m, k), -128, dtype=torch.int8, device="cuda"),
+                                         torch.full((m, k // group), 2.0 ** -10, device="cuda"), group)
+                build.gemm(xq.q.clone(), xq.scales, build.pack(wq, act_bits=8), info, out=y)
+            assert_matches_reference(y, xq, wq, None)
+
+
+@requires_builds
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_8bit_activation_quantization_is_exact(build, gen, dtype):
+    """runtime/quantize.cu at act_bits 8 (s8 storage), every kernel shape of the 4-bit test, boundary values of the
+    8-bit grid and a zero group; s4 and e4m3 cannot hold 8-bit values and are refused."""
+    cases = []
+    for m, k, group in ((1, 4096, 128), (3, 8192, 64), (100, 1024, 1024), (17, 2048, 2048), (64, 8192, 8192),
+                        (5, 28672, 28672), (3, 1030, 1030), (2, 40960, 40960)):
+        x = torch.randn(m, k, device="cuda", dtype=dtype, generator=gen) * 3
+        x[0, :group] = 0
+        cases.append((x, group))
+    for rows, width, group in ((64, 4352, 4352), (16, 8192, 8192)):
+        cases.append((boundary_values(gen, rows, width, dtype, "cuda", qmax=127).reshape(-1, 4 * width), group))
+    for x, group in cases:
+        qx, sx = build.quantize_act(x, group, "s8", act_bits=8)
+        want = ref.quantize_activation(x, group, 8)
+        assert torch.equal(sx, want.scales)
+        assert torch.equal(qx, want.q)
+    for fmt in ("s4", "e4m3"):
+        with pytest.raises(RuntimeError, match="bad argument"):
+            build.quantize_act(cases[0][0], cases[0][1], fmt, act_bits=8)

@@ -33,10 +33,10 @@ def test_the_runtime_never_imports_the_compiler():
 
 
 def _manifest(plan_sha: str = "0" * 64) -> Manifest:
-    kernels = (KernelEntry(0, "apex4gen_a", {"tile_m": 16}, "s4", "canonical", "src/apex4gen_a.cu"),
-               KernelEntry(1, "apex4gen_b", {"tile_m": 128}, "raw", "sm90_channel", "src/apex4gen_b.cu"))
+    kernels = (KernelEntry(0, "apex4gen_a", {"tile_m": 16}, "s4", 4, "canonical", "src/apex4gen_a.cu"),
+               KernelEntry(1, "apex4gen_b", {"tile_m": 128}, "raw", 8, "sm90_channel", "src/apex4gen_b.cu"))
     routes = (Route(8192, 8192, 128, "f16", 16, 0), Route(8192, 8192, 128, "f16", 2**31 - 1, 1),
-              Route(1024, 8192, 8192, "bf16", 2**31 - 1, 0))
+              Route(1024, 8192, 8192, "bf16", 2**31 - 1, 0), Route(1024, 8192, 8192, "bf16", 2**31 - 1, 1, 8))
     return Manifest("0.1.0", "4.0.0", "13.0.48", "h100-sxm", "sm_90a", 90, False, "llama2-70b", "f16", plan_sha,
                     "h100", 1, "lib/libapex4gen_h100.so", "lib/libapex4gen_h100.a", "include/apex4gen_h100.h",
                     kernels, routes,
@@ -47,7 +47,7 @@ def test_manifest_round_trips_through_json():
     m = _manifest()
     assert Manifest.from_dict(json.loads(m.to_json())) == m
     assert json.loads(m.to_json())["routes"][0] == {"n": 8192, "k": 8192, "group": 128, "dtype": "f16",
-                                                      "m_max": 16, "kernel": 0}
+                                                      "m_max": 16, "kernel": 0, "act_bits": 4}
 
 
 def _write_build(tmp_path: Path, data: dict) -> None:
@@ -82,10 +82,10 @@ class _Library:
     def __init__(self, routes):
         self.routes = routes
 
-    def apex4gen_select_kernel(self, m, n, k, group, dtype):
+    def apex4gen_select_kernel(self, m, n, k, group, act_bits, dtype):
         names = {0: "f16", 1: "bf16"}
         for r in self.routes:
-            if (r.n, r.k, r.group, r.dtype) == (n, k, group, names[dtype]) and m <= r.m_max:
+            if (r.n, r.k, r.group, r.act_bits, r.dtype) == (n, k, group, act_bits, names[dtype]) and m <= r.m_max:
                 return r.kernel
         return -1
 
@@ -96,7 +96,14 @@ def test_build_api_answers_from_the_manifest_record(tmp_path):
     assert build.select(16, 8192, 8192, 128, torch.float16).name == "apex4gen_a"
     assert build.select(17, 8192, 8192, 128, torch.float16) == m.kernels[1]
     assert build.layouts_for(8192, 8192, 128, torch.float16) == ("canonical", "sm90_channel")
-    assert build.problems() == "N=1024 K=8192 g=8192 bf16, N=8192 K=8192 g=128 f16"
-    with pytest.raises(ShapeError, match="no kernel for M=1 N=8 K=64 group=64 bf16; planned problems: N=1024"):
+    assert build.problems() == "N=1024 K=8192 g=8192 bf16, N=1024 K=8192 g=8192 a8 bf16, N=8192 K=8192 g=128 f16"
+    # a problem's act_bits pick its route: the 8-bit route of the bf16 problem runs kernel 1, the 4-bit one kernel 0
+    assert build.select(1, 1024, 8192, 8192, torch.bfloat16).index == 0
+    assert build.select(1, 1024, 8192, 8192, torch.bfloat16, act_bits=8).index == 1
+    assert build.act_bits_of(1024, 8192, 8192, torch.bfloat16) == (4, 8)
+    with pytest.raises(ShapeError, match="no kernel for M=1 N=8192 K=8192 group=128 8-bit activations f16"):
+        build.select(1, 8192, 8192, 128, torch.float16, act_bits=8)
+    with pytest.raises(ShapeError, match="no kernel for M=1 N=8 K=64 group=64 4-bit activations bf16; planned "
+                                         "problems: N=1024"):
         build.layouts_for(8, 64, 64, torch.bfloat16)
     assert "h100-sxm" in repr(build) and dataclasses.is_dataclass(build.manifest)

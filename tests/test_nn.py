@@ -81,12 +81,13 @@ class _CpuBackend:
     def __init__(self):
         self.calls = 0
 
-    def pack(self, w):
-        return w
+    def pack(self, w, act_bits=4):
+        return w, act_bits
 
-    def linear(self, x, w, bias=None):
+    def linear(self, x, packed, bias=None):
         self.calls += 1
-        return ref.reference_linear(x, w, bias)
+        w, act_bits = packed
+        return ref.reference_linear(x, w, bias, act_bits)
 
 
 def test_attached_backend_is_called_and_detach_returns_to_fake_quant():

@@ -17,9 +17,9 @@ MAGIC = 12582912.0  # 1.5 * 2**23, as kRoundMagic
 MAGIC_BITS = 0x4B400000
 
 
-def _margin() -> float:
-    found = re.search(r"constexpr float kFastMargin = 1\.0f / (\d+)\.0f;", SOURCE.read_text())
-    assert found, "kFastMargin's definition changed: update this test's parser"
+def _margin(name: str = "kFastMargin") -> float:
+    found = re.search(rf"constexpr float {name} = 1\.0f / (\d+)\.0f;", SOURCE.read_text())
+    assert found, f"{name}'s definition changed: update this test's parser"
     return 1.0 / int(found.group(1))
 
 
@@ -50,3 +50,22 @@ def test_the_bound_behind_the_margin_holds_and_is_needed():
     assert float(((x / want.scales).double() - exact).abs().max()) <= 4.2e-7
     assert 2 * (8.4e-7 + 4.2e-7) < _margin()
     assert not torch.equal(torch.round(y).clamp(ref.QMIN, ref.QMAX).to(torch.int8), want.q)
+
+
+def test_8bit_fast_path_agrees_with_the_division_wherever_taken():
+    """8-bit activations (qmax 127) with their margin kFastMargin8: the same emulation on the 8-bit grid."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.cat([boundary_values(gen, 256, 4352, qmax=127), torch.randn(256, 4352, generator=gen) * 3])
+    want = ref.quantize_activation(x, x.shape[1], 8)
+    s = want.scales
+    y = x * (torch.ones_like(s) / s)
+    t = y + MAGIC
+    fast = (y - (t - MAGIC)).abs() <= 0.5 - _margin("kFastMargin8")
+    q = (t.view(torch.int32) - MAGIC_BITS).clamp(-128, 127).to(torch.int8)
+    assert fast.float().mean() > 0.5 and (~fast).any()
+    assert torch.equal(q[fast], want.q[fast])
+    exact = x.double() / s.double()
+    assert float((y.double() - exact).abs().max()) <= 1.52e-5
+    assert float(((x / s).double() - exact).abs().max()) <= 3.9e-6
+    assert 2 * (1.52e-5 + 3.9e-6) < _margin("kFastMargin8")
+    assert not torch.equal(torch.round(y).clamp(-128, 127).to(torch.int8), want.q)

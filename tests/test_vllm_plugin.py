@@ -73,7 +73,8 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
     fp = _model_dir(root)
     out = {}
     for name, flags in {"g128": ["--granularity", "g128"], "channel": ["--granularity", "channel"],
-                        "rotated": ["--granularity", "g128", "--rotate"]}.items():
+                        "rotated": ["--granularity", "g128", "--rotate"],
+                        "act8": ["--granularity", "g128", "--act8", "qkv_proj,down_proj"]}.items():
         out[name] = root / name
         result = CliRunner().invoke(cli, ["quantize", "--model-path", str(fp), *flags, "-o", str(out[name])])
         assert result.exit_code == 0, result.output
@@ -218,9 +219,13 @@ def test_quantization_argument_overrides_compressed_tensors(vllm_env, checkpoint
     assert rotated["quant_method"] == "apex4gen"  # no override needed: the checkpoint names the method
 
 
-@pytest.mark.parametrize("kind", ["g128", "channel", "rotated"])
+@pytest.mark.parametrize("kind", ["g128", "channel", "rotated", "act8"])
 def test_vllm_layers_load_the_checkpoint_and_match_fake_quant(vllm_env, checkpoints, kind):
     config = _quant_config(checkpoints[kind])
+    # the act8 checkpoint's 8-bit layers (input_activations.num_bits 8): the expected outputs below are the
+    # fake-quant model's at 8 bits, which 4-bit activations would miss by far more than the tolerance
+    eight = {name.rpartition(".")[2] for name, s in config.layers.items() if s.act_bits == 8}
+    assert eight == ({"q_proj", "k_proj", "v_proj", "down_proj"} if kind == "act8" else set())
     layers = _layers(config)
     assert {type(layer.quant_method).__name__ for layer in layers.values()} == {"Apex4genLinearMethod"}
     _load(layers, checkpoints[kind])
@@ -388,6 +393,7 @@ def test_non_w4a4_config_group_is_refused(vllm_env, checkpoints):
     from vllm.model_executor.layers.quantization import get_quantization_config
 
     qcfg = json.loads((checkpoints["g128"] / "config.json").read_text())["quantization_config"]
-    next(iter(qcfg["config_groups"].values()))["input_activations"]["num_bits"] = 8
+    acts = next(iter(qcfg["config_groups"].values()))["input_activations"]
+    acts["num_bits"] = 6
     with pytest.raises(ValueError, match="not apex4gen's W4A4 scheme"):
         get_quantization_config("apex4gen").from_config(qcfg)

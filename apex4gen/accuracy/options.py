@@ -33,19 +33,34 @@ def parse_method(text: str) -> dict[str, bool]:
     return flags
 
 
-def build_config(plan_path: Path | None, granularity: Granularity, **methods) -> QuantConfig:
-    """``methods``: the method options by name (rotate, gptq, act_order, clip_weights, clip_acts, seed)."""
+def build_config(plan_path: Path | None, granularity: Granularity, act8: str = "", **methods) -> QuantConfig:
+    """``methods``: the method options by name (rotate, gptq, act_order, clip_weights, clip_acts, seed);
+    ``act8``: the ``--act8`` option (comma-separated kinds or 'all' with 8-bit activations; not with a plan,
+    which says per layer)."""
     check_methods(methods, "--act-order")
     if plan_path is None:
-        return QuantConfig.uniform(granularity, **methods)
-    return QuantConfig(granularity=plan_granularities(plan_path), **methods)
-
-
-def plan_granularities(plan_path: Path) -> dict[str, Granularity]:
-    """Per layer kind (fused plans) or projection (unfused plans) the plan's granularity."""
+        return QuantConfig.uniform(granularity, act_bits=parse_act8(act8), **methods)
+    if act8:
+        raise SpecError(f"--act8 {act8}: a plan sets each layer's activation precision; drop --act8 or --plan")
     from ..plan import Plan
 
-    return granularities_of(Plan.load(plan_path), str(plan_path))
+    plan = Plan.load(plan_path)
+    return QuantConfig(granularity=granularities_of(plan, str(plan_path)), act_bits=act_bits_of(plan), **methods)
+
+
+def parse_act8(text: str) -> dict[str, int]:
+    """'qkv_proj,gate_up_proj' or 'all' -> {kind: 8}; '' -> {} (every activation 4-bit)."""
+    kinds = PLAN_KINDS if text == "all" else tuple(k for k in text.split(",") if k)
+    unknown = [k for k in kinds if k not in PLAN_KINDS]
+    if unknown:
+        raise SpecError(f"--act8 {text}: unknown layer kind {unknown[0]!r}: use 'all' or a comma-separated subset "
+                        f"of {', '.join(PLAN_KINDS)}")
+    return dict.fromkeys(kinds, 8)
+
+
+def act_bits_of(plan) -> dict[str, int]:
+    """Per layer kind (fused plans) or projection (unfused plans) the plan's activation precision."""
+    return {lp.name: lp.act_bits for lp in plan.layers}
 
 
 def granularities_of(plan, where: str) -> dict[str, Granularity]:
@@ -62,12 +77,26 @@ def granularities_of(plan, where: str) -> dict[str, Granularity]:
 def column_granularities(column: str, model_spec: str, budget: str | None = None) -> dict[str, Granularity]:
     """'g128' / 'channel' -> that granularity everywhere; 'plan:<gpu>' -> the planner's per-layer choice for
     ``model_spec`` on that GPU (default workload; ``budget``, else the default budget)."""
+    return column_settings(column, model_spec, budget)[0]
+
+
+def column_settings(column: str, model_spec: str,
+                    budget: str | None = None) -> tuple[dict[str, Granularity], dict[str, int]]:
+    """A table column's granularities and activation precisions (a granularity column: 4-bit everywhere)."""
     from ..planner import make_plan
 
     if column.startswith("plan:"):
         gpu = column.removeprefix("plan:")
-        return granularities_of(make_plan(gpu, model_spec, budget=budget), f"plan for {gpu}")
-    return QuantConfig.uniform(Granularity.parse(column)).granularity
+        plan = make_plan(gpu, model_spec, budget=budget)
+        return granularities_of(plan, f"plan for {gpu}"), act_bits_of(plan)
+    return QuantConfig.uniform(Granularity.parse(column)).granularity, {}
+
+
+def plan_granularities(plan_path: Path) -> dict[str, Granularity]:
+    """Per layer kind (fused plans) or projection (unfused plans) the plan's granularity."""
+    from ..plan import Plan
+
+    return granularities_of(Plan.load(plan_path), str(plan_path))
 
 
 def calibration_ids(tokenizer, text: str, samples: int, seq_len: int, seed: int) -> torch.Tensor:

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..granularity import G128, Granularity
+from ..reference import DEFAULT_ACT_BITS
 from ..nn import W4A4Linear, effective_granularity
 from . import rotation
 from .gptq import HessianAccumulator, gptq_quantize
@@ -39,10 +40,12 @@ _ACT_SAMPLE_TOKENS = 2048  # inputs kept per linear for the activation clipping 
 @dataclass
 class QuantConfig:
     """What to do; ``granularity`` maps each plan layer kind (or, for unfused plans, each projection such as
-    q_proj) to a granularity; ``seed`` drives every random choice: the Hadamard signs here and the calibration
-    windows (:func:`.options.calibration_ids`)."""
+    q_proj) to a granularity, ``act_bits`` likewise to an activation precision (8; absent: 4, pure W4A4);
+    ``seed`` drives every random choice: the Hadamard signs here and the calibration windows
+    (:func:`.options.calibration_ids`)."""
 
     granularity: dict[str, Granularity] = field(default_factory=lambda: {k: G128 for k in PLAN_KINDS})
+    act_bits: dict[str, int] = field(default_factory=dict)
     rotate: bool = False
     gptq: bool = False
     act_order: bool = False
@@ -62,6 +65,9 @@ class QuantConfig:
         grans = sorted({g.name for g in self.granularity.values()})
         parts = [grans[0] if len(grans) == 1 else
                  ",".join(f"{k}={g.name}" for k, g in self.granularity.items())]
+        eight = [k for k, bits in self.act_bits.items() if bits == 8]
+        if eight:
+            parts[0] += f" (8-bit activations: {','.join(eight)})"
         parts += [name for name, on in (("rotation", self.rotate), ("gptq", self.gptq),
                                         ("act-order", self.gptq and self.act_order),
                                         ("clip-w", self.clip_weights), ("clip-a", self.clip_acts)) if on]
@@ -82,6 +88,11 @@ def group_for(cfg: QuantConfig, proj: str, k: int) -> int:
     """A projection's group size (K: per-channel): its own entry (unfused plans) or its kind's."""
     gran = cfg.granularity.get(proj) or cfg.granularity[KIND_OF[proj]]
     return effective_granularity(gran, k).size(k)
+
+
+def act_bits_for(cfg: QuantConfig, proj: str) -> int:
+    """A projection's activation precision: its own entry (unfused plans), its kind's, else 4."""
+    return cfg.act_bits.get(proj) or cfg.act_bits.get(KIND_OF[proj], DEFAULT_ACT_BITS)
 
 
 @torch.no_grad()
@@ -108,7 +119,8 @@ def quantized_digest(model: nn.Module) -> str:
     digest = hashlib.sha256()
     for name, module in model.named_modules():
         if isinstance(module, W4A4Linear):
-            digest.update(f"{name}:{module.act_clip!r}".encode())
+            bits = "" if module.act_bits == DEFAULT_ACT_BITS else f":a{module.act_bits}"  # 4-bit digests unchanged
+            digest.update(f"{name}:{module.act_clip!r}{bits}".encode())
             for tensor in (module.qweight, module.weight_scale, module.bias):
                 if tensor is not None:
                     digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
@@ -156,7 +168,8 @@ def _replace_rtn(parent: nn.Module, attr: str, cfg: QuantConfig) -> None:
     lin = getattr(parent, attr)
     group = group_for(cfg, attr, lin.in_features)
     w = rtn_quantize(lin.weight.detach(), group, _scale_dtype(lin))
-    setattr(parent, attr, _w4a4(lin).from_quantized(w, lin.bias, input_transform=_transform(lin)))
+    setattr(parent, attr, _w4a4(lin).from_quantized(w, lin.bias, input_transform=_transform(lin),
+                                                    act_bits=act_bits_for(cfg, attr)))
 
 
 def _scale_dtype(lin: nn.Linear) -> torch.dtype:
@@ -214,7 +227,7 @@ def _sequential(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor) -> 
         linears = decoder_linears(layer)
         inputs = _shared_inputs(linears, cfg)
         hessians, samples = _collect(layer, linears, hidden, kwargs, cfg)
-        clips = {key: _act_clip(cfg, [linears[n] for n in names], samples.get(key[0]), key[1])
+        clips = {key: _act_clip(cfg, [linears[n] for n in names], samples.get(key[0]), key[1], key[2])
                  for key, names in inputs.items()}
         for key, names in inputs.items():
             for name in names:
@@ -232,14 +245,15 @@ def _source(name: str, attr: str) -> str:
     return name.rpartition(".")[0] + "." + _SAME_INPUT_AS[attr] if attr in _SAME_INPUT_AS else name
 
 
-def _shared_inputs(linears, cfg: QuantConfig) -> dict[tuple[str, int], list[str]]:
-    """``{(source, group): [projections]}``: one activation, quantized one way, read by fused projections
-    (q, k, v; gate, up), which therefore share one activation clipping ratio, as a fused kernel must."""
-    inputs: dict[tuple[str, int], list[str]] = {}
+def _shared_inputs(linears, cfg: QuantConfig) -> dict[tuple[str, int, int], list[str]]:
+    """``{(source, group, act_bits): [projections]}``: one activation, quantized one way, read by fused
+    projections (q, k, v; gate, up), which therefore share one activation clipping ratio, as a fused kernel
+    must."""
+    inputs: dict[tuple[str, int, int], list[str]] = {}
     for name, (parent, attr) in linears.items():
         k = getattr(parent, attr).in_features
-        group = group_for(cfg, attr, k)
-        inputs.setdefault((_source(name, attr), group), []).append(name)
+        key = (_source(name, attr), group_for(cfg, attr, k), act_bits_for(cfg, attr))
+        inputs.setdefault(key, []).append(name)
     return inputs
 
 
@@ -276,13 +290,13 @@ def _run_hooked(layer, readers, make_hook, hidden, kwargs) -> None:
             h.remove()
 
 
-def _act_clip(cfg: QuantConfig, readers: list[tuple[nn.Module, str]], samples, group: int) -> float:
+def _act_clip(cfg: QuantConfig, readers: list[tuple[nn.Module, str]], samples, group: int, act_bits: int) -> float:
     """One clipping ratio for an activation, searched against its readers' RTN weights (stacked)."""
     if not cfg.clip_acts:
         return 1.0
     lins = [getattr(parent, attr) for parent, attr in readers]
     w = torch.cat([lin.weight.detach() for lin in lins])
-    return search_act_clip(samples, w, rtn_quantize(w, group, _scale_dtype(lins[0])))
+    return search_act_clip(samples, w, rtn_quantize(w, group, _scale_dtype(lins[0])), act_bits=act_bits)
 
 
 def _replace_calibrated(parent, attr, cfg: QuantConfig, hessian: HessianAccumulator | None,
@@ -297,4 +311,5 @@ def _replace_calibrated(parent, attr, cfg: QuantConfig, hessian: HessianAccumula
         importance = torch.diag(hessian.hessian()).float() if cfg.clip_weights else None
         wq = rtn_quantize(w, group, _scale_dtype(lin), clip=cfg.clip_weights, importance=importance)
     setattr(parent, attr, _w4a4(lin).from_quantized(wq, lin.bias, act_clip=act_clip,
-                                                    input_transform=_transform(lin)))
+                                                    input_transform=_transform(lin),
+                                                    act_bits=act_bits_for(cfg, attr)))

@@ -60,15 +60,15 @@ def search_weight_clip(w: torch.Tensor, group: int, scale_dtype: torch.dtype,
 
 
 def search_act_clip(x: torch.Tensor, w: torch.Tensor, wq: reference.QuantizedTensor,
-                    grid: tuple[float, ...] = ACT_CLIP_GRID) -> float:
-    """The activation clipping ratio (one per layer) that minimises the W4A4 output error against the
-    full-precision output ``x @ w^T`` on calibration inputs ``x`` [T, K]."""
+                    grid: tuple[float, ...] = ACT_CLIP_GRID, act_bits: int = reference.DEFAULT_ACT_BITS) -> float:
+    """The activation clipping ratio (one per layer) that minimises the quantized output error (activations
+    at ``act_bits``) against the full-precision output ``x @ w^T`` on calibration inputs ``x`` [T, K]."""
     x = x.float()
     target = x @ w.float().t()
     wdq = reference.dequantize(wq)
     errs = []
     for ratio in grid:
         xc = clip_activation(x, wq.group, ratio) if ratio < 1.0 else x
-        y = fake_quant_activation(xc, wq.group) @ wdq.t()
+        y = fake_quant_activation(xc, wq.group, act_bits) @ wdq.t()
         errs.append(float(((y - target) ** 2).sum()))
     return grid[min(range(len(grid)), key=errs.__getitem__)]

@@ -77,7 +77,7 @@ def bench_command(build_dir: Path, ms: str, json_path: Path | None, baselines: s
         bound = stream_us(layer.n, layer.k, group) if min(m_values) <= 16 else None
         points += bench_stage.bench_gemm(build, layer.name, layer.n, layer.k, group, m_values, dtype, want,
                                          tc_peak_tops=gpu.tops(layer.path), bandwidth=bandwidth,
-                                         breakdown=breakdown, stream_us=bound)
+                                         breakdown=breakdown, act_bits=layer.act_bits, stream_us=bound)
     _print_table(points, want, torch.cuda.get_device_name(), bandwidth, breakdown)
     _print_targets(points)
     if json_path:

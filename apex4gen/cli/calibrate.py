@@ -27,7 +27,8 @@ _DEFAULT_SPEC = "smollm2-135m"  # the model spec of the default (SmolLM2) model
               help="sensitivity YAML to write (point a budget file's `sensitivity:` at it)")
 def calibrate_cmd(model_path, model_name, rotate, calib_text, calib_samples, calib_seq_len, seed,
                   output: Path) -> None:
-    """Measure each layer kind's W4A4 output error per granularity on real activations."""
+    """Measure each layer kind's output error per granularity and activation precision (4 / 8 bits) on real
+    activations."""
     from ..accuracy.models import load_model
     from ..accuracy.rotation import rotate_model
     from ..accuracy.calibrate import kind_errors, kind_in_features, layer_errors, sensitivity, write_sensitivity
@@ -43,8 +44,8 @@ def calibrate_cmd(model_path, model_name, rotate, calib_text, calib_samples, cal
     calib = calibration_ids(tokenizer, calib_text, calib_samples, calib_seq_len, seed)
     errors = kind_errors(layer_errors(model, calib))
     write_sensitivity(sensitivity(errors, kind_in_features(model), model_name), output, errors)
-    for kind, grans in sorted(errors.items()):
-        click.echo(f"{kind:13s} " + "  ".join(f"{g.name}={e:.4f}" for g, e in grans.items()))
+    for kind, choices in sorted(errors.items()):
+        click.echo(f"{kind:13s} " + "  ".join(f"{g.name}/a{bits}={e:.4f}" for (g, bits), e in choices.items()))
     click.echo(f"wrote {output}")
 
 

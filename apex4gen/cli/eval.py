@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from ..accuracy.options import METHOD_FLAGS, build_config, column_granularities, parse_method, quantize_loaded
+from ..accuracy.options import (METHOD_FLAGS, build_config, column_granularities, column_settings, parse_method,
+                                quantize_loaded)
 from ..granularity import Granularity
 from .quantize import method_options
 
@@ -41,8 +42,8 @@ def fetch_cmd() -> None:
 @click.option("--fp-weights", is_flag=True,
               help="diagnostic: multiply with the full-precision (rotated) weights, activations still 4-bit "
                    "(W16A4): what 4-bit activations cost on their own, a bound for every weight method")
-def ppl_cmd(model_path, plan_path, granularity, calib_text, calib_samples, calib_seq_len, text, tokens, window,
-            checkpoint, fp_acts, fp_weights, **methods) -> None:
+def ppl_cmd(model_path, plan_path, granularity, act8, calib_text, calib_samples, calib_seq_len, text, tokens,
+            window, checkpoint, fp_acts, fp_weights, **methods) -> None:
     """Perplexity of the FP model and of its W4A4 variant; the last line is
     `fp_ppl=<x> quant_ppl=<y> ratio=<y/x>`."""
     from ..accuracy.data import load_text
@@ -53,7 +54,7 @@ def ppl_cmd(model_path, plan_path, granularity, calib_text, calib_samples, calib
     from ..checkpoint import load_quantized
     from ..accuracy.evaluation import perplexity_of, tokenize, window_nlls
 
-    cfg = build_config(plan_path, Granularity.parse(granularity), **methods)
+    cfg = build_config(plan_path, Granularity.parse(granularity), act8=act8, **methods)
     fp_kinds = PLAN_KINDS if fp_acts == "all" else tuple(k for k in fp_acts.split(",") if k)
     try:
         check_kinds(fp_kinds)
@@ -140,7 +141,7 @@ def table_cmd(model_path, model_spec, methods, columns, budget, text, tokens, wi
     if output is not None and output.exists():
         raise click.UsageError(f"{output} exists: remove it or pass another --output")
     rows = [(m, parse_method(m)) for m in methods.split(",")]
-    cols = [(c, column_granularities(c, model_spec, budget)) for c in columns.split(",")]
+    cols = [(c, column_settings(c, model_spec, budget)) for c in columns.split(",")]
     model, tokenizer = load_model(model_path)
     ids = tokenize(tokenizer, load_text(text), tokens)
     fp = perplexity(model, ids, window, "perplexity (FP)")
@@ -148,9 +149,9 @@ def table_cmd(model_path, model_spec, methods, columns, budget, text, tokens, wi
              f"| FP | {' | '.join(f'{fp:.2f}' for _ in cols)} |"]
     for name, flags in rows:
         cells = []
-        for col, grans in cols:
+        for col, (grans, act_bits) in cols:
             start = time.perf_counter()
-            cfg = QuantConfig(granularity=grans, seed=seed, **flags)
+            cfg = QuantConfig(granularity=grans, act_bits=act_bits, seed=seed, **flags)
             quant = quantize_loaded(copy.deepcopy(model), tokenizer, cfg, calib_text, calib_samples, calib_seq_len)
             ppl = perplexity(set_fast_online_rotation(quant), ids, window, f"{name} / {col}")
             cells.append(f"{ppl:.2f} ({ppl / fp:.2f}x)")

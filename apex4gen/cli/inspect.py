@@ -20,7 +20,7 @@ from ..sass import MIX_OPCODES
 
 _MIN_WIDTH = 120   # rich falls back to 80 columns off a terminal, which would wrap every row
 _CONFIG_COLUMNS = ("family", "arch", "path", "granularity", "tile", "warps", "stages", "split_k", "scheduler",
-                   "out_dtype")
+                   "act_bits", "out_dtype")
 
 
 def _console(*renderables) -> Console:
@@ -39,7 +39,8 @@ def _m_range(route: inspection.RouteRow) -> str:
 
 
 def _problem(route: inspection.RouteRow) -> str:
-    return f"{route.n} x {route.k} {Granularity.of_size(route.group, route.k).name} {route.dtype}"
+    acts = "" if route.act_bits == 4 else f" a{route.act_bits}"
+    return f"{route.n} x {route.k} {Granularity.of_size(route.group, route.k).name}{acts} {route.dtype}"
 
 
 def _field_order(config: dict) -> list[str]:
@@ -50,7 +51,7 @@ def _field_order(config: dict) -> list[str]:
 
 def _config_cells(config: dict) -> list[str]:
     """Every field of a kernel config; tile and warp shapes as one cell each."""
-    shaped = {**config, "tile": f"{config['tile_m']}x{config['tile_n']}x{config['tile_k']}",
+    shaped = {"act_bits": 4, **config, "tile": f"{config['tile_m']}x{config['tile_n']}x{config['tile_k']}",
               "warps": f"{config['warps_m']}x{config['warps_n']}"}
     return [str(shaped[c]) for c in _CONFIG_COLUMNS]
 
@@ -60,12 +61,13 @@ def _config_cells(config: dict) -> list[str]:
 
 def _layer_table(summary: inspection.BuildSummary) -> Table:
     table = Table(title=f"plan: {summary.model} on {summary.gpu} (predicted speedup over FP16)")
-    for name in ("layer", "N x K", "granularity", "path", "weighted"):
+    for name in ("layer", "N x K", "granularity", "acts", "path", "weighted"):
         table.add_column(name, justify="right" if name in ("N x K", "weighted") else "left")
     for p in summary.points:
         table.add_column(f"{p.phase} M={p.m}", justify="right")
     for row in summary.layers:
-        table.add_row(row.name, f"{row.n} x {row.k}", row.granularity, row.path, f"{row.speedup:.2f}x",
+        table.add_row(row.name, f"{row.n} x {row.k}", row.granularity, f"{row.act_bits}-bit", row.path,
+                      f"{row.speedup:.2f}x",
                       *[f"{p.speedup:.2f}x" for p in row.points])
     table.add_section()
     table.add_row("all layers", "", "", "", f"{summary.speedup:.2f}x", *[f"{p.speedup:.2f}x" for p in summary.points])

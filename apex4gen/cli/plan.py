@@ -21,16 +21,18 @@ def _console() -> Console:
 
 def _layer_table(plan: Plan) -> Table:
     table = Table(title=f"{plan.model} on {plan.gpu}: W4A4 plan (workload {plan.workload.name})")
-    for name, justify in (("layer", "left"), ("shape N x K", "right"), ("granularity", "left"), ("path", "left"),
-                          ("point", "left"), ("FP16 µs", "right"), ("W4A4 µs", "right"), ("speedup", "right")):
+    for name, justify in (("layer", "left"), ("shape N x K", "right"), ("granularity", "left"), ("acts", "left"),
+                          ("path", "left"), ("point", "left"), ("FP16 µs", "right"), ("W4A4 µs", "right"),
+                          ("speedup", "right")):
         table.add_column(name, justify=justify)
     for lp in plan.layers:
         for i, p in enumerate(lp.predictions):
-            head = (lp.name, f"{lp.n} x {lp.k}", lp.granularity.name, lp.path) if i == 0 else ("", "", "", "")
+            head = (lp.name, f"{lp.n} x {lp.k}", lp.granularity.name, f"{lp.act_bits}-bit", lp.path) if i == 0 \
+                else ("", "", "", "", "")
             table.add_row(*head, f"{p.phase} M={p.m}", f"{p.fp16_us:.1f}", f"{p.w4a4_us:.1f}", f"{p.speedup:.2f}x")
         table.add_section()
     for i, p in enumerate(plan.totals.predictions):
-        head = ("all layers", f"x{plan.layers[0].count}", "", "") if i == 0 else ("", "", "", "")
+        head = ("all layers", f"x{plan.layers[0].count}", "", "", "") if i == 0 else ("", "", "", "", "")
         table.add_row(*head, f"{p.phase} M={p.m}", f"{p.fp16_us:.0f}", f"{p.w4a4_us:.0f}", f"{p.speedup:.2f}x")
     return table
 

@@ -24,6 +24,9 @@ def method_options(fn):
         click.option("--granularity", default="g128", show_default=True,
                      help="'g<size>' or 'channel' for every layer (a group that does not divide K falls back to "
                           "the largest power of two that does)"),
+        click.option("--act8", default="",
+                     help="comma-separated layer kinds (qkv_proj, o_proj, gate_up_proj, down_proj) or 'all' whose "
+                          "activations are 8-bit (W4A8; the rest stay 4-bit); a --plan brings its own"),
         click.option("--rotate/--no-rotate", default=False, show_default=True,
                      help="QuaRot-style Hadamard rotation (exact in full precision)"),
         click.option("--gptq/--no-gptq", default=False, show_default=True, help="GPTQ for the weights"),
@@ -46,13 +49,13 @@ def method_options(fn):
 @method_options
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="output checkpoint directory")
-def quantize_cmd(model_path, plan_path, granularity, calib_text, calib_samples, calib_seq_len, output: Path,
-                 **methods) -> None:
+def quantize_cmd(model_path, plan_path, granularity, act8, calib_text, calib_samples, calib_seq_len,
+                 output: Path, **methods) -> None:
     """Quantize a LLaMA-family model to W4A4 and save a compressed-tensors (pack-quantized) checkpoint."""
     from ..accuracy.models import load_model
     from ..checkpoint import save_quantized
 
-    cfg = build_config(plan_path, Granularity.parse(granularity), **methods)
+    cfg = build_config(plan_path, Granularity.parse(granularity), act8=act8, **methods)
     _check_output(output)
     start = time.perf_counter()
     model, tokenizer = load_model(model_path)

@@ -42,7 +42,7 @@ class KernelLinear(nn.Module):
     def __init__(self, proj: Projection, build) -> None:
         super().__init__()
         self.build = build
-        self.packed = build.pack(proj.weight)
+        self.packed = build.pack(proj.weight, act_bits=proj.act_bits)
         self.bias = proj.bias
         self.act_clip = proj.act_clip
 
@@ -72,7 +72,8 @@ def make_linear(proj: Projection, build=None) -> nn.Module:
         return DenseLinear(proj)
     if build is not None:
         return KernelLinear(proj, build)
-    return FakeQuantLinear.from_quantized(proj.weight, proj.bias, act_clip=proj.act_clip).to(proj.weight.q.device)
+    return FakeQuantLinear.from_quantized(proj.weight, proj.bias, act_clip=proj.act_clip,
+                                          act_bits=proj.act_bits).to(proj.weight.q.device)
 
 
 class RMSNorm(nn.Module):

@@ -35,6 +35,7 @@ class Projection:
     weight: torch.Tensor | reference.QuantizedTensor
     bias: torch.Tensor | None = None
     act_clip: float = 1.0  # < 1: each (token, group) of the input is clamped to this fraction of its absmax
+    act_bits: int = 4      # the input's precision (a plan's 8-bit layers: input_activations.num_bits 8)
 
     @property
     def quantized(self) -> bool:
@@ -134,7 +135,7 @@ def load_checkpoint(ckpt_dir: str | Path, device: torch.device | str = "cpu",
     weight scales' 16-bit dtype, which the kernels compute in (the fake-quant path also runs float32)."""
     from safetensors.torch import load_file
 
-    from ..checkpoint import WEIGHTS_FILE, extras, unpack_int32
+    from ..checkpoint import WEIGHTS_FILE, act_bits_of, extras, unpack_int32
 
     root = Path(ckpt_dir)
     if not (root / "config.json").is_file() or not (root / WEIGHTS_FILE).is_file():
@@ -148,6 +149,8 @@ def load_checkpoint(ckpt_dir: str | Path, device: torch.device | str = "cpu",
     extra = extras(hf)
     groups = {name: scheme["weights"]["group_size"] for scheme in qconfig["config_groups"].values()
               for name in scheme["targets"]}
+    bits = {name: act_bits_of(scheme, f"{root}/config.json {key}")
+            for key, scheme in qconfig["config_groups"].items() for name in scheme["targets"]}
     tensors = _read_tensors(root / WEIGHTS_FILE, load_file)
     dtype = dtype or _scale_dtype(tensors, groups, root)
     config = from_hf(hf, dtype, str(root / "config.json"))
@@ -159,7 +162,7 @@ def load_checkpoint(ckpt_dir: str | Path, device: torch.device | str = "cpu",
             raise SpecError(f"{root}: checkpoint lacks {name}")
         return tensors[name].to(device=device, dtype=dtype)
 
-    def quantized(name: str) -> tuple[reference.QuantizedTensor, torch.Tensor | None, float]:
+    def quantized(name: str) -> tuple[reference.QuantizedTensor, torch.Tensor | None, float, int]:
         if name not in groups:
             raise SpecError(f"{root}: {name} is not quantized; the engine runs every decoder projection on W4A4 "
                             "kernels (quantize the whole decoder)")
@@ -167,7 +170,8 @@ def load_checkpoint(ckpt_dir: str | Path, device: torch.device | str = "cpu",
         q = unpack_int32(tensors[f"{name}.weight_packed"], k)
         w = reference.QuantizedTensor(q.to(device), tensors[f"{name}.weight_scale"].to(device), groups[name] or k)
         bias = tensors.get(f"{name}.bias")
-        return w, None if bias is None else bias.to(device=device, dtype=dtype), extra["act_clip"].get(name, 1.0)
+        return (w, None if bias is None else bias.to(device=device, dtype=dtype), extra["act_clip"].get(name, 1.0),
+                bits[name])
 
     def online(name: str) -> hadamard.OnlineHadamard | None:
         key = extra["input_transform"].get(name)
@@ -199,17 +203,20 @@ def _scale_dtype(tensors: dict, groups: dict, root: Path) -> torch.dtype:
 
 
 def _fuse(parts: list, where: str) -> Projection:
-    """One Projection from q/k/v (or gate/up): rows concatenated; one granularity and one clipping ratio, since
-    the fused GEMM quantizes its input once."""
-    weights, biases, clips = zip(*parts)
+    """One Projection from q/k/v (or gate/up): rows concatenated; one granularity, clipping ratio and activation
+    precision, since the fused GEMM quantizes its input once."""
+    weights, biases, clips, bits = zip(*parts)
     if len({w.group for w in weights}) != 1 or len({w.scales.dtype for w in weights}) != 1:
         raise SpecError(f"{where}: the fused projections differ in granularity or scale dtype; quantize them "
                         "alike (a fused plan's granularity per layer kind)")
     if len(set(clips)) != 1:
         raise SpecError(f"{where}: the fused projections have different activation clipping ratios {clips}")
+    if len(set(bits)) != 1:
+        raise SpecError(f"{where}: the fused projections have different activation precisions {bits}; quantize "
+                        "them alike (a fused plan's act_bits per layer kind)")
     weight = reference.QuantizedTensor(torch.cat([w.q for w in weights]), torch.cat([w.scales for w in weights]),
                                        weights[0].group)
     bias = None
     if any(b is not None for b in biases):
         bias = torch.cat([b if b is not None else w.scales.new_zeros(w.shape[0]) for w, b in zip(weights, biases)])
-    return Projection(weight, bias, clips[0])
+    return Projection(weight, bias, clips[0], bits[0])

@@ -17,6 +17,7 @@ OUT_DTYPES = ("f16", "bf16")
 # "hybrid" (CUTLASS's stream-K scheduler in its heuristic mode: whole waves data-parallel, only a partial last
 # wave's K iterations spread over every SM).
 SCHEDULERS = ("persistent", "streamk", "hybrid")
+ACT_BITS = (4, 8)  # activation precisions (apex4gen.reference): 4 is pure W4A4, 8 a plan's per-layer W4A8
 
 
 @dataclass(frozen=True, order=True)
@@ -36,6 +37,7 @@ class KernelConfig:
     split_k: int
     out_dtype: str
     scheduler: str = "persistent"   # trailing, with a default: plans and names written before it stay valid
+    act_bits: int = 4               # activation precision the kernel reads (trailing, default: as scheduler)
 
     def __post_init__(self) -> None:
         if not isinstance(self.granularity, Granularity):
@@ -48,6 +50,8 @@ class KernelConfig:
             raise ValueError(f"kernel out_dtype {self.out_dtype!r} is not one of {', '.join(OUT_DTYPES)}")
         if self.scheduler not in SCHEDULERS:
             raise ValueError(f"kernel scheduler {self.scheduler!r} is not one of {', '.join(SCHEDULERS)}")
+        if self.act_bits not in ACT_BITS:
+            raise ValueError(f"kernel act_bits {self.act_bits!r} is not one of {', '.join(map(str, ACT_BITS))}")
 
     @property
     def threads(self) -> int:
@@ -55,12 +59,14 @@ class KernelConfig:
 
     def procedural_name(self) -> str:
         """Every field, in a fixed order, so two configs share a name only if they are equal. The default
-        scheduler adds nothing (names from before the field are unchanged); any other adds ``_<scheduler>``."""
+        scheduler and 4-bit activations add nothing (names from before those fields are unchanged); any other
+        scheduler adds ``_<scheduler>``, 8-bit activations ``_a8``."""
         scheduler = "" if self.scheduler == "persistent" else f"_{self.scheduler}"
+        act = "" if self.act_bits == 4 else f"_a{self.act_bits}"
         return (
             f"apex4gen_{self.family}_{self.arch.replace('_', '')}_{self.path}_{self.granularity.name}"
             f"_{self.tile_m}x{self.tile_n}x{self.tile_k}_w{self.warps_m}x{self.warps_n}"
-            f"_s{self.stages}_k{self.split_k}{scheduler}_{self.out_dtype}"
+            f"_s{self.stages}_k{self.split_k}{scheduler}{act}_{self.out_dtype}"
         )
 
     def to_dict(self) -> dict:

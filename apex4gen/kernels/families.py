@@ -44,14 +44,16 @@ class Family:
     schedulers: tuple[str, ...] = ("persistent",)  # KernelConfig.scheduler values the template implements
     m_step: int | None = None       # set when the launcher picks an instantiation per M (padding M to a multiple
                                     # of m_step) and splits K at run time to fill the GPU, ignoring tile_m/split_k
+    act_bits: tuple[int, ...] = (4,)  # activation precisions the template takes (KernelConfig.act_bits)
 
-    def configs(self, arch: str, granularity: Granularity, out_dtype: str) -> list[KernelConfig]:
-        """Every instance of this family for one arch/granularity/dtype (legality filters them later)."""
-        if not self.serves(granularity):
+    def configs(self, arch: str, granularity: Granularity, out_dtype: str, act_bits: int = 4) -> list[KernelConfig]:
+        """Every instance of this family for one arch/granularity/dtype/activation precision (legality filters
+        them later)."""
+        if not self.serves(granularity) or act_bits not in self.act_bits:
             return []
         return [
             KernelConfig(self.name, arch, self.path, granularity, t.tile_m, t.tile_n, t.tile_k, t.warps_m, t.warps_n,
-                         s, k, out_dtype, sched)
+                         s, k, out_dtype, sched, act_bits)
             for t in self.tiles for s in self.stages for k in self.split_k for sched in self.schedulers
         ]
 
@@ -72,6 +74,11 @@ def register(family: Family) -> Family:
         raise ValueError(f"family {family.name}: act_format {family.act_format!r} not in {ACT_FORMATS}")
     FAMILIES[family.name] = family
     return family
+
+
+def act_bits_served(kernel_arch: str) -> tuple[int, ...]:
+    """The activation precisions some family of ``kernel_arch`` takes: a plan never asks for another one there."""
+    return tuple(sorted({b for f in FAMILIES.values() if kernel_arch in f.archs for b in f.act_bits}))
 
 
 def family_of(cfg: KernelConfig) -> Family:

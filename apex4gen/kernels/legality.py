@@ -24,6 +24,8 @@ def violations(cfg: KernelConfig, gpu, n: int | None = None, k: int | None = Non
         out.append(f"{fam.name} is instantiated with split-K {fam.split_k}, not {cfg.split_k}")
     if cfg.scheduler not in fam.schedulers:
         out.append(f"{fam.name} has no {cfg.scheduler} scheduler (it has {', '.join(fam.schedulers)})")
+    if cfg.act_bits not in fam.act_bits:
+        out.append(f"{fam.name} takes {'/'.join(map(str, fam.act_bits))}-bit activations, not {cfg.act_bits}-bit")
     if not fam.serves(cfg.granularity):
         served = "per-channel" if fam.granularity == "channel" else f"group sizes {fam.groups or 'any'}"
         out.append(f"{fam.name} serves {served}, not {cfg.granularity.name}")
@@ -55,7 +57,7 @@ def check(cfg: KernelConfig, gpu, gemm) -> None:
     """``cfg`` runs ``gemm`` (a plan's GemmPlan: shape, granularity, output dtype; its buckets may compute on another
     tensor-core path, e.g. an int8 decode kernel under an fp8 GEMM) on ``gpu``."""
     reasons = violations(cfg, gpu, gemm.n, gemm.k)
-    for field in ("granularity", "out_dtype"):
+    for field in ("granularity", "out_dtype", "act_bits"):
         if getattr(cfg, field) != getattr(gemm, field):
             reasons.append(f"the GEMM's {field} is {getattr(gemm, field)}, the kernel's {getattr(cfg, field)}")
     if reasons:
@@ -64,13 +66,14 @@ def check(cfg: KernelConfig, gpu, gemm) -> None:
 
 
 def legal_configs(gpu, path: str, granularity: Granularity, n: int, k: int, out_dtype: str,
-                  m: int | None = None) -> list[KernelConfig]:
-    """All legal instances for one GEMM on one GPU, sorted (deterministic)."""
+                  m: int | None = None, act_bits: int = 4) -> list[KernelConfig]:
+    """All legal instances for one GEMM (``act_bits``-bit activations) on one GPU, sorted (deterministic)."""
     found = []
     for fam in FAMILIES.values():
         if fam.path != path or gpu.kernel_arch not in fam.archs:
             continue
         if m is not None and fam.max_m is not None and m > fam.max_m:
             continue
-        found += [c for c in fam.configs(gpu.kernel_arch, granularity, out_dtype) if not violations(c, gpu, n, k)]
+        found += [c for c in fam.configs(gpu.kernel_arch, granularity, out_dtype, act_bits)
+                  if not violations(c, gpu, n, k)]
     return sorted(found)

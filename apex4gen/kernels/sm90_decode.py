@@ -2,7 +2,8 @@
 
 ``sm90_decode`` (group-wise, power-of-two groups >= 64) and ``sm90_decode_channel`` (per-channel) read raw
 activations (act format "raw") and weights packed by ``apex4gen.kernels.layouts.pack_sm90_decode``. The
-launcher quantizes x once (reference numerics) into the workspace, then launches the GEMM with programmatic
+launcher quantizes x once (reference numerics, 4- or 8-bit: ``KernelConfig.act_bits``, a template parameter
+because the x layout in the workspace and in shared memory doubles at 8 bits) into the workspace, then launches the GEMM with programmatic
 dependent launch so that its weight stream starts while x is still being quantized. One rendered kernel
 serves every M <= ``MAX_M``: it holds one GEMM instantiation per token-tile count (8, 16, 32, 64 tokens) and K
 class (``variants``) and its launcher picks by M and K, then picks the cluster split of K that fills the GPU
@@ -16,7 +17,7 @@ so fewer rows a warp.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from . import cpp_names
 from .config import KernelConfig
@@ -32,7 +33,8 @@ CHUNK_K = 64          # K elements of one 16-byte weight load (two m16n8k32 step
 WINDOW_K = 256        # K elements of one token a warp of the quantizing block covers: K is a multiple of it
 QUANT_ITERS = 16      # 8-value units a thread of the 512-thread quantizing block holds: K <= 65536
 ALIGN_N = 16          # one mma row tile
-NOMINAL_SLICE_K = 4096  # footprint reported to legality; the launcher only picks splits whose slice fits
+NOMINAL_SLICE_K = 4096  # footprint reported to legality (of 4-bit x; 8-bit x: the same bytes, half the K); the
+                        # launcher only picks splits whose slice fits
 
 
 @dataclass(frozen=True)
@@ -94,11 +96,20 @@ VARIANTS_GROUP_LARGE_K = (
 VARIANTS_CHANNEL_LARGE_K = (Variant(mt=1, warps=4, rt=2, p=8, smem_stream=True),) + VARIANTS_GROUP_LARGE_K[1:]
 
 
-def variants(group: int, large_k: bool) -> tuple[Variant, ...]:
-    """The launcher's instantiations for one granularity (group 0: per-channel) and K class, by token tiles."""
+def variants(group: int, large_k: bool, act_bits: int = 4) -> tuple[Variant, ...]:
+    """The launcher's instantiations for one granularity (group 0: per-channel), K class and activation precision,
+    by token tiles."""
     if group == 0:
-        return VARIANTS_CHANNEL_LARGE_K if large_k else VARIANTS_CHANNEL
-    return VARIANTS_GROUP_LARGE_K if large_k else VARIANTS_GROUP
+        table = VARIANTS_CHANNEL_LARGE_K if large_k else VARIANTS_CHANNEL
+    else:
+        table = VARIANTS_GROUP_LARGE_K if large_k else VARIANTS_GROUP
+    return table if act_bits == 4 else tuple(_for_8bit(v) for v in table)
+
+
+def _for_8bit(v: Variant) -> Variant:
+    """8-bit x fragments are twice the registers of 4-bit ones: the register-held 32- and 64-token variants keep
+    half the weight chunks in flight (with all of them they spilled 20-44 bytes, nvcc 13.0)."""
+    return replace(v, p=v.p // 2) if v.mt >= 4 and not v.smem_stream else v
 
 
 # The nominal tile of the configuration record: the M <= 16 variant (the one the targets are about).
@@ -110,28 +121,34 @@ def _round16(v: int) -> int:
     return (v + 15) // 16 * 16
 
 
-def variant_smem_bytes(v: Variant, group: int, slice_k: int) -> int:
-    """Mirrors smem_layout() in the template: weight slots, int4 x slice, weight scales | reduction buffer,
+def _x_bytes(tokens: int, k: int, act_bits: int) -> int:
+    """Quantized x of ``tokens`` rows: int4 packed two a byte, or one int8 a value."""
+    return tokens * k * act_bits // 8
+
+
+def variant_smem_bytes(v: Variant, group: int, slice_k: int, act_bits: int = 4) -> int:
+    """Mirrors smem_layout() in the template: weight slots, quantized x slice, weight scales | reduction buffer,
     then the activation scales."""
     groups = slice_k // group if group else 1
-    sws = _round16(v.slot_bytes + v.tokens * slice_k // 2)
+    sws = _round16(v.slot_bytes + _x_bytes(v.tokens, slice_k, act_bits))
     loop_end = sws + (groups * v.rows * 2 if group else 0)
     red_end = v.tokens * (v.rows + 4) * 4
     sxs = _round16(max(loop_end, red_end))
     return _round16(sxs + groups * v.tokens * 4)
 
 
-def workspace_bytes(m: int, k: int, group: int) -> int:
-    """Mirrors the launcher's <name>_workspace(): int4 x in the layout of the variant serving M + fp32 scales."""
+def workspace_bytes(m: int, k: int, group: int, act_bits: int = 4) -> int:
+    """Mirrors the launcher's <name>_workspace(): quantized x in the layout of the variant serving M + fp32
+    scales."""
     mt = next(v.mt for v in VARIANTS_GROUP if (m + 7) // 8 <= v.mt)  # every table has the same token tiles
     groups = k // group if group else 1
-    return mt * 8 * k // 2 + _round16(groups * mt * 8 * 4)
+    return _x_bytes(mt * 8, k, act_bits) + _round16(groups * mt * 8 * 4)
 
 
 def smem_bytes(cfg: KernelConfig) -> int:
     group = cfg.granularity.template_group
-    return max(variant_smem_bytes(v, group, NOMINAL_SLICE_K)
-               for large_k in (False, True) for v in variants(group, large_k))
+    return max(variant_smem_bytes(v, group, NOMINAL_SLICE_K * 4 // cfg.act_bits, cfg.act_bits)
+               for large_k in (False, True) for v in variants(group, large_k, cfg.act_bits))
 
 
 def _check_group(cfg: KernelConfig, channel: bool) -> None:
@@ -155,13 +172,15 @@ def _render(cfg: KernelConfig, channel: bool) -> dict:
     return {
         "element_out": cpp_names.CUDA_OUT[cfg.out_dtype],
         "group": group,
+        "act_bits": cfg.act_bits,
         "max_m": MAX_M,
         "align_n": ALIGN_N,
         "align_k": WINDOW_K,
         "quant_iters": QUANT_ITERS,
         "large_k": LARGE_K,
         "variants": [{"mt": small.mt, "small": _args(small), "large": _args(large)}
-                     for small, large in zip(variants(group, False), variants(group, True))],
+                     for small, large in zip(variants(group, False, cfg.act_bits),
+                                             variants(group, True, cfg.act_bits))],
     }
 
 
@@ -187,6 +206,7 @@ _COMMON = dict(
     smem_bytes=smem_bytes,
     max_m=PLANNER_MAX_M,
     m_step=8,  # one instantiation per 8-token mma tile count; the K split is chosen at launch to fill the GPU
+    act_bits=(4, 8),  # the in-kernel quantizer writes int4 or int8 x (template kActBits); int8 mma either way
 )
 
 SM90_DECODE = register(Family(name="sm90_decode", granularity="group", render=render_group, **_COMMON))

@@ -10,8 +10,17 @@ warpgroup (TMA) and two consumer warpgroups that split ``tile_n``; ``warps_m x w
 consumer warps.
 
 ``sm90_prefill_channel`` (per-channel, path int8): int4 -> int8 in registers, s8 x s8 wgmma with int32
-accumulators (exact: |P| <= 64 K < 2**24 for K <= 2**18, so the int32 -> fp32 conversion is exact too), and an
-EVT epilogue ``y = (P * sw[n]) * sx[m] + bias[n]``. Activations: ``s8``.
+accumulators, and an EVT epilogue ``y = (P * sw[n]) * sx[m] + bias[n]``. Activations: ``s8``, holding 4-bit
+values or (``act_bits`` 8, W4A8) 8-bit ones: the same kernel, the quantizer (runtime/quantize.cu) sets the range.
+Exact: 4-bit, |P| <= 64 K < 2**24 for K <= 2**18, so the int32 -> fp32 conversion is exact too; 8-bit,
+|P| <= 1024 K < 2**28 stays exact in int32 and its conversion to fp32 rounds once (relative 2**-24) for K > 2**14,
+one of the few fp32 roundings the tolerance allows (reference.gemm_tolerance).
+
+Which families cannot take 8-bit activations: ``sm90_prefill_group`` computes on e4m3, which holds integers
+exactly only up to +-16, so -128..127 would not survive the conversion (splitting each value into two exact e4m3
+halves would double the wgmma work: not built); the sm_80/86/89 families compute on s4 ``mma.sync`` (8-bit
+activations would need INT8 ``mma.sync`` at half the INT4 rate; the cost model prices that, no family exists, so
+plans for those GPUs stay 4-bit).
 
 ``sm90_prefill_group`` (g128, path fp8): int4 -> e4m3 in registers, e4m3 x e4m3 wgmma into fp32 partials, one
 128-long group per K tile. Hopper's fp8 wgmma accumulates with reduced precision, but a group's partial
@@ -166,6 +175,7 @@ SM90_PREFILL_CHANNEL = register(Family(
     smem_bytes=channel_smem_bytes,
     render=render_channel,
     schedulers=("persistent", "streamk"),
+    act_bits=(4, 8),
 ))
 
 SM90_PREFILL_GROUP = register(Family(

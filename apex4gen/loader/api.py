@@ -28,16 +28,22 @@ class Build:
     def __repr__(self) -> str:
         return f"Build({self.build_dir}, gpu={self.manifest.gpu}, kernels={len(self.kernels)})"
 
-    def select(self, m: int, n: int, k: int, group: int, dtype: torch.dtype) -> KernelEntry:
-        idx = self.lib.apex4gen_select_kernel(m, n, k, group, ops.dtype_enum(dtype))
+    def select(self, m: int, n: int, k: int, group: int, dtype: torch.dtype, act_bits: int = 4) -> KernelEntry:
+        idx = self.lib.apex4gen_select_kernel(m, n, k, group, act_bits, ops.dtype_enum(dtype))
         if idx < 0:
-            raise ShapeError(f"this build has no kernel for M={m} N={n} K={k} group={group} "
-                             f"{ops.DTYPE_NAME[dtype]}; planned problems: {self.problems()}; re-plan with this shape")
+            raise ShapeError(f"this build has no kernel for M={m} N={n} K={k} group={group} {act_bits}-bit activations "
+                             f"{ops.DTYPE_NAME[dtype]}; planned problems: {self.problems()}; re-plan with this shape "
+                             "and activation precision")
         return self.kernels[idx]
 
     def problems(self) -> str:
-        seen = sorted({(r.n, r.k, r.group, r.dtype) for r in self.manifest.routes})
-        return ", ".join(f"N={n} K={k} g={g} {d}" for n, k, g, d in seen)
+        seen = sorted({(r.n, r.k, r.group, r.act_bits, r.dtype) for r in self.manifest.routes})
+        return ", ".join(f"N={n} K={k} g={g}{'' if b == 4 else f' a{b}'} {d}" for n, k, g, b, d in seen)
+
+    def act_bits_of(self, n: int, k: int, group: int, dtype: torch.dtype) -> tuple[int, ...]:
+        """The activation precisions the build's plan routes for a problem (a weight packed once serves all)."""
+        return tuple(sorted({r.act_bits for r in self.manifest.routes
+                             if (r.n, r.k, r.group, r.dtype) == (n, k, group, ops.DTYPE_NAME[dtype])}))
 
     def layouts_for(self, n: int, k: int, group: int, dtype: torch.dtype) -> tuple[str, ...]:
         names = {self.kernels[r.kernel].weight_layout for r in self.manifest.routes
@@ -46,14 +52,18 @@ class Build:
             self.select(1, n, k, group, dtype)  # raises the one-line error
         return tuple(sorted(names))
 
-    def pack(self, w: reference.QuantizedTensor, layouts: tuple[str, ...] | None = None) -> "PackedWeight":
+    def pack(self, w: reference.QuantizedTensor, act_bits: int = 4,
+             layouts: tuple[str, ...] | None = None) -> "PackedWeight":
         """Weights in every layout this build's kernels for the problem read (usually exactly one), packed on
-        the weight's GPU by the library's apex4gen_pack_weight (what other engines call). ``layouts`` names them
+        the weight's GPU by the library's apex4gen_pack_weight (what other engines call); ``act_bits``: the
+        layer's activation precision (the plan's), which ``linear`` quantizes to. ``layouts`` names the layouts
         instead, for kernels called by index (``linear(..., kernel=)``) whose layout no route reads."""
         n, k = w.shape
         dtype = w.scales.dtype
         if not w.q.is_cuda:
             raise ShapeError(f"the weight to pack is on {w.q.device}: move it to the GPU first (.cuda())")
+        if act_bits not in self.act_bits_of(n, k, w.group, dtype):
+            self.select(1, n, k, w.group, dtype, act_bits)  # raises the one-line error
         canonical, scales = reference.pack_int4(w.q).contiguous(), w.scales.contiguous()
         packed = {}
         for name in layouts if layouts is not None else self.layouts_for(n, k, w.group, dtype):
@@ -65,14 +75,14 @@ class Build:
                                                    torch.cuda.current_stream().cuda_stream)
             check_status(self.lib, status, f"packing an N={n} K={k} weight into layout {name}")
             packed[name] = (qw, sw)
-        return PackedWeight(n, k, w.group, dtype, packed)
+        return PackedWeight(n, k, w.group, dtype, packed, act_bits)
 
     def linear(self, x: torch.Tensor, w: "PackedWeight", bias: torch.Tensor | None = None,
                out: torch.Tensor | None = None, kernel: KernelEntry | None = None) -> torch.Tensor:
         """y = W4A4(x, w) + bias for x [..., K] -> [..., N] (M = every leading dimension together, as
         ``torch.nn.functional.linear``); ``out`` (a contiguous [..., N] tensor of x's dtype) receives it when given.
         ``kernel`` (one of ``kernels``, legal for the problem and M) runs instead of the routed one."""
-        info = kernel if kernel is not None else self.select(ops.rows(x), w.n, w.k, w.group, x.dtype)
+        info = kernel if kernel is not None else self.select(ops.rows(x), w.n, w.k, w.group, x.dtype, w.act_bits)
         qw, sw = w.layouts[info.weight_layout]
         if out is None:
             return torch.ops.apex4gen.linear(x, qw, sw, bias, w.n, w.group, self.handle, info.index)
@@ -90,8 +100,9 @@ class Build:
         torch.ops.apex4gen.gemm_out(qx, sx, qw, sw, bias, y, w.k, w.group, self.handle, kernel.index)
         return y
 
-    def quantize_act(self, x: torch.Tensor, group: int, fmt: str = "s4") -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.ops.apex4gen.quantize_act(x, group, abi.ACT_FORMAT[fmt], self.handle)
+    def quantize_act(self, x: torch.Tensor, group: int, fmt: str = "s4",
+                     act_bits: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.ops.apex4gen.quantize_act(x, group, abi.ACT_FORMAT[fmt], self.handle, act_bits)
 
 
 @dataclass(frozen=True)
@@ -101,6 +112,7 @@ class PackedWeight:
     group: int
     dtype: torch.dtype
     layouts: dict
+    act_bits: int = 4  # the layer's activation precision: linear() routes and quantizes by it
 
 
 def load(build_dir: str | Path) -> Build:

@@ -60,13 +60,14 @@ def quantized_act_shape(m: int, k: int, group: int, fmt: int) -> tuple[tuple[int
     return (m, k), torch.float8_e4m3fn
 
 
-def _quantize_act_impl(x: torch.Tensor, group: int, fmt: int, handle: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _quantize_act_impl(x: torch.Tensor, group: int, fmt: int, handle: int,
+                       act_bits: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     lib = _LIBRARIES[handle].lib
     m, k = x.shape
     shape, dtype = quantized_act_shape(m, k, group, fmt)
     qx = torch.empty(shape, dtype=dtype, device=x.device)
     sx = torch.empty((m, k // group), dtype=torch.float32, device=x.device)
-    status = lib.apex4gen_quantize_act(x.data_ptr(), x.stride(0), _DTYPE[x.dtype], m, k, group, fmt,
+    status = lib.apex4gen_quantize_act(x.data_ptr(), x.stride(0), _DTYPE[x.dtype], m, k, group, act_bits, fmt,
                                        qx.data_ptr(), sx.data_ptr(), _stream())
     check_status(lib, status, "activation quantization")
     return qx, sx
@@ -92,11 +93,12 @@ def _flat_out(y: torch.Tensor, lead: torch.Size, dtype: torch.dtype) -> torch.Te
 
 def _linear_impl(x, qw, sw, bias, y: torch.Tensor, group: int, handle: int, kernel: int) -> None:
     _check_out(y, x.shape[0], x.dtype)
-    fmt = abi.ACT_FORMAT[_LIBRARIES[handle].kernels[kernel].act_format]
+    info = _LIBRARIES[handle].kernels[kernel]
+    fmt = abi.ACT_FORMAT[info.act_format]
     if fmt == abi.ACT_FORMAT["raw"]:
         qx, sx = x, None
-    else:
-        qx, sx = _quantize_act_impl(x, group, fmt, handle)
+    else:  # the kernel's precision: a kernel built for 8-bit activations reads 8-bit values
+        qx, sx = _quantize_act_impl(x, group, fmt, handle, info.act_bits)
     _gemm_impl(qx, sx, qw, sw, bias, y, x.shape[1], group, handle, kernel)
 
 
@@ -126,13 +128,14 @@ def _register_ops() -> None:
         return
 
     @torch.library.custom_op("apex4gen::quantize_act", mutates_args=())
-    def quantize_act(x: torch.Tensor, group: int, fmt: int, handle: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def quantize_act(x: torch.Tensor, group: int, fmt: int, handle: int,
+                     act_bits: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
         _check_input(x, group)
-        qx, sx = _quantize_act_impl(_flat(x), group, fmt, handle)
+        qx, sx = _quantize_act_impl(_flat(x), group, fmt, handle, act_bits)
         return qx.view(*x.shape[:-1], qx.shape[-1]), sx.view(*x.shape[:-1], sx.shape[-1])
 
     @quantize_act.register_fake
-    def _(x, group, fmt, handle):
+    def _(x, group, fmt, handle, act_bits=4):
         k = x.shape[-1]
         shape, dtype = quantized_act_shape(1, k, group, fmt)
         return (x.new_empty((*x.shape[:-1], shape[1]), dtype=dtype),

@@ -92,7 +92,7 @@ class Apex4genConfig(QuantizationConfig):
             return UnquantizedLinearMethod()
         if any(s is None for s in schemes) or len(set(schemes)) > 1:
             raise ValueError(f"{prefix} runs {', '.join(shards)} as one GEMM on one activation, so they need one "
-                             f"quantization scheme (granularity, clipping, rotation); the checkpoint has "
+                             f"quantization scheme (granularity, clipping, rotation, activation bits); the checkpoint has "
                              f"{schemes}: re-quantize with one granularity for them")
         return Apex4genLinearMethod(self, schemes[0], prefix)
 
@@ -147,29 +147,32 @@ def parse_layers(config: dict[str, Any]) -> dict[str, core.LayerScheme]:
     clips, transforms = extra.get("act_clip", {}), extra.get("input_transform", {})
     layers = {}
     for group_name, scheme in config.get("config_groups", {}).items():
-        granularity = _granularity_of(group_name, scheme)
+        granularity, act_bits = _granularity_of(group_name, scheme)
         for name in scheme["targets"]:
-            layers[name] = core.LayerScheme(granularity, float(clips.get(name, 1.0)), transforms.get(name))
+            layers[name] = core.LayerScheme(granularity, float(clips.get(name, 1.0)), transforms.get(name), act_bits)
     if not layers:
         raise ValueError("quantization_config has no config_groups with targets: nothing to serve in W4A4")
     return layers
 
 
-def _granularity_of(group_name: str, scheme: dict[str, Any]) -> Granularity:
-    """The granularity of a W4A4 int scheme; anything else is refused, named."""
+def _granularity_of(group_name: str, scheme: dict[str, Any]) -> tuple[Granularity, int]:
+    """The granularity and activation precision of a W4A4 (or a plan's W4A8) int scheme; anything else is
+    refused, named."""
     w, a = scheme.get("weights") or {}, scheme.get("input_activations") or {}
 
-    def int4_symmetric(args: dict) -> bool:
-        return args.get("num_bits") == 4 and args.get("type") == "int" and bool(args.get("symmetric"))
+    def int_symmetric(args: dict, bits: tuple[int, ...]) -> bool:
+        return args.get("num_bits") in bits and args.get("type") == "int" and bool(args.get("symmetric"))
 
     strategy, size = w.get("strategy"), w.get("group_size")
     acts_match = a.get("dynamic") and ((strategy == "group" and a.get("strategy") == "group"
                                         and a.get("group_size") == size)
                                        or (strategy == "channel" and a.get("strategy") == "token"))
-    if not (int4_symmetric(w) and int4_symmetric(a) and strategy in ("group", "channel") and acts_match):
+    if not (int_symmetric(w, (4,)) and int_symmetric(a, (4, 8)) and strategy in ("group", "channel")
+            and acts_match):
         raise ValueError(f"config group {group_name} is not apex4gen's W4A4 scheme (int4 symmetric weights per group "
-                         f"or channel, int4 dynamic activations per group or token): weights {w}, activations {a}")
-    return Granularity(int(size)) if strategy == "group" else CHANNEL
+                         f"or channel, int4 or int8 dynamic activations per group or token): weights {w}, "
+                         f"activations {a}")
+    return (Granularity(int(size)) if strategy == "group" else CHANNEL), int(a["num_bits"])
 
 
 @register_weight_loader_v2_supported_method

@@ -41,6 +41,7 @@ class LayerScheme:
     granularity: Granularity
     act_clip: float = 1.0      # activation clipping ratio (1.0: none)
     rotation: str | None = None  # checkpoint key of the online input transform, if any
+    act_bits: int = 4          # activation precision (input_activations.num_bits: a plan's W4A8 layers are 8)
 
 
 class OnlineRotation:
@@ -118,6 +119,7 @@ class Prepared:
     rotation: OnlineRotation | None
     handle: int | None           # the build's handle; None: fake-quant path
     layouts: tuple[str, ...]     # weight layouts of the kernels, in the order of the layer's tensors
+    act_bits: int = 4
 
 
 def checkpoint_weight(layer: torch.nn.Module, k: int, group: int) -> reference.QuantizedTensor:
@@ -148,15 +150,15 @@ def prepare(layer: torch.nn.Module, scheme: LayerScheme, k: int, build_dir: str 
     del layer.weight_packed, layer.weight_scale
     if build_dir is None:
         layer.register_parameter("w4a4_weight", _frozen(reference.dequantize(w).to(device)))
-        return Prepared(n, k, group, scheme.act_clip, rotation, None, ())
+        return Prepared(n, k, group, scheme.act_clip, rotation, None, (), scheme.act_bits)
     build = load_build(str(build_dir))
-    packed = build.pack(w)  # names the problem when the build has no kernel for it
+    packed = build.pack(w, act_bits=scheme.act_bits)  # names the problem when the build has no kernel for it
     layouts = tuple(sorted(packed.layouts))
     for i, name in enumerate(layouts):
         qw, sw = packed.layouts[name]
         layer.register_parameter(f"w4a4_qw{i}", _frozen(qw))
         layer.register_parameter(f"w4a4_sw{i}", _frozen(sw))
-    return Prepared(n, k, group, scheme.act_clip, rotation, build.handle, layouts)
+    return Prepared(n, k, group, scheme.act_clip, rotation, build.handle, layouts, scheme.act_bits)
 
 
 def _frozen(t: torch.Tensor) -> torch.nn.Parameter:
@@ -172,17 +174,19 @@ def forward(layer: torch.nn.Module, p: Prepared, x: torch.Tensor, bias: torch.Te
     if p.act_clip < 1.0:
         x2 = clip_activation(x2, p.group, p.act_clip)
     if p.handle is None:
-        y = fake_quant_linear(x2, layer.w4a4_weight, p.group, bias)
+        y = fake_quant_linear(x2, layer.w4a4_weight, p.group, bias, p.act_bits)
     else:
         qws = [getattr(layer, f"w4a4_qw{i}") for i in range(len(p.layouts))]
         sws = [getattr(layer, f"w4a4_sw{i}") for i in range(len(p.layouts))]
-        y = torch.ops.apex4gen.routed_linear(x2, qws, sws, bias, p.n, p.group, p.handle, ",".join(p.layouts))
+        y = torch.ops.apex4gen.routed_linear(x2, qws, sws, bias, p.n, p.group, p.handle, ",".join(p.layouts),
+                                             p.act_bits)
     return y.reshape(*lead, p.n)
 
 
-def fake_quant_linear(x: torch.Tensor, weight: torch.Tensor, group: int, bias: torch.Tensor | None) -> torch.Tensor:
+def fake_quant_linear(x: torch.Tensor, weight: torch.Tensor, group: int, bias: torch.Tensor | None,
+                      act_bits: int = 4) -> torch.Tensor:
     """``apex4gen.nn.W4A4Linear``'s fake-quant arithmetic on a dequantized fp32 weight [N, K]."""
-    y = fake_quant_activation(x, group) @ weight.t()
+    y = fake_quant_activation(x, group, act_bits) @ weight.t()
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
@@ -190,17 +194,17 @@ def fake_quant_linear(x: torch.Tensor, weight: torch.Tensor, group: int, bias: t
 
 @torch.library.custom_op("apex4gen::routed_linear", mutates_args=())
 def routed_linear(x: torch.Tensor, qws: list[torch.Tensor], sws: list[torch.Tensor], bias: torch.Tensor | None,
-                  n: int, group: int, handle: int, layouts: str) -> torch.Tensor:
-    """``Build.linear``: the kernel for this token count (a host-side table look-up), then
-    ``torch.ops.apex4gen.linear``."""
+                  n: int, group: int, handle: int, layouts: str, act_bits: int = 4) -> torch.Tensor:
+    """``Build.linear``: the kernel for this token count and activation precision (a host-side table look-up),
+    then ``torch.ops.apex4gen.linear``."""
     from ..loader import PackedWeight
 
     build = _LOADED[handle]
     weights = dict(zip(layouts.split(","), zip(qws, sws)))
-    packed = PackedWeight(n, x.shape[1], group, sws[0].dtype, weights)
+    packed = PackedWeight(n, x.shape[1], group, sws[0].dtype, weights, act_bits)
     return build.linear(x, packed, bias)
 
 
 @routed_linear.register_fake
-def _(x, qws, sws, bias, n, group, handle, layouts):
+def _(x, qws, sws, bias, n, group, handle, layouts, act_bits=4):
     return x.new_empty((x.shape[0], n))

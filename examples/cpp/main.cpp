@@ -1,7 +1,7 @@
 // Runs every problem of an exported apex4gen build through its C API, as an engine would, and checks each
 // result against a host reference of the numerics contract (apex4gen/reference.py, README "Numerics").
 //
-// Per problem (N, K, group, dtype): a random weight is quantized on the GPU (apex4gen quantize_act in the S4
+// Per problem (N, K, group, activation bits, dtype): a random weight is quantized on the GPU (apex4gen quantize_act in the S4
 // format gives the canonical packed int4 values; the scales are stored in the output dtype) and prepared once
 // (prepare_weight: every layout the build's kernels read). Per M in {1, 7, 300}: select_kernel, activations
 // quantized in the kernel's format (or passed raw to a kernel that quantizes them itself), run_kernel on a
@@ -102,16 +102,18 @@ std::vector<T> download(const void* device, size_t count) {
   return host;
 }
 
-// The contract's activation quantization of one row: s = absmax / 7 in fp32, q = clamp(rint(x / s), -8, 7).
-void quantize_row(const float* x, int k, int group, int8_t* q, float* s) {
+// The contract's activation quantization of one row: qmax = 7 (4-bit) or 127 (8-bit), s = absmax / qmax in fp32,
+// q = clamp(rint(x / s), -qmax - 1, qmax).
+void quantize_row(const float* x, int k, int group, int act_bits, int8_t* q, float* s) {
+  const float qmax = act_bits == 8 ? 127.f : 7.f;
   for (int g = 0; g < k / group; ++g) {
     float absmax = 0.f;
     for (int i = 0; i < group; ++i) absmax = std::max(absmax, std::fabs(x[g * group + i]));
-    const float scale = absmax / 7.0f;
+    const float scale = absmax / qmax;
     s[g] = scale;
     for (int i = 0; i < group; ++i) {
       const float r = scale == 0.f ? 0.f : std::nearbyint(x[g * group + i] / scale);
-      q[g * group + i] = static_cast<int8_t>(std::min(7.f, std::max(-8.f, r)));
+      q[g * group + i] = static_cast<int8_t>(std::min(qmax, std::max(-qmax - 1.f, r)));
     }
   }
 }
@@ -128,7 +130,7 @@ struct Weight {
 };
 
 struct Problem {
-  int n, k, group;
+  int n, k, group, act_bits;
   apex4gen_dtype dtype;
 };
 
@@ -139,7 +141,7 @@ Weight quantize_and_prepare(const apex4gen_api& api, const Problem& p, Random& r
   const std::vector<uint16_t> w = random_matrix(int64_t{p.n} * p.k, 0.05f, p.dtype, rng);
   DeviceBuffer w_dev = upload(w.data(), w.size() * 2);
   DeviceBuffer values(size_t{1} * p.n * p.k / 2), scales32(size_t{4} * p.n * groups);
-  check_status(api, api.quantize_act(w_dev.ptr, p.k, p.dtype, p.n, p.k, p.group, APEX4GEN_ACT_S4, values.ptr,
+  check_status(api, api.quantize_act(w_dev.ptr, p.k, p.dtype, p.n, p.k, p.group, 4, APEX4GEN_ACT_S4, values.ptr,
                                      static_cast<float*>(scales32.ptr), stream), "quantize the weight");
   check_cuda(cudaStreamSynchronize(stream), "quantize the weight");
   Weight weight;
@@ -168,8 +170,9 @@ std::vector<uint16_t> run(const apex4gen_api& api, const Problem& p, int m, int 
   const void* act = x.ptr;
   const float* act_scales = nullptr;
   if (format != APEX4GEN_ACT_RAW) {
-    check_status(api, api.quantize_act(x.ptr, p.k, p.dtype, m, p.k, p.group, static_cast<apex4gen_act_format>(format),
-                                       qx.ptr, static_cast<float*>(sx.ptr), stream), "quantize activations");
+    check_status(api, api.quantize_act(x.ptr, p.k, p.dtype, m, p.k, p.group, api.kernel_act_bits(kernel),
+                                       static_cast<apex4gen_act_format>(format), qx.ptr, static_cast<float*>(sx.ptr),
+                                       stream), "quantize activations");
     act = qx.ptr;
     act_scales = static_cast<const float*>(sx.ptr);
   }
@@ -208,7 +211,7 @@ double worst_error_ratio(const Problem& p, int m, const std::vector<uint16_t>& x
   double worst = 0;
   for (int i = 0; i < m; ++i) {
     for (int c = 0; c < p.k; ++c) row[c] = from_bits(x[int64_t{i} * p.k + c], p.dtype);
-    quantize_row(row.data(), p.k, p.group, qx.data(), sx.data());
+    quantize_row(row.data(), p.k, p.group, p.act_bits, qx.data(), sx.data());
     for (int s = 0; s < kSampledColumns; ++s) {
       const int64_t n = int64_t{s} * (p.n - 1) / (kSampledColumns - 1);
       double ref = 0, abssum = 0;
@@ -251,14 +254,14 @@ int main() {
   int passed = 0, failed = 0;
   for (int index = 0; index < api.num_problems(); ++index) {
     Problem p{};
-    api.problem(index, &p.n, &p.k, &p.group, &p.dtype);
+    api.problem(index, &p.n, &p.k, &p.group, &p.act_bits, &p.dtype);
     try {
       DeviceBuffer prepared(api.prepared_weight_bytes(p.n, p.k, p.group, p.dtype));
       const Weight weight = quantize_and_prepare(api, p, rng, prepared, stream);
       DeviceBuffer bias = upload(weight.bias.data(), weight.bias.size() * 2);
       for (int m : kMs) {
-        const int kernel = api.select_kernel(m, p.n, p.k, p.group, p.dtype);
-        std::printf("N=%d K=%d g=%d %s M=%d ", p.n, p.k, p.group, dtype_name(p.dtype), m);
+        const int kernel = api.select_kernel(m, p.n, p.k, p.group, p.act_bits, p.dtype);
+        std::printf("N=%d K=%d g=%d a%d %s M=%d ", p.n, p.k, p.group, p.act_bits, dtype_name(p.dtype), m);
         try {
           if (kernel < 0) throw Failure{"no kernel selected"};
           const std::vector<uint16_t> x = random_matrix(int64_t{m} * p.k, 4.0f, p.dtype, rng);

@@ -7,7 +7,7 @@
 //
 // The launcher runs two kernels on the caller's stream:
 // 1. quantize_x_kernel (one block a token) quantizes x once, with the reference numerics, into the workspace:
-//    int4 in the mma B-fragment order + fp32 scales. It lets the GEMM start at once (programmatic dependent
+//    int4 (or, kActBits 8, int8) in the mma B-fragment order + fp32 scales. It lets the GEMM start at once (programmatic dependent
 //    launch), so the GEMM's first weight loads overlap the quantization.
 // 2. decode_kernel: K is split over the S blocks of a thread-block cluster; each block copies its weight
 //    scales (group-wise), issues its first weight loads, waits for the quantization grid
@@ -18,10 +18,12 @@
 // The launcher holds one GEMM instantiation per token-tile count and K class (variants() in
 // apex4gen/kernels/sm90_decode.py) and picks by M and K.
 //
-// Both operands are unpacked int4 -> int8 by masking nibbles into the high half of each byte (value * 16),
-// so every int32 partial is 256 * P exactly; >> 8 recovers P.
+// The int4 weights are unpacked to int8 by masking nibbles into the high half of each byte (value * 16); 4-bit
+// activations likewise, so every int32 partial is 256 * P exactly and >> 8 recovers P; 8-bit activations are
+// int8 as they are, the partial is 16 * P and >> 4 recovers P. The int32 headroom is the same: 256 * 8 * 8 =
+// 16 * 8 * 128 = 2^14 per product.
 // Config (a rendered templates/sm90_decode.cu.jinja; values from apex4gen/kernels/sm90_decode.py render):
-//   Out; kGroup (0: per-channel), kMaxM, kQuantIters, kAlignN, kAlignK, kLargeK; Variants, a std::tuple of
+//   Out; kGroup (0: per-channel), kActBits (4 or 8: activation precision), kMaxM, kQuantIters, kAlignN, kAlignK, kLargeK; Variants, a std::tuple of
 //   TokenTiles<MT, Variant<...> for K < kLargeK, Variant<...> for K >= kLargeK> in increasing MT.
 #pragma once
 
@@ -57,17 +59,26 @@ struct Kernels {
 
   static constexpr int kGroup = Config::kGroup;          // 0: per-channel (one group spanning K)
   static constexpr int kGroupDiv = kGroup ? kGroup : 1;  // divisor in group-only code (compiled for both kinds)
+  static constexpr int kActBits = Config::kActBits;      // 4 or 8 (reference.py: quantize_activation's bits)
+  static_assert(kActBits == 4 || kActBits == 8, "activations are 4- or 8-bit");
+  static constexpr int kQmax = kActBits == 8 ? 127 : 7;  // values -kQmax - 1 .. kQmax
+  static constexpr int kShift = kActBits == 8 ? 4 : 8;   // partial = P << kShift (see the head of the file)
+  static constexpr int kLaneBytes = 2 * kActBits;        // x bytes a lane holds per 64-wide chunk: 8 or 16
   static constexpr int kMaxM = Config::kMaxM;
   static constexpr int kChunk = 64;                   // K elements one 16-byte weight load covers (two mma k-steps)
   static constexpr int kMaxSplit = 8;                 // portable cluster size
   static constexpr int kQuantThreads = 512;           // quantize_x_kernel: one block a token
   static constexpr int kQuantIters = Config::kQuantIters;  // 8-value units a quantizing thread holds in registers
   static constexpr int kMaxK = kQuantThreads * 8 * kQuantIters;  // a token's row fits the quantizing block at once
-  // int32 headroom of the per-channel sum: 256 * 64 * K < 2^31, and P = sum >> 8 converts exactly below 2^24
+  // int32 headroom of the per-channel sum: 2^14 * K < 2^31 (either precision, above); P = sum >> kShift converts
+  // exactly below 2^24 for 4-bit x (|P| <= 64 K) and rounds once, within the tolerance, for 8-bit K > 2^14
   static_assert(kMaxK <= 131072, "per-channel int32 partial sums would overflow");
+  // group partials go to float through exact_float: |P| <= (kQmax + 1) * 8 * group < 2^22
+  static_assert(kGroup == 0 || (kQmax + 1) * 8 * kGroup < (1 << 22), "group partials too large for exact_float");
 
   struct Params {
-    const uint8_t* qx;  // workspace: quantized x, int4 in B-fragment order [K/64][MT][32 lanes] x 8 bytes
+    const uint8_t* qx;  // workspace: quantized x in B-fragment order [K/64][MT][32 lanes] x kLaneBytes (int4: 8
+                        // bytes, word = k32 step; int8: 16 bytes {step 0 b0, b1, step 1 b0, b1})
     const float* sx;    // workspace: activation scales [K/group][MT*8] (per-channel: [1][MT*8])
     const uint4* w;     // pack_sm90_decode layout: [N/16][K/64][32 lanes] x 16 bytes
     const Out* sw;      // weight scales [N/16][K/group][16 rows] (per-channel: [N])
@@ -86,7 +97,7 @@ struct Kernels {
 
   // Workspace of a variant with MT token tiles: quantized x, then its scales (16-byte aligned).
   static __host__ __device__ constexpr int round16(int v) { return (v + 15) / 16 * 16; }
-  static __host__ __device__ inline size_t qx_bytes(int mt, int k) { return (size_t)mt * 8 * k / 2; }
+  static __host__ __device__ inline size_t qx_bytes(int mt, int k) { return (size_t)mt * 8 * k * kActBits / 8; }
   static __host__ __device__ inline size_t workspace_bytes(int mt, int k) {
     const int groups = kGroup ? k / kGroupDiv : 1;
     return qx_bytes(mt, k) + round16(groups * mt * 8 * 4);
@@ -103,7 +114,7 @@ struct Kernels {
     const int groups = kGroup ? kslice / kGroupDiv : 1;
     SmemLayout s{};
     s.qx = slot_bytes;
-    s.sws = round16(s.qx + tokens * kslice / 2);
+    s.sws = round16(s.qx + tokens * kslice * kActBits / 8);
     const int loop_end = s.sws + (kGroup ? groups * rows * 2 : 0);
     s.red = 0;
     const int red_end = tokens * (rows + 4) * 4;
@@ -183,11 +194,19 @@ struct Kernels {
     return a;
   }
 
-  // The reference's rounding: q = clamp(rint(x / s), -8, 7) with IEEE division; s == 0 gives 0.
+  // The reference's rounding: q = clamp(rint(x / s), -kQmax - 1, kQmax) with IEEE division; s == 0 gives 0.
   static __device__ __forceinline__ int quantize_value(float v, float s) {
     if (s == 0.0f) return 0;
     const int q = __float2int_rn(__fdiv_rn(v, s));
-    return q < -8 ? -8 : (q > 7 ? 7 : q);
+    return q < -kQmax - 1 ? -kQmax - 1 : (q > kQmax ? kQmax : q);
+  }
+
+  // Bytes q[first .. first+3] as one int8x4 word (8-bit x).
+  static __device__ __forceinline__ uint32_t pack_bytes(const int (&q)[8], int first) {
+    uint32_t w = 0;
+#pragma unroll
+    for (int b = 0; b < 4; ++b) w |= (uint32_t)(q[first + b] & 0xFF) << (8 * b);
+    return w;
   }
 
   // Nibbles q[first .. first+3] spread into bytes: the high nibble of each byte (hi) or the low one.
@@ -205,10 +224,11 @@ struct Kernels {
 
   // ---------------------------------------------------------------------------------------------------------
   // Activation quantization, once per call: block = token. Thread t holds the 8-value units u = t + i*512 of
-  // the row in registers (one read of x). Scales per (token, group) = absmax / 7 (IEEE), written as
-  // sx[g][tok]; values written as int4 in B-fragment order: for each 64-wide chunk c and n8 token tile j,
-  // lane (gid = token % 8, t) owns 8 bytes, word `step` holding k = c*64 + step*32 + 4t + b in the high nibble
-  // of byte b and k + 16 in the low one. Tokens past M are never written: the GEMM reads them as zeros.
+  // the row in registers (one read of x). Scales per (token, group) = absmax / kQmax (IEEE), written as
+  // sx[g][tok]; values written in B-fragment order: for each 64-wide chunk c and n8 token tile j, lane
+  // (gid = token % 8, t) owns kLaneBytes bytes. int4: word `step` holds k = c*64 + step*32 + 4t + b in the high
+  // nibble of byte b and k + 16 in the low one. int8: word 2 * step holds k = c*64 + step*32 + 4t + b in byte b,
+  // word 2 * step + 1 holds k + 16. Tokens past M are never written: the GEMM reads them as zeros.
 
   // Group scales of the units this thread holds. Groups < 256 lie inside a warp (a butterfly over group/8
   // lanes); larger groups and per-channel go through shared memory: per-window (256 values) maxima, then one
@@ -224,7 +244,7 @@ struct Kernels {
       for (int i = 0; i < kQuantIters; ++i) {
         const int u = tid + i * kQuantThreads;
         if (u >= units) break;  // warp-uniform: units is a multiple of 32
-        s[i] = __fdiv_rn(warp_max(umax[i], kGroup / 8), 7.0f);
+        s[i] = __fdiv_rn(warp_max(umax[i], kGroup / 8), static_cast<float>(kQmax));
         if (u % (kGroup / 8) == 0) p.sx[(size_t)(u * 8 / kGroup) * ld + tok] = s[i];
       }
     } else {
@@ -241,7 +261,7 @@ struct Kernels {
         for (int w = lane; w < windows; w += 32) a = fmaxf(a, wmax[g * windows + w]);
         a = warp_max(a, 32);
         if (lane == 0) {
-          gscale[g] = __fdiv_rn(a, 7.0f);
+          gscale[g] = __fdiv_rn(a, static_cast<float>(kQmax));
           p.sx[(size_t)g * ld + tok] = gscale[g];
         }
       }
@@ -269,9 +289,9 @@ struct Kernels {
     for (int i = 0; i < kQuantIters; ++i) umax[i] = tid + i * kQuantThreads < units ? absmax8(raw[i]) : 0.0f;
     row_scales(p, umax, s);
 
-    // this unit's place in the fragment layout; lane ^ 2 holds k +- 16, the other nibble of each byte
+    // this unit's place in the fragment layout: k = step*32 + quarter*8 .. +7 of its chunk
     const int step = (tid >> 2) & 1, quarter = tid & 3;
-    const bool high_half = quarter < 2;  // k % 32 < 16: high nibbles
+    const bool high_half = quarter < 2;  // k % 32 < 16: high nibbles (int4), the b0 word (int8)
 #pragma unroll
     for (int i = 0; i < kQuantIters; ++i) {
       const int u = tid + i * kQuantThreads;
@@ -282,6 +302,17 @@ struct Kernels {
 #pragma unroll
       for (int e = 0; e < 8; ++e) q[e] = quantize_value(v[e], s[i]);
       const int chunk = u / 8;
+      if constexpr (kActBits == 8) {
+        // values 4tt .. 4tt+3 are the b0 (k % 32 < 16) or b1 word of lane t = 2 * (quarter % 2) + tt
+#pragma unroll
+        for (int tt = 0; tt < 2; ++tt) {
+          const int frag_lane = (tok % 8) * 4 + 2 * (quarter & 1) + tt;
+          const size_t off = (((size_t)chunk * p.mt + tok / 8) * 32 + frag_lane) * kLaneBytes +
+                             (2 * step + (high_half ? 0 : 1)) * 4;
+          *reinterpret_cast<uint32_t*>(p.qx + off) = pack_bytes(q, 4 * tt);
+        }
+        continue;
+      }
 #pragma unroll
       for (int tt = 0; tt < 2; ++tt) {
         const uint32_t mine = spread_nibbles(q, 4 * tt, high_half);
@@ -392,10 +423,11 @@ struct Kernels {
   template <int MT, int THREADS>
   static __device__ void stage_activations(const Params& p, int k0, uint8_t* qx, float* sxs) {
     constexpr int kTok = MT * 8;
-    const int quads = kTok * p.kslice / 2 / 16;  // 16-byte pieces: two lanes of one token row each
-    const uint4* src = reinterpret_cast<const uint4*>(p.qx + (size_t)(k0 / kChunk) * MT * 256);
+    constexpr int kLanesPerQuad = 16 / kLaneBytes;  // 16-byte pieces: two lanes (int4) or one (int8) of a token row
+    const int quads = kTok * p.kslice * kActBits / 8 / 16;
+    const uint4* src = reinterpret_cast<const uint4*>(p.qx + (size_t)(k0 / kChunk) * MT * 32 * kLaneBytes);
     for (int idx = threadIdx.x; idx < quads; idx += THREADS) {
-      const int lane = (2 * idx) % 32, tile = (2 * idx / 32) % MT, tok = tile * 8 + lane / 4;
+      const int lane = (kLanesPerQuad * idx) % 32, tile = (kLanesPerQuad * idx / 32) % MT, tok = tile * 8 + lane / 4;
       *reinterpret_cast<uint4*>(qx + idx * 16) = tok < p.m ? __ldcg(src + idx) : make_uint4(0, 0, 0, 0);
     }
     const int groups = kGroup ? p.kslice / kGroupDiv : 1, g0 = kGroup ? k0 / kGroupDiv : 0;
@@ -403,7 +435,8 @@ struct Kernels {
       sxs[idx] = idx % kTok < p.m ? __ldcg(p.sx + (size_t)g0 * kTok + idx) : 0.0f;
   }
 
-  // int -> float for |v| < 2^22 (|P| <= 64 * group) as IADD + FADD: I2F runs at a quarter of the FP32 rate.
+  // int -> float for |v| < 2^22 (|P| <= (kQmax + 1) * 8 * group) as IADD + FADD: I2F runs at a quarter of the
+  // FP32 rate.
   static __device__ __forceinline__ float exact_float(int v) { return __int_as_float(v + 0x4B400000) - 12582912.0f; }
 
   // Fold the finished group's int32 partials into the fp32 sums: acc += float(P) * sx[m,g] * sw[n,g].
@@ -427,7 +460,7 @@ struct Kernels {
       for (int j = 0; j < MT; ++j) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const float pf = exact_float(acc_i[i][j][e] >> 8);
+          const float pf = exact_float(acc_i[i][j][e] >> kShift);
           acc_f[i][j][e] = fmaf(pf * sx[j][e & 1], sw[e >> 1], acc_f[i][j][e]);
           acc_i[i][j][e] = 0;
         }
@@ -498,9 +531,15 @@ __global__ void __launch_bounds__(WARPS * 32, (Kernel::template Tile<MT, WARPS, 
     }
 #pragma unroll
     for (int j = 0; j < MT; ++j) {
-      const uint2 v = *reinterpret_cast<const uint2*>(qx + ((c * MT + j) * 32 + lane) * 8);
-      const uint32_t b[4] = {Kernel::nibbles_hi(v.x), Kernel::nibbles_lo(v.x), Kernel::nibbles_hi(v.y),
-                             Kernel::nibbles_lo(v.y)};
+      uint32_t b[4];  // {step 0 b0, b1, step 1 b0, b1}
+      if constexpr (Kernel::kActBits == 8) {
+        const uint4 v = *reinterpret_cast<const uint4*>(qx + ((c * MT + j) * 32 + lane) * 16);
+        b[0] = v.x; b[1] = v.y; b[2] = v.z; b[3] = v.w;
+      } else {
+        const uint2 v = *reinterpret_cast<const uint2*>(qx + ((c * MT + j) * 32 + lane) * 8);
+        b[0] = Kernel::nibbles_hi(v.x); b[1] = Kernel::nibbles_lo(v.x);
+        b[2] = Kernel::nibbles_hi(v.y); b[3] = Kernel::nibbles_lo(v.y);
+      }
 #pragma unroll
       for (int i = 0; i < RT; ++i) {
         Kernel::mma_s8(acc_i[i][j], a[i][0], a[i][1], a[i][2], a[i][3], b[0], b[1]);
@@ -572,7 +611,7 @@ __global__ void __launch_bounds__(WARPS * 32, (Kernel::template Tile<MT, WARPS, 
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const float sw = static_cast<float>(p.sw[n + e]);  // per-channel: sw is [N, 1]
-        out[e] = static_cast<float>(isum[e] >> 8) * sx * sw;
+        out[e] = static_cast<float>(isum[e] >> Kernel::kShift) * sx * sw;
       }
     }
     alignas(8) Out o[4];
