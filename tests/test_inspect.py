@@ -72,11 +72,12 @@ def test_summary_json_has_layers_routes_and_every_config_field(a40_build):
     (layer,) = data["layers"]
     assert layer["name"] == "o_proj" and (layer["n"], layer["k"]) == (4096, 4096)
     assert layer["granularity"] == "g128" and layer["path"] == "int4" and layer["speedup"] > 1
+    assert layer["act_bits"] == 4
     assert [p["phase"] for p in layer["points"]] == [p["phase"] for p in data["points"]]
     (route,) = data["routes"]
     (kernel,) = data["kernels"]
     assert route == {"n": 4096, "k": 4096, "group": 128, "dtype": "f16", "m_min": 1, "m_max": None, "kernel": 0,
-                     "kernel_name": kernel["name"], "layers": ["o_proj"]}
+                     "kernel_name": kernel["name"], "layers": ["o_proj"], "act_bits": 4}
     assert set(kernel["config"]) == CONFIG_FIELDS and kernel["config"]["family"] == "sm80_group"
     assert kernel["routes"] == 1 and kernel["act_format"] == "s4"
     assert (a40_build / kernel["source"]).is_file() and (a40_build / kernel["object"]).is_file()
