@@ -95,7 +95,7 @@ def models(request):
     from dataclasses import replace
 
     from apex4gen.engine import Decoder, random_weights
-    from apex4gen.engine.buildinfo import build_dtype, plan_groups
+    from apex4gen.engine.buildinfo import build_dtype, plan_act_bits, plan_groups
     from apex4gen.engine.config import from_spec
     from apex4gen.specs import load_model
 
@@ -103,9 +103,9 @@ def models(request):
     config = replace(from_spec(load_model(build.manifest.model)), dtype=build_dtype(build)).with_layers(LAYERS)
     seed = torch.seed() % 2**31
     print(f"seed={seed}")
-    groups = plan_groups(build)
-    kernel = Decoder(random_weights(config, groups, "cuda", seed), build, max_positions=512)
-    fake = Decoder(random_weights(config, groups, "cuda", seed), None, max_positions=512)
+    groups, bits = plan_groups(build), plan_act_bits(build)
+    kernel = Decoder(random_weights(config, groups, "cuda", seed, bits), build, max_positions=512)
+    fake = Decoder(random_weights(config, groups, "cuda", seed, bits), None, max_positions=512)
     fp = Decoder(random_weights(config, None, "cuda", seed), None, max_positions=512)
     return build, kernel, fake, fp
 

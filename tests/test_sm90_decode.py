@@ -199,8 +199,9 @@ def _run_launcher(lib, name: str, x: torch.Tensor, w: ref.QuantizedTensor, bias:
     run = getattr(lib, name)
     run.argtypes, run.restype = [ctypes.POINTER(GemmArgs), ctypes.c_void_p], ctypes.c_int
     torch.cuda.synchronize()
-    assert run(ctypes.byref(args), None) == 0  # the legacy default stream: this library has its own runtime
+    status = run(ctypes.byref(args), None)  # the legacy default stream: this library has its own runtime
     torch.cuda.synchronize()
+    assert status == 0, f"{name}: status {status} at M={m} N={y.shape[1]} K={k}"
 
 
 @pytest.mark.gpu

@@ -48,10 +48,11 @@ def _random_config(model: str, build, layers: int | None):
 
 
 def _random_model(model: str, build, layers: int | None, device):
-    from ..engine.buildinfo import plan_groups
+    from ..engine.buildinfo import plan_act_bits, plan_groups
     from ..engine.weights import random_weights
 
-    return random_weights(_random_config(model, build, layers), plan_groups(build), device), None
+    return random_weights(_random_config(model, build, layers), plan_groups(build), device,
+                          act_bits=plan_act_bits(build)), None
 
 
 def _checkpoint_model(path: Path, layers: int | None, device):
@@ -143,7 +144,7 @@ def e2e_bench_cmd(model: str, build_dir: Path, layers: int | None, prompt_length
     import torch
 
     from ..engine import benchmark as bench
-    from ..engine.buildinfo import is_per_channel, plan_groups
+    from ..engine.buildinfo import is_per_channel, plan_act_bits, plan_groups
     from ..engine.weights import random_weights
 
     settings = bench.Settings(_ints(prompt_lengths, "--prompt-lengths", True), _ints(batches, "--batches", True),
@@ -156,7 +157,8 @@ def e2e_bench_cmd(model: str, build_dir: Path, layers: int | None, prompt_length
     if baseline:  # first, and freed before the W4A4 model is made: one model on the GPU at a time
         results.append(bench.measure(random_weights(config, None, "cuda"), None, bench.dtype_name(config), settings,
                                      click.echo))
-    results.append(bench.measure(random_weights(config, groups, "cuda"), build, "w4a4", settings, click.echo))
+    results.append(bench.measure(random_weights(config, groups, "cuda", act_bits=plan_act_bits(build)), build, "w4a4",
+                                 settings, click.echo))
     targets = bench.targets(results[1], results[0], is_per_channel(build)) if baseline else ()
     report = bench.Report(config.name, str(build_dir), torch.cuda.get_device_name(), torch.__version__,
                           settings, tuple(results), targets)

@@ -33,6 +33,11 @@ def plan_groups(build) -> dict[str, int]:
     return groups
 
 
+def plan_act_bits(build) -> dict[str, int]:
+    """Activation precision per fused layer kind (the plan's act_bits; 4 where a plan has none)."""
+    return {lp["name"]: lp.get("act_bits", 4) for lp in _plan(build)["layers"]}
+
+
 def is_per_channel(build) -> bool:
     return all(lp["granularity"] == CHANNEL_NAME for lp in _plan(build)["layers"])
 

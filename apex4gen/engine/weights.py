@@ -66,12 +66,13 @@ class ModelWeights:
 
 
 def random_weights(config: DecoderConfig, groups: dict | None, device: torch.device | str,
-                   seed: int = 0) -> ModelWeights:
+                   seed: int = 0, act_bits: dict | None = None) -> ModelWeights:
     """Random weights at ``config``'s shapes (normal with transformers' LLaMA std; norms near 1): 16-bit with
     ``groups=None`` (the baseline), else that same model quantized to W4A4 with ``groups`` (kind -> group size,
     the build's plan) and rotated as a checkpoint of ``apex4gen quantize --rotate`` is where it matters for run
     time: an online Hadamard ``T`` before down_proj, down_proj's weight ``W T``. Layer ``i`` is the same for any
-    order of calls (its own seed)."""
+    order of calls (its own seed). ``act_bits`` (kind -> 4 or 8, the plan's; default 4) is each projection's
+    input precision."""
     device = torch.device(device)
     dtype = config.dtype
     online = None if groups is None else hadamard.for_size(config.intermediate_size, seed).to(device)
@@ -86,7 +87,8 @@ def random_weights(config: DecoderConfig, groups: dict | None, device: torch.dev
             return Projection(w)
         if kind == "down_proj":
             w = online(w)  # rows times T: the model computes (x T)(W T)^T = x W^T
-        return Projection(reference.quantize_weight(w, groups[kind]))  # scales: 16-bit dtype, fp16 for fp32
+        bits = (act_bits or {}).get(kind, 4)
+        return Projection(reference.quantize_weight(w, groups[kind]), act_bits=bits)  # scales: 16-bit, fp16 for fp32
 
     def norm_weight(gen: torch.Generator) -> torch.Tensor:
         return 1.0 + 0.1 * torch.rand(config.hidden_size, generator=gen, device=device, dtype=dtype)
