@@ -120,6 +120,22 @@ def decode_config(granularity: Granularity, out_dtype: str, act_bits: int = 4) -
                         sm90_decode.VARIANTS_GROUP[1].p, 1, out_dtype, act_bits=act_bits)
 
 
+def test_8bit_decode_refuses_k_without_a_split():
+    """The launcher finds no K split whose 64-token 8-bit slice fits shared memory at g128 for K = 11008 and 28672
+    (measured on the H100: BAD_SHAPE at M = 33..64, every other M and K passing); legality says so for every M,
+    and keeps 4 bits and per-channel, whose slices fit."""
+    from apex4gen.kernels.legality import violations
+    from apex4gen.specs import load_gpu
+
+    gpu = load_gpu("h100-sxm")
+    for k in (11008, 28672):
+        assert any("no split of K" in v for v in violations(decode_config(G128, "f16", 8), gpu, 1024, k))
+        assert not violations(decode_config(G128, "f16", 4), gpu, 1024, k)
+        assert not violations(decode_config(CHANNEL, "f16", 8), gpu, 1024, k)
+    for k in (4096, 14336, 16384, 24576):
+        assert not violations(decode_config(G128, "f16", 8), gpu, 1024, k)
+
+
 def test_render_rejects_other_groups():
     with pytest.raises(ValueError, match="power-of-two"):
         sm90_decode.render_group(decode_config(Granularity(96), "f16"))
@@ -217,7 +233,9 @@ def test_8bit_decode_kernels_match_the_reference(tmp_path, granularity, dtype):
     seed = torch.seed() % 2**31
     print(f"seed={seed}")
     gen = torch.Generator(device="cuda").manual_seed(seed)
-    for n, k in ((4096, 4096), (1024, 28672)):  # llama2-7b o_proj; llama2-70b down_proj's K (large-K variants)
+    # llama2-7b o_proj; a large K whose 64-token slice fits at 8 bits (llama2-70b's 28672 does not at g128:
+    # test_8bit_decode_refuses_k_without_a_split)
+    for n, k in ((4096, 4096), (1024, 24576)):
         group = granularity.size(k)
         w = ref.quantize_weight(torch.randn(n, k, device="cuda", dtype=torch_dtype, generator=gen) * 0.05, group)
         bias = torch.randn(n, device="cuda", dtype=torch_dtype, generator=gen)

@@ -45,6 +45,8 @@ class Family:
     m_step: int | None = None       # set when the launcher picks an instantiation per M (padding M to a multiple
                                     # of m_step) and splits K at run time to fill the GPU, ignoring tile_m/split_k
     act_bits: tuple[int, ...] = (4,)  # activation precisions the template takes (KernelConfig.act_bits)
+    k_rule: Callable[[KernelConfig, int, int], str | None] | None = None  # (cfg, K, shared memory limit) -> why a
+                                    # launcher that picks its K split at run time finds none for this K, or None
 
     def configs(self, arch: str, granularity: Granularity, out_dtype: str, act_bits: int = 4) -> list[KernelConfig]:
         """Every instance of this family for one arch/granularity/dtype/activation precision (legality filters

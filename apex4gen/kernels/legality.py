@@ -37,6 +37,8 @@ def violations(cfg: KernelConfig, gpu, n: int | None = None, k: int | None = Non
         out.append(f"tile_k={cfg.tile_k} and group={group} must divide one another")
     if k is not None:
         out += _k_violations(cfg, fam.align_k, k)
+        reason = fam.k_rule(cfg, k, gpu.smem_per_block_bytes) if fam.k_rule else None
+        out += [reason] if reason else []
     if n is not None and n % fam.align_n:
         out.append(f"N={n} is not a multiple of {fam.align_n}")
     return out

@@ -33,6 +33,7 @@ CHUNK_K = 64          # K elements of one 16-byte weight load (two m16n8k32 step
 WINDOW_K = 256        # K elements of one token a warp of the quantizing block covers: K is a multiple of it
 QUANT_ITERS = 16      # 8-value units a thread of the 512-thread quantizing block holds: K <= 65536
 ALIGN_N = 16          # one mma row tile
+MAX_SPLIT = 8         # the launcher's largest K split (a portable cluster)
 NOMINAL_SLICE_K = 4096  # footprint reported to legality (of 4-bit x; 8-bit x: the same bytes, half the K); the
                         # launcher only picks splits whose slice fits
 
@@ -151,6 +152,22 @@ def smem_bytes(cfg: KernelConfig) -> int:
                for large_k in (False, True) for v in variants(group, large_k, cfg.act_bits))
 
 
+def split_violation(cfg: KernelConfig, k: int, smem_limit: int) -> str | None:
+    """Mirrors the launcher's choose_split() for the largest token tile: some split of K into at most MAX_SPLIT
+    slices (whole chunks, whole groups) must fit shared memory, else every M the tile serves gets BAD_SHAPE.
+    8-bit x doubles the slice's bytes: K = 11008 or 28672 at g128 has no such split for 64 tokens."""
+    group = cfg.granularity.template_group
+    v = variants(group, k >= LARGE_K, cfg.act_bits)[-1]
+    for s in range(1, MAX_SPLIT + 1):
+        slice_k = k // s
+        if k % s or slice_k % CHUNK_K or (group and slice_k % group):
+            continue
+        if variant_smem_bytes(v, group, slice_k, cfg.act_bits) <= smem_limit:
+            return None
+    return (f"no split of K={k} into <= {MAX_SPLIT} slices fits {smem_limit} B of shared memory for {v.tokens} "
+            f"tokens at {cfg.act_bits}-bit activations")
+
+
 def _check_group(cfg: KernelConfig, channel: bool) -> None:
     group = cfg.granularity.template_group
     if channel and not cfg.granularity.is_channel:
@@ -207,6 +224,7 @@ _COMMON = dict(
     max_m=PLANNER_MAX_M,
     m_step=8,  # one instantiation per 8-token mma tile count; the K split is chosen at launch to fill the GPU
     act_bits=(4, 8),  # the in-kernel quantizer writes int4 or int8 x (template kActBits); int8 mma either way
+    k_rule=split_violation,
 )
 
 SM90_DECODE = register(Family(name="sm90_decode", granularity="group", render=render_group, **_COMMON))
