@@ -108,7 +108,7 @@ class StreamGrid:
         return f"{self.ctas_per_sm} x {self.threads} a SM, {'16 KB pieces in turn' if self.stride else 'contiguous'}"
 
 
-# The best shapes of bench/probes/stream_probe.cu on the H100 (bench/results/h100/stream_probe.txt)
+# The best grid shapes of the stand-alone stream probe this one replaced (bench/notes/sm90-decode.md, "streaming bound")
 STREAM_GRIDS = (StreamGrid(2, 256, False), StreamGrid(2, 256, True), StreamGrid(4, 128, False),
                 StreamGrid(1, 512, False), StreamGrid(8, 256, True))
 STREAM_DEPTH = 8  # 16-byte loads in flight a thread
