@@ -2,6 +2,7 @@
 the package-data packages ``apex4gen._specs``, ``apex4gen._templates`` and ``apex4gen._runtime``."""
 from __future__ import annotations
 
+import os
 from importlib import resources
 from pathlib import Path
 
@@ -25,3 +26,9 @@ def templates_dir() -> Path:
 
 def runtime_dir() -> Path:
     return _data_dir("apex4gen._runtime", "runtime")
+
+
+def user_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/apex4gen``, else ``~/.cache/apex4gen``: the object cache, the probe's and the study's
+    builds and the accuracy data live below it."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "apex4gen"

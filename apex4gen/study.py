@@ -55,6 +55,7 @@ from .kernels import family_of
 from .kernels.config import KernelConfig
 from .kernels.cpp_names import SM_NUMBER
 from .kernels.legality import legal_configs
+from .paths import user_cache_dir
 from .plan import GemmPlan, Plan
 from .specs import GpuSpec, ModelSpec
 
@@ -291,8 +292,7 @@ def prepare(gpu: GpuSpec, model: ModelSpec, out: Path, granularities: tuple[Gran
 
 def default_out_dir() -> Path:
     """A cache folder for the study's builds (beside the object cache)."""
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "apex4gen" / "study"
+    return user_cache_dir() / "study"
 
 
 def check_device(gpu: GpuSpec) -> str:

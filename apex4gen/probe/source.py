@@ -4,7 +4,6 @@ build's nvcc flags, an object named by its cache key and shared through the obje
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from ..errors import Apex4genError
 from ..files import write_if_different
 from ..ninjabuild import CompileUnit, run_ninja, write_ninja
 from ..objcache import cache_key, object_path, remove_stale_objects
-from ..paths import runtime_dir
+from ..paths import runtime_dir, user_cache_dir
 from .catalog import ARCHS, STREAM_DEPTH, probes_for
 
 ABI_VERSION = 1
@@ -58,7 +57,7 @@ def render(arch: str) -> str:
 
 def default_root() -> Path:
     """``$XDG_CACHE_HOME/apex4gen/probe`` (``~/.cache`` without it), one folder per arch below."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "apex4gen" / "probe"
+    return user_cache_dir() / "probe"
 
 
 @dataclass(frozen=True)
