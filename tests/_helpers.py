@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+from unittest import mock
 from pathlib import Path
 
 import pytest
@@ -108,3 +109,33 @@ def fake_quant_linear_f64(self, x: torch.Tensor) -> torch.Tensor:
     if self.bias is not None:
         y = y + self.bias.double()
     return y.to(x.dtype)
+
+
+REORDER_CHUNK = 128  # K elements a partial sum covers in fake_quant_linear_by_chunks: one g128 group
+
+
+def fake_quant_linear_by_chunks(self, x: torch.Tensor) -> torch.Tensor:
+    """W4A4Linear's fake-quant GEMM as the kernels order it: fp32 partial sums over 128-wide K chunks, added one
+    chunk after the other (the group-wise kernels' promotion order; any order is as valid for per-channel)."""
+    from apex4gen.nn import fake_quant_activation
+    xq = fake_quant_activation(x, self.group, self.act_bits)
+    w = self._dequantized_weight(x.device)
+    y = torch.zeros(x.shape[0], w.shape[0], device=x.device, dtype=torch.float32)
+    for k0 in range(0, w.shape[1], REORDER_CHUNK):
+        y += xq[:, k0:k0 + REORDER_CHUNK] @ w[:, k0:k0 + REORDER_CHUNK].t()
+    if self.bias is not None:
+        y = y + self.bias.float()
+    return y.to(x.dtype)
+
+
+def rounding_floor(run, want: torch.Tensor, relative) -> float:
+    """How far the fake-quant path's own output moves under other valid summation orders of its GEMMs (float64, and
+    the kernels' chunked fp32): the largest relative difference of ``run()`` from ``want``. A 16-bit output rounds
+    the other way now and then, and the next layer's quantizer can turn that into a whole activation step, so
+    one order alone can land on no flip by chance (a floor of 0) where the kernels' order lands on some."""
+    from apex4gen.nn import W4A4Linear
+    floors = []
+    for order in (fake_quant_linear_f64, fake_quant_linear_by_chunks):
+        with mock.patch.object(W4A4Linear, "_fake_quant_linear", order):
+            floors.append(relative(run(), want))
+    return max(floors)
