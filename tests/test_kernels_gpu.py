@@ -126,6 +126,29 @@ def test_every_kernel_at_any_m(build, gen):
             assert_matches_reference(y, xq, wq, bias)
 
 
+# Three 128-channel tiles, the last one partial: with two CTAs a cluster along N (the per-channel prefill kernel),
+# the last cluster has a CTA past N that still takes part in the multicast of the token tile.
+ODD_TILES_N, ODD_TILES_K = 2 * 128 + 16, 256
+
+
+@requires_builds
+def test_hopper_prefill_kernels_at_an_odd_channel_tile_count(build, gen):
+    indices = sorted({r.kernel for r in build.manifest.routes
+                      if build.kernels[r.kernel].config["family"].startswith("sm90_prefill")})
+    if not indices:
+        pytest.skip(f"{build.build_dir.name} has no Hopper prefill kernel")
+    for index in indices:
+        info = build.kernels[index]
+        dtype = _dtype(info.config["out_dtype"])
+        group = ODD_TILES_K if info.config["granularity"] == "channel" else 128
+        for m in (1, 100, 300):
+            x, wq, bias = _random_problem(ODD_TILES_N, ODD_TILES_K, group, dtype, m, gen)
+            xq = ref.quantize_activation(x, group, info.act_bits)
+            y = torch.full((m, ODD_TILES_N), float("nan"), device="cuda", dtype=dtype)
+            build.gemm(_store_activations(xq.q, info.act_format), xq.scales, build.pack(wq), info, bias, out=y)
+            assert_matches_reference(y, xq, wq, bias)
+
+
 @requires_builds
 def test_worst_case_all_minus_eight(build):
     """Largest partial sums: every weight -8 and, where the kernel takes quantized input, every activation."""

@@ -72,6 +72,14 @@ GROUP_STAGES = (4,)
 # end to end, 5 is 3-13% faster at M=64 (down 3% slower), within 3.5% at M=256..4096 (bench/notes/sm90-prefill.md).
 CHANNEL_STAGES = (5,)
 
+# CTAs a thread-block cluster holds along N (CUTLASS's M): the two CTAs of a cluster compute neighbouring channel
+# tiles of the same token tile, so TMA multicasts that X tile to both (half its L2 reads). Channel: 2, measured
+# against 1 on the H100 in one run each of two machines, M = 4096: the GEMM 2-4% faster on all four llama2-70b
+# GEMMs (clusters 1x2 and 2x2 were slower; bench/notes/sm90-prefill.md, "Clusters"). Group: 1, because its
+# auxiliary scale producer copies with per-CTA cp.async and its results were wrong with a cluster of two.
+CHANNEL_CLUSTER_N = 2
+GROUP_CLUSTER_N = 1
+
 
 # CUTLASS's kernel SharedStorage, as nvcc lays it out (tests pin values read off the compiler; each template
 # static_asserts its own): {mainloop tensors, epilogue tensors}, each padded to 1024 bytes, then the barriers.
@@ -145,13 +153,14 @@ def render_channel(cfg: KernelConfig) -> dict:
     if not cfg.granularity.is_channel:
         raise ValueError(f"sm90_prefill_channel is per-channel; got {cfg.granularity.name}")
     return {**_common_values(cfg), **_channel_schedule(cfg), "max_k": MAX_CHANNEL_K,
-            "smem_bytes": channel_smem_bytes(cfg)}
+            "smem_bytes": channel_smem_bytes(cfg), "cluster_n": CHANNEL_CLUSTER_N}
 
 
 def render_group(cfg: KernelConfig) -> dict:
     if cfg.granularity.group != GROUP:
         raise ValueError(f"sm90_prefill_group serves group={GROUP} only; got {cfg.granularity.name}")
     return {**_common_values(cfg), "group": GROUP, "smem_bytes": group_smem_bytes(cfg),
+            "cluster_n": GROUP_CLUSTER_N,
             "wgmma_tokens": min(cfg.tile_m, GROUP_WGMMA_TOKENS),
             # a second widened-weight buffer fits beside a sum of at most one wgmma block (64 x 128 registers)
             "widen_ahead": cfg.tile_m <= GROUP_WGMMA_TOKENS,

@@ -29,8 +29,9 @@ struct WithStages<Stages, cutlass::gemm::collective::CollectiveMma<
 };
 
 // Config gives ElementW, ElementX, ElementAcc, ElementCompute, ElementOut, ArchTag, kTileM, kTileN, kTileK,
-// kStages. CUTLASS's (M, N, K) is apex4gen's (N, M, K): channels x tokens; W [N, K] is operand A, X [M, K] is B
-// [K, M] and Y [M, N] is D [N, M].
+// kStages and kClusterN (CTAs a cluster holds along N: they compute neighbouring channel tiles of one token tile,
+// which TMA multicasts to them). CUTLASS's (M, N, K) is apex4gen's (N, M, K): channels x tokens; W [N, K] is
+// operand A, X [M, K] is B [K, M] and Y [M, N] is D [N, M].
 template <class Config>
 struct Sm90Prefill {
   using ElementW = typename Config::ElementW;
@@ -40,7 +41,7 @@ struct Sm90Prefill {
   using ElementOut = typename Config::ElementOut;
   using ArchTag = typename Config::ArchTag;
   using TileShape = cute::Shape<cute::Int<Config::kTileN>, cute::Int<Config::kTileM>, cute::Int<Config::kTileK>>;
-  using ClusterShape = cute::Shape<cute::_1, cute::_1, cute::_1>;
+  using ClusterShape = cute::Shape<cute::Int<Config::kClusterN>, cute::_1, cute::_1>;
   using LayoutX = cutlass::layout::ColumnMajor;   // X [M, K] seen as B [K, M]
   using LayoutY = cutlass::layout::ColumnMajor;   // Y [M, N] seen as D [N, M]
   static constexpr int kAlignW = 128 / cutlass::sizeof_bits<ElementW>::value;

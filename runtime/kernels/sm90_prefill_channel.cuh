@@ -4,8 +4,8 @@
 // y = (P * sw[n]) * sx[m] + bias[n] rounded once to the output type.
 // Config (a rendered templates/sm90_prefill_channel.cu.jinja; values from render_channel):
 //   ElementW, ElementX, ElementAcc, ElementCompute, ElementOut, ArchTag, Scheduler; kTileM, kTileN, kTileK,
-//   kStages, kAlignN, kAlignK, kMaxK, kSmemBytes; kPdl (launched with programmatic dependent launch: the source
-//   defines CUTLASS_ENABLE_GDC_FOR_SM90 before any CUTLASS header); schedule(SchedulerArguments&).
+//   kStages, kClusterN, kAlignN, kAlignK, kMaxK, kSmemBytes; kPdl (launched with programmatic dependent launch:
+//   the source defines CUTLASS_ENABLE_GDC_FOR_SM90 before any CUTLASS header); schedule(SchedulerArguments&).
 #pragma once
 
 #include "kernels/sm90_cutlass.cuh"

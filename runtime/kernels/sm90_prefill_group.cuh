@@ -13,7 +13,8 @@
 // The epilogue adds bias[n] and rounds once to the output type.
 // Config (a rendered templates/sm90_prefill_group.cu.jinja; values from render_group): ElementW, ElementX,
 //   ElementAcc, ElementCompute, ElementOut, ArchTag, Scheduler, WeightAtom (apex4gen/kernels/layouts.py's atom);
-//   kGroup, kTileM, kTileN, kTileK, kStages, kAlignN, kAlignK, kWgmmaTokens, kWidenAhead, kSmemBytes.
+//   kGroup, kTileM, kTileN, kTileK, kStages, kClusterN, kAlignN, kAlignK, kWgmmaTokens, kWidenAhead,
+//   kSmemBytes.
 #pragma once
 
 #include "kernels/sm90_cutlass.cuh"
@@ -81,6 +82,7 @@ struct Gemm : Sm90Prefill<Config>, AdapterLauncher<Gemm<Config>> {
   static constexpr int kGroup = Config::kGroup;
   static constexpr int kStages = Config::kStages;
   static_assert(Config::kTileK == kGroup, "one K tile must be exactly one group");
+  static_assert(Config::kClusterN == 1, "the auxiliary producer copies each CTA's own scales: no clusters");
   static_assert(Config::kAlignN % kAlignY == 0, "align_n of the family must allow the output's 16-byte stores");
 
   using WeightAtom = decltype(weight_reorder_atom<ElementX>());
