@@ -7,8 +7,6 @@
 // A value is quantized with one multiply by RN(1/s) and rounded with FP32 adds (quantize_value) instead of an
 // IEEE division and int <-> float conversions (quarter-rate pipes); the division runs only for values near a
 // rounding boundary. Measured on the H100 at M = 4096, K = 8192: per-channel 41.4 -> 39.4 us, g128 1% faster.
-// A whole vector takes that path behind one branch (quantize_vector), with no clamp while the scale is normal, its
-// values held as floats (e4m3 packs them with one conversion a pair), and its absmax taken on 16-bit pairs.
 //
 // Kernels, by the size of a (token, group) chunk:
 // - chunks of up to kBlockMaxVectors vectors from kBlockMinVectors up (per-channel: one chunk per token row):
@@ -33,8 +31,6 @@
 #include <cuda_pipeline.h>
 
 #include <algorithm>
-#include <cfloat>
-#include <type_traits>
 
 namespace {
 
@@ -65,11 +61,9 @@ struct alignas(kVec * sizeof(T)) Vector {
   T v[kVec];
 };
 
-// Quantized values, held as floats (exact integers): e4m3 packs them with one conversion a pair, s4 and s8 take
-// their bits with an add.
 template <int kVec>
 struct QuantizedVector {
-  float q[kVec];
+  int q[kVec];
 };
 
 // Adding 1.5 * 2^23 rounds |y| < 2^22 to an integer (round to nearest even, as rint) held in the low
@@ -118,52 +112,14 @@ __device__ __forceinline__ float scale_of(float absmax, Levels lv) {
 // 0 first).
 __device__ __forceinline__ float inverse_scale(float scale) { return __frcp_rn(scale); }
 
-// Small integers (|q| < 2^22) between int and float with an integer add and an FP32 add (no conversion
-// instruction: those run at a quarter of the FP32 rate).
+// -8..7 as float with an integer add and an FP32 add (no int -> float conversion).
 __device__ __forceinline__ float small_int_to_float(int q) { return __int_as_float(q + kRoundBits) - kRoundMagic; }
-__device__ __forceinline__ int small_float_to_int(float q) { return __float_as_int(q + kRoundMagic) - kRoundBits; }
-
-// A vector's values, quantized. quantize_value's fast path, taken for the whole vector when every value is clear
-// of its rounding boundary (one branch a vector; a NaN fails the comparison) and the scale is normal: then
-// |x| <= absmax gives |y| <= qmax (1 + 2^-24)^3, so the rounded values lie in -qmax..qmax and need no clamp (a
-// subnormal scale's RN(absmax / qmax) is not within 2^-24 of it). Otherwise every value takes quantize_value.
-template <typename T, int kVec>
-__device__ __forceinline__ QuantizedVector<kVec> quantize_vector(const Vector<T, kVec>& in, float scale,
-                                                               float inv_scale, Levels lv) {
-  QuantizedVector<kVec> out;
-  bool clear = scale >= FLT_MIN;
-#pragma unroll
-  for (int i = 0; i < kVec; ++i) {
-    const float y = __fmul_rn(to_float(in.v[i]), inv_scale);
-    out.q[i] = __fsub_rn(__fadd_rn(y, kRoundMagic), kRoundMagic);
-    clear &= fabsf(__fsub_rn(y, out.q[i])) <= 0.5f - lv.margin;
-  }
-  if (!clear) {
-#pragma unroll
-    for (int i = 0; i < kVec; ++i)
-      out.q[i] = small_int_to_float(quantize_value(to_float(in.v[i]), scale, inv_scale, lv));
-  }
-  return out;
-}
-
-// max |v| over a vector, in pairs of 16-bit values (exact: max commutes with the widening to float; like fmaxf,
-// __hmax2 returns the other operand where one is NaN).
-template <typename T, int kVec>
-__device__ __forceinline__ float vector_absmax(const Vector<T, kVec>& in) {
-  using Pair = std::conditional_t<std::is_same_v<T, __half>, __half2, __nv_bfloat162>;
-  static_assert(kVec % 2 == 0, "16-bit values are reduced in pairs");
-  const Pair* pairs = reinterpret_cast<const Pair*>(in.v);
-  Pair m = __habs2(pairs[0]);
-#pragma unroll
-  for (int i = 1; i < kVec / 2; ++i) m = __hmax2(m, __habs2(pairs[i]));
-  return fmaxf(to_float(m.x), to_float(m.y));
-}
 
 template <int kVec>
 __device__ __forceinline__ void store_s4(uint8_t* row, int k, const QuantizedVector<kVec>& q) {
   uint32_t packed = 0;
 #pragma unroll
-  for (int i = 0; i < kVec; ++i) packed |= static_cast<uint32_t>(small_float_to_int(q.q[i]) & 0xF) << (4 * i);
+  for (int i = 0; i < kVec; ++i) packed |= static_cast<uint32_t>(q.q[i] & 0xF) << (4 * i);
   if constexpr (kVec == 8) {
     *reinterpret_cast<uint32_t*>(row + k / 2) = packed;
   } else {
@@ -187,7 +143,7 @@ __device__ __forceinline__ void store_quantized(void* qx, int64_t row_index, int
   } else if constexpr (kFormat == APEX4GEN_ACT_S8) {
     int8_t bytes[kVec];
 #pragma unroll
-    for (int i = 0; i < kVec; ++i) bytes[i] = static_cast<int8_t>(small_float_to_int(q.q[i]));
+    for (int i = 0; i < kVec; ++i) bytes[i] = static_cast<int8_t>(q.q[i]);
     store_bytes<int8_t, kVec>(static_cast<int8_t*>(qx) + row_index * k_total, k, bytes);
   } else {
     // -8..7 are exact in e4m3; converted two at a time (one instruction a pair)
@@ -195,7 +151,8 @@ __device__ __forceinline__ void store_quantized(void* qx, int64_t row_index, int
     __nv_fp8x2_storage_t pairs[kVec / 2];
 #pragma unroll
     for (int i = 0; i < kVec / 2; ++i) {
-      pairs[i] = __nv_cvt_float2_to_fp8x2(make_float2(q.q[2 * i], q.q[2 * i + 1]), __NV_SATFINITE, __NV_E4M3);
+      const float2 v = make_float2(small_int_to_float(q.q[2 * i]), small_int_to_float(q.q[2 * i + 1]));
+      pairs[i] = __nv_cvt_float2_to_fp8x2(v, __NV_SATFINITE, __NV_E4M3);
     }
     store_bytes<__nv_fp8x2_storage_t, kVec / 2>(
         reinterpret_cast<__nv_fp8x2_storage_t*>(static_cast<__nv_fp8_storage_t*>(qx) + row_index * k_total), k / 2,
@@ -236,13 +193,11 @@ quantize_kernel(const T* __restrict__ x, int ldx, int m, int k, int group, int l
   const int vectors = valid ? group / kVec : 0;
   using Vec = Vector<T, kVec>;
 
-  // the lane's first vector stays in registers for pass 2 (at g <= 256 with 16-byte vectors it is the only one)
-  Vec first{};
   float absmax = 0.f;
   for (int v = lane_in_chunk; v < vectors; v += lanes_per_chunk) {
     const Vec in = *reinterpret_cast<const Vec*>(row + k0 + v * kVec);
-    if (v == lane_in_chunk) first = in;
-    absmax = fmaxf(absmax, vector_absmax(in));
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) absmax = fmaxf(absmax, fabsf(to_float(in.v[i])));
   }
   // every lane takes part: shuffles need the whole warp, and xor offsets < lanes_per_chunk stay in the run
   for (int offset = lanes_per_chunk / 2; offset > 0; offset /= 2) {
@@ -255,8 +210,11 @@ quantize_kernel(const T* __restrict__ x, int ldx, int m, int k, int group, int l
 
   for (int v = lane_in_chunk; v < vectors; v += lanes_per_chunk) {
     const int kk = k0 + v * kVec;
-    const Vec in = v == lane_in_chunk ? first : *reinterpret_cast<const Vec*>(row + kk);
-    store_quantized<kFormat, kVec>(qx, row_index, k, kk, quantize_vector(in, scale, inv_scale, lv));
+    const Vec in = *reinterpret_cast<const Vec*>(row + kk);
+    QuantizedVector<kVec> q;
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) q.q[i] = quantize_value(to_float(in.v[i]), scale, inv_scale, lv);
+    store_quantized<kFormat, kVec>(qx, row_index, k, kk, q);
   }
 }
 
@@ -295,13 +253,21 @@ quantize_chunk_staged_kernel(const T* __restrict__ x, int ldx, int k, int group,
   __pipeline_commit();
   __pipeline_wait_prior(0);
   float absmax = 0.f;
-  for (int v = threadIdx.x; v < vectors; v += blockDim.x) absmax = fmaxf(absmax, vector_absmax(staged[v]));
+  for (int v = threadIdx.x; v < vectors; v += blockDim.x) {
+    const Vec in = staged[v];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) absmax = fmaxf(absmax, fabsf(to_float(in.v[j])));
+  }
   const float scale = scale_of(block_absmax(absmax, warp_absmax), lv);
   const float inv_scale = inverse_scale(scale);
   if (threadIdx.x == 0) sx[row_index * groups + k0 / group] = scale;
 
   for (int v = threadIdx.x; v < vectors; v += blockDim.x) {
-    store_quantized<kFormat, 8>(qx, row_index, k, k0 + v * 8, quantize_vector(staged[v], scale, inv_scale, lv));
+    const Vec in = staged[v];
+    QuantizedVector<8> q;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) q.q[j] = quantize_value(to_float(in.v[j]), scale, inv_scale, lv);
+    store_quantized<kFormat, 8>(qx, row_index, k, k0 + v * 8, q);
   }
 }
 
@@ -326,7 +292,8 @@ quantize_chunk_per_block_kernel(const T* __restrict__ x, int ldx, int k, int gro
     const int v = threadIdx.x + i * blockDim.x;
     if (v < vectors) {
       held[i] = *reinterpret_cast<const Vec*>(row + v * kVec);
-      absmax = fmaxf(absmax, vector_absmax(held[i]));
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) absmax = fmaxf(absmax, fabsf(to_float(held[i].v[j])));
     }
   }
   const float scale = scale_of(block_absmax(absmax, warp_absmax), lv);
@@ -337,7 +304,10 @@ quantize_chunk_per_block_kernel(const T* __restrict__ x, int ldx, int k, int gro
   for (int i = 0; i < kHeld; ++i) {
     const int v = threadIdx.x + i * blockDim.x;
     if (v < vectors) {
-      store_quantized<kFormat, kVec>(qx, row_index, k, k0 + v * kVec, quantize_vector(held[i], scale, inv_scale, lv));
+      QuantizedVector<kVec> q;
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) q.q[j] = quantize_value(to_float(held[i].v[j]), scale, inv_scale, lv);
+      store_quantized<kFormat, kVec>(qx, row_index, k, k0 + v * kVec, q);
     }
   }
 }

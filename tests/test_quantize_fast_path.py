@@ -6,7 +6,6 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import pytest
 import torch
 
 from apex4gen import reference as ref
@@ -70,25 +69,3 @@ def test_8bit_fast_path_agrees_with_the_division_wherever_taken():
     assert float(((x / s).double() - exact).abs().max()) <= 3.9e-6
     assert 2 * (1.52e-5 + 3.9e-6) < _margin("kFastMargin8")
     assert not torch.equal(torch.round(y).clamp(-128, 127).to(torch.int8), want.q)
-
-
-@pytest.mark.parametrize("qmax", [7, 127])
-def test_vector_fast_path_needs_no_clamp_where_the_scale_is_normal(qmax):
-    """quantize_vector skips the clamp on its fast path when s >= FLT_MIN: then |x| <= absmax keeps rint(y) within
-    -qmax..qmax. Checked at the extremes: the absmax itself (both signs), values one ulp inside it, and absmax from
-    just above qmax * FLT_MIN to the largest bfloat16; a subnormal scale leaves the range (why the path needs s
-    normal)."""
-    gen = torch.Generator().manual_seed(3)
-    tiny = torch.finfo(torch.float32).tiny
-    absmax = torch.cat([torch.tensor([qmax * tiny * 1.0000001, qmax * tiny * 3.3,
-                                      float(torch.finfo(torch.bfloat16).max), 65504.0]),
-                        torch.exp(torch.empty(4096).uniform_(-80, 80, generator=gen))]).unsqueeze(1)
-    inside = torch.nextafter(absmax, torch.zeros_like(absmax))
-    x = torch.cat([absmax, -absmax, inside, -inside,
-                   (torch.rand(absmax.shape[0], 64, generator=gen) * 2 - 1) * absmax], dim=1)
-    s = ref._scale_of(x.abs().amax(dim=1, keepdim=True), qmax)
-    assert bool((s >= tiny).all())
-    assert float(torch.round(x * (torch.ones_like(s) / s)).abs().max()) == qmax
-    subnormal = torch.tensor([[1e-44]])
-    s_sub = ref._scale_of(subnormal, qmax)
-    assert float(torch.round(subnormal * (torch.ones_like(s_sub) / s_sub)).abs().max()) > qmax
