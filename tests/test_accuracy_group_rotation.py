@@ -97,3 +97,16 @@ def test_group_rotation_without_rotation_is_refused():
     for result, where in ((flags, "--group-rotation"), (methods, "--methods 'gptq+group-rotation'")):
         assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
         assert f"{where}: group-rotation is a rotation option: add rotation" in result.output
+
+
+@torch.no_grad()
+def test_a_group_rotated_model_round_trips_through_the_checkpoint(tmp_path):
+    """The group rotation lives in the folded weights only: the checkpoint stores it as any rotated model."""
+    from apex4gen.checkpoint import load_quantized, save_quantized
+
+    model = tiny_llama(seed=4)
+    cfg = QuantConfig.uniform(Granularity.parse("g16"), rotate=True, group_rotation=True, clip_acts=True)
+    quantize_model(model, cfg, token_batch(4, 32, seed=5))
+    loaded = load_quantized(save_quantized(model, tmp_path / "ckpt"))
+    ids = token_batch(2, 24, seed=6)
+    assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
