@@ -118,8 +118,9 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor |
 def residual_rotation(model: nn.Module, cfg: QuantConfig) -> torch.Tensor | None:
     """The residual stream's matrix: None (the default randomized Hadamard of order d) or, with
     ``group_rotation``, one Hadamard per activation group of the residual's readers (q/k/v and gate/up) over
-    channels ordered by how strongly those read them (:func:`rotation.channel_order`). Folded into the weights
-    like the default, so the kernels and the checkpoint are unchanged."""
+    channels ordered by how strongly those read them (:func:`rotation.channel_order`); the finer of the two
+    groups where they differ (per-channel on both: one Hadamard of order d). Folded into the weights like the
+    default, so the kernels and the checkpoint are unchanged."""
     if not cfg.group_rotation:
         return None
     d = model.config.hidden_size
