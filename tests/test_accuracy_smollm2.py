@@ -14,15 +14,16 @@ pytestmark = [pytest.mark.slow, slow,
 
 
 def test_eval_ppl_ends_with_the_result_line():
-    result = CliRunner().invoke(cli, ["eval", "ppl", "--granularity", "g128", "--rotate", "--gptq", "--act-order",
-                                      "--clip-weights", "--clip-acts", "--tokens", "2048", "--calib-samples", "8"])
+    result = CliRunner().invoke(cli, ["eval", "ppl", "--granularity", "g128", "--rotate", "--group-rotation", "--gptq",
+                                      "--act-order", "--clip-weights", "--clip-acts", "--tokens", "2048",
+                                      "--calib-samples", "8"])
     assert result.exit_code == 0, result.output
     last = result.stdout.strip().splitlines()[-1]
     match = re.fullmatch(r"fp_ppl=([\d.]+) quant_ppl=([\d.]+) ratio=([\d.]+)", last)
     assert match, last
     fp, quant, ratio = map(float, match.groups())
-    # far from RTN (4.6x) but not the 1.2x target, which no setting meets yet (README, Accuracy)
-    assert 1.0 < ratio < 2.0 and abs(quant / fp - ratio) < 1e-3
+    # the acceptance command: far from RTN (4.6x), about 1.3x at this reduced setting (README, Accuracy)
+    assert 1.0 < ratio < 1.5 and abs(quant / fp - ratio) < 1e-3
     noise = re.search(r"bootstrap over the 2 windows: 95% of resampled ratios in \[([\d.]+), ([\d.]+)\]",
                       result.stderr)
     assert noise and float(noise[1]) <= ratio <= float(noise[2]), result.stderr[-500:]

@@ -10,14 +10,18 @@ from ..errors import SpecError
 from ..granularity import Granularity
 from .pipeline import KIND_OF, PLAN_KINDS, QuantConfig
 
-METHOD_FLAGS = {"rotation": "rotate", "gptq": "gptq", "act-order": "act_order", "clip-weights": "clip_weights",
-                "clip-acts": "clip_acts"}
+METHOD_FLAGS = {"rotation": "rotate", "group-rotation": "group_rotation", "gptq": "gptq", "act-order": "act_order",
+                "clip-weights": "clip_weights", "clip-acts": "clip_acts"}
 
 
-def check_methods(methods: dict, where: str) -> None:
-    """One rule for the flags (``where``: the option that set them): act-order orders GPTQ's columns."""
+def check_methods(methods: dict, where: str | None = None) -> None:
+    """The rules for the flags (``where``: the option that set them, e.g. ``--methods``; None: each rule is named
+    by its own flag): act-order orders GPTQ's columns, group-rotation chooses the rotation's matrix."""
     if methods["act_order"] and not methods["gptq"]:
-        raise SpecError(f"{where}: act-order is a GPTQ option: add gptq")
+        raise SpecError(f"{where or '--act-order'}: act-order is a GPTQ option: add gptq")
+    if methods.get("group_rotation") and not methods["rotate"]:
+        raise SpecError(f"{where or '--group-rotation'}: group-rotation is a rotation option: add rotation "
+                        "(--rotate)")
 
 
 def parse_method(text: str) -> dict[str, bool]:
@@ -34,10 +38,11 @@ def parse_method(text: str) -> dict[str, bool]:
 
 
 def build_config(plan_path: Path | None, granularity: Granularity, act8: str = "", **methods) -> QuantConfig:
-    """``methods``: the method options by name (rotate, gptq, act_order, clip_weights, clip_acts, seed);
+    """``methods``: the method options by name (rotate, group_rotation, gptq, act_order, clip_weights,
+    clip_acts, seed);
     ``act8``: the ``--act8`` option (comma-separated kinds or 'all' with 8-bit activations; not with a plan,
     which says per layer)."""
-    check_methods(methods, "--act-order")
+    check_methods(methods)
     if plan_path is None:
         return QuantConfig.uniform(granularity, act_bits=parse_act8(act8), **methods)
     if act8:

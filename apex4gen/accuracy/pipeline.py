@@ -51,6 +51,7 @@ class QuantConfig:
     act_order: bool = False
     clip_weights: bool = False
     clip_acts: bool = False
+    group_rotation: bool = False
     seed: int = 0
 
     @classmethod
@@ -68,7 +69,8 @@ class QuantConfig:
         eight = [k for k, bits in self.act_bits.items() if bits == 8]
         if eight:
             parts[0] += f" (8-bit activations: {','.join(eight)})"
-        parts += [name for name, on in (("rotation", self.rotate), ("gptq", self.gptq),
+        parts += [name for name, on in (("rotation", self.rotate), ("group-rotation", self.group_rotation),
+                                        ("gptq", self.gptq),
                                         ("act-order", self.gptq and self.act_order),
                                         ("clip-w", self.clip_weights), ("clip-a", self.clip_acts)) if on]
         return " + ".join(parts) if len(parts) > 1 else parts[0] + " + rtn"
@@ -99,7 +101,7 @@ def act_bits_for(cfg: QuantConfig, proj: str) -> int:
 def quantize_model(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor | None = None) -> nn.Module:
     """Quantize ``model`` in place; ``calib_ids`` [n_samples, seq_len] is needed for GPTQ / clipping."""
     if cfg.rotate:
-        rotation.rotate_model(model, seed=cfg.seed)
+        rotation.rotate_model(model, seed=cfg.seed, residual=residual_rotation(model, cfg))
     if cfg.needs_calibration:
         if calib_ids is None:
             raise ValueError("GPTQ and the clipping searches need calibration tokens")
@@ -111,6 +113,19 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor |
     # calibration ran the online Hadamard fast; the result is plain W4A4Linear, bit-identical to a saved and
     # reloaded checkpoint (rotation.set_fast_online_rotation switches evaluation to the fast transform)
     return rotation.set_fast_online_rotation(model, fast=False)
+
+
+def residual_rotation(model: nn.Module, cfg: QuantConfig) -> torch.Tensor | None:
+    """The residual stream's matrix: None (the default randomized Hadamard of order d) or, with
+    ``group_rotation``, one Hadamard per activation group of the residual's readers (q/k/v and gate/up) over
+    channels ordered by how strongly those read them (:func:`rotation.channel_order`); the finer of the two
+    groups where they differ (per-channel on both: one Hadamard of order d). Folded into the weights like the
+    default, so the kernels and the checkpoint are unchanged."""
+    if not cfg.group_rotation:
+        return None
+    d = model.config.hidden_size
+    block = min(group_for(cfg, "q_proj", d), group_for(cfg, "gate_proj", d))
+    return rotation.group_rotation(rotation.channel_order(model), block, cfg.seed)
 
 
 def quantized_digest(model: nn.Module) -> str:

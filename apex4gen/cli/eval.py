@@ -49,7 +49,8 @@ def ppl_cmd(model_path, plan_path, granularity, act8, calib_text, calib_samples,
     from ..accuracy.data import load_text
     from ..accuracy.pipeline import PLAN_KINDS
     from ..accuracy.models import load_model
-    from ..accuracy.pipeline import check_kinds, keep_activations_fp, keep_weights_fp, quantized_digest
+    from ..accuracy.pipeline import (check_kinds, keep_activations_fp, keep_weights_fp, quantized_digest,
+                                     residual_rotation)
     from ..accuracy.rotation import rotate_model, set_fast_online_rotation
     from ..checkpoint import load_quantized
     from ..accuracy.evaluation import perplexity_of, tokenize, window_nlls
@@ -77,7 +78,8 @@ def ppl_cmd(model_path, plan_path, granularity, act8, calib_text, calib_samples,
         what = f"W4A4 {cfg.describe()}"
     if fp_weights:
         if cfg.rotate:
-            rotate_model(model, seed=cfg.seed)  # the same rotation as the quantized model's, so weights match
+            # the same rotation as the quantized model's, so weights match
+            rotate_model(model, seed=cfg.seed, residual=residual_rotation(model, cfg))
         keep_weights_fp(quant_model, model)
         what += " (weights left FP: W16A4)"
     del model

@@ -29,6 +29,9 @@ def method_options(fn):
                           "activations are 8-bit (W4A8; the rest stay 4-bit); a --plan brings its own"),
         click.option("--rotate/--no-rotate", default=False, show_default=True,
                      help="QuaRot-style Hadamard rotation (exact in full precision)"),
+        click.option("--group-rotation", is_flag=True,
+                     help="with --rotate: one Hadamard per activation group of the residual's readers, over "
+                          "channels ordered by how strongly the layers read them (not one across the residual)"),
         click.option("--gptq/--no-gptq", default=False, show_default=True, help="GPTQ for the weights"),
         click.option("--act-order", is_flag=True, help="GPTQ columns in decreasing Hessian-diagonal order"),
         click.option("--clip-weights", is_flag=True, help="search a clipping ratio per weight group"),
