@@ -94,7 +94,9 @@ def test_group_rotation_quantizes_every_linear_and_names_itself():
 def test_group_rotation_without_rotation_is_refused():
     flags = CliRunner().invoke(cli, ["eval", "ppl", "--group-rotation", "--model-path", "nope"])
     methods = CliRunner().invoke(cli, ["eval", "table", "--methods", "gptq+group-rotation"])
-    for result, where in ((flags, "--group-rotation"), (methods, "--methods 'gptq+group-rotation'")):
+    calibrate = CliRunner().invoke(cli, ["calibrate", "--group-rotation", "--model-path", "nope", "-o", "s.yaml"])
+    for result, where in ((flags, "--group-rotation"), (methods, "--methods 'gptq+group-rotation'"),
+                          (calibrate, "--group-rotation")):
         assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
         assert f"{where}: group-rotation is a rotation option: add rotation" in result.output
 
