@@ -128,7 +128,12 @@ def fake_quant_linear_by_chunks(self, x: torch.Tensor) -> torch.Tensor:
     return y.to(x.dtype)
 
 
-def rounding_floor(run, want: torch.Tensor, relative) -> float:
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b||, in float32."""
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def rounding_floor(run, want: torch.Tensor) -> float:
     """How far the fake-quant path's own output moves under other valid summation orders of its GEMMs (float64, and
     the kernels' chunked fp32): the largest relative difference of ``run()`` from ``want``. A 16-bit output rounds
     the other way now and then, and the next layer's quantizer can turn that into a whole activation step, so
@@ -137,5 +142,5 @@ def rounding_floor(run, want: torch.Tensor, relative) -> float:
     floors = []
     for order in (fake_quant_linear_f64, fake_quant_linear_by_chunks):
         with mock.patch.object(W4A4Linear, "_fake_quant_linear", order):
-            floors.append(relative(run(), want))
+            floors.append(relative_error(run(), want))
     return max(floors)

@@ -21,7 +21,7 @@ import torch
 from apex4gen import reference as ref
 from apex4gen.errors import ShapeError
 from apex4gen.nn import W4A4Linear
-from _helpers import rounding_floor
+from _helpers import relative_error, rounding_floor
 from test_kernels_gpu import _build_dirs, assert_matches_reference, problems
 
 pytestmark = pytest.mark.gpu
@@ -119,10 +119,6 @@ def _skip_unless_served(build, m: int) -> None:
         pytest.skip(f"{build.build_dir.name} is a partial build: no kernel for {', '.join(holes)} at M={m}")
 
 
-def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm())
-
-
 @torch.no_grad()
 def test_every_projection_on_its_real_inputs(models):
     from apex4gen.engine.model import KernelLinear
@@ -153,10 +149,10 @@ def test_logits_kernel_path_matches_fake_quant(models, tokens):
     ids = torch.randint(0, kernel.config.vocab_size, (2, tokens), device="cuda")
     want_fp = fp(ids, all_logits=True)
     want = fake(ids, all_logits=True)
-    floor = rounding_floor(lambda: fake(ids, all_logits=True), want, _relative)
+    floor = rounding_floor(lambda: fake(ids, all_logits=True), want)
     got = kernel(ids, all_logits=True)
     assert torch.isfinite(got).all()
-    quant_error, path_error = _relative(want, want_fp), _relative(got, want)
+    quant_error, path_error = relative_error(want, want_fp), relative_error(got, want)
     assert path_error < 2 * floor + 0.01 and path_error < 0.5 * quant_error, (path_error, floor, quant_error)
 
 
@@ -206,5 +202,5 @@ def test_cuda_graph_decode_equals_eager(models, batch):
     graph_tokens = graph()
     # the same kernels on the same inputs; cuBLAS (lm_head, the online Hadamard) could pick another algorithm
     # under capture, so the logits must be as close as one ulp flipping a quantized activation now and then allows
-    assert _relative(graph.logits, eager.logits) < 1e-3, _relative(graph.logits, eager.logits)
+    assert relative_error(graph.logits, eager.logits) < 1e-3, relative_error(graph.logits, eager.logits)
     assert torch.equal(graph_tokens, eager_tokens) and int(graph.pos) == 40

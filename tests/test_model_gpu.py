@@ -27,7 +27,7 @@ import torch
 
 from apex4gen import reference as ref
 from apex4gen.nn import W4A4Linear
-from _helpers import rounding_floor
+from _helpers import relative_error, rounding_floor
 from test_kernels_gpu import _build_dirs, assert_matches_reference
 
 pytestmark = pytest.mark.gpu
@@ -104,10 +104,6 @@ def test_every_layer_on_its_real_inputs(quantized, tokens):
         assert_matches_reference(y, ref.quantize_activation(x2, lin.group), lin.quantized_weight(), bias)
 
 
-def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
-
-
 @pytest.mark.parametrize("tokens", TOKENS)
 @torch.no_grad()
 def test_logits_kernel_path_matches_fake_quant(quantized, tokens):
@@ -115,7 +111,7 @@ def test_logits_kernel_path_matches_fake_quant(quantized, tokens):
     ids = torch.randint(0, VOCAB, (2, tokens), device="cuda")
     want_fp = fp(input_ids=ids).logits.float()
     fake = model(input_ids=ids).logits.float()
-    floor = rounding_floor(lambda: model(input_ids=ids).logits.float(), fake, _relative)
+    floor = rounding_floor(lambda: model(input_ids=ids).logits.float(), fake)
     _attach(model, build)
     try:
         kernel = model(input_ids=ids).logits.float()
@@ -123,6 +119,6 @@ def test_logits_kernel_path_matches_fake_quant(quantized, tokens):
         for lin in _linears(model):
             lin.attach(None)
     assert torch.isfinite(kernel).all()
-    quant_error = _relative(fake, want_fp)
-    path_error = _relative(kernel, fake)
+    quant_error = relative_error(fake, want_fp)
+    path_error = relative_error(kernel, fake)
     assert path_error < 2 * floor + 0.01 and path_error < 0.5 * quant_error, (path_error, floor, quant_error)
