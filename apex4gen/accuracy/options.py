@@ -17,9 +17,9 @@ METHOD_FLAGS = {"rotation": "rotate", "group-rotation": "group_rotation", "gptq"
 def check_methods(methods: dict, where: str | None = None) -> None:
     """The rules for the flags (``where``: the option that set them, e.g. ``--methods``; None: each rule is named
     by its own flag): act-order orders GPTQ's columns, group-rotation chooses the rotation's matrix."""
-    if methods["act_order"] and not methods["gptq"]:
+    if methods.get("act_order") and not methods.get("gptq"):
         raise SpecError(f"{where or '--act-order'}: act-order is a GPTQ option: add gptq")
-    if methods.get("group_rotation") and not methods["rotate"]:
+    if methods.get("group_rotation") and not methods.get("rotate"):
         raise SpecError(f"{where or '--group-rotation'}: group-rotation is a rotation option: add rotation "
                         "(--rotate)")
 

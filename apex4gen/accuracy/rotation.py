@@ -277,23 +277,27 @@ def group_rotation(order: torch.Tensor, block: int, seed: int) -> torch.Tensor:
     return perm @ (signs.unsqueeze(1) * torch.block_diag(*blocks))
 
 
-def channel_order(model: nn.Module) -> torch.Tensor:
-    """The residual channels by decreasing weight with which the layers read them: ``sum ||W[:, k] * gamma_k||^2``
-    over every q/k/v and gate/up weight W and its norm's weight gamma. :func:`group_rotation` then gives channels
-    read alike one activation group: the rounding error a group's absmax scale sets costs output error in
-    proportion to how strongly its channels are read, so the heavily read channels share groups of their own.
-    Measured on SmolLM2-135M (bench/notes/accuracy.md): better than the channels in place or ordered by their
-    energy on calibration tokens."""
-    inner = model.model
+def reading_weight(model: nn.Module) -> torch.Tensor:
+    """How strongly the layers read each residual channel k (float64 [d]): ``sum ||W[:, k] * gamma_k||^2`` over
+    every q/k/v and gate/up weight W and its norm's weight gamma."""
     weight = torch.zeros(model.config.hidden_size, dtype=torch.float64)
-    for layer in inner.layers:
+    for layer in model.model.layers:
         att, mlp = layer.self_attn, layer.mlp
         for norm, readers in ((layer.input_layernorm, (att.q_proj, att.k_proj, att.v_proj)),
                               (layer.post_attention_layernorm, (mlp.gate_proj, mlp.up_proj))):
             gamma = norm.weight.detach().double()
             for lin in readers:
                 weight += (lin.weight.detach().double() * gamma).pow(2).sum(0)
-    return torch.argsort(weight, descending=True, stable=True)
+    return weight
+
+
+def channel_order(model: nn.Module) -> torch.Tensor:
+    """The residual channels by decreasing :func:`reading_weight`. :func:`group_rotation` then gives channels
+    read alike one activation group: the rounding error a group's absmax scale sets costs output error in
+    proportion to how strongly its channels are read, so the heavily read channels share groups of their own.
+    Measured on SmolLM2-135M (bench/notes/accuracy.md): better than the channels in place or ordered by their
+    energy on calibration tokens."""
+    return torch.argsort(reading_weight(model), descending=True, stable=True)
 
 
 @torch.no_grad()

@@ -40,7 +40,7 @@ def calibrate_cmd(model_path, model_name, rotate, group_rotation, calib_text, ca
     from ..accuracy.pipeline import QuantConfig, residual_rotation
     from ..granularity import Granularity
 
-    check_methods({"rotate": rotate, "group_rotation": group_rotation, "act_order": False, "gptq": False})
+    check_methods({"rotate": rotate, "group_rotation": group_rotation})
     if model_name is None:
         if model_path is not None:
             raise SpecError("--model-name is required with --model-path (the spec name the planner uses)")

@@ -4,7 +4,7 @@ groups of q/k/v and gate/up: one randomized Hadamard across all 576 channels (`h
 one 64-value Hadamard per group over the channels in some order (`block:<order>:<sign seed>`), the matrix of
 apex4gen.accuracy.rotation.group_rotation. Orders: `place` (channels in place), `energy` (mean square of the
 RMS-normalised residual on the first 2048 tokens of Emma, over every norm), `weight` (sum of the reading
-columns' squared norms, gamma folded: rotation.channel_order, what --group-rotation uses), `product` (energy x
+columns' squared norms, gamma folded: rotation.reading_weight, the order --group-rotation uses), `product` (energy x
 weight), `sqrt` (energy x sqrt(weight)), `ratio` (energy / weight), each decreasing; `hyb:<k>:<sign seed>`: by
 weight, the k highest-energy channels moved into the last group. o_proj (head Hadamard) and down_proj (online
 Hadamard) inputs are quantized as in the pipeline; DOWN=weight or DOWN=place replaces down_proj's Hadamard by one
@@ -73,19 +73,9 @@ def residual_energy(model, tok):
     return torch.stack(sums).mean(0).double()
 
 
-def reading_weight(model):
-    w = torch.zeros(D, dtype=torch.float64)
-    for L in model.model.layers:
-        for norm, lins in ((L.input_layernorm, (L.self_attn.q_proj, L.self_attn.k_proj, L.self_attn.v_proj)),
-                           (L.post_attention_layernorm, (L.mlp.gate_proj, L.mlp.up_proj))):
-            for lin in lins:
-                w += (lin.weight.detach().double() * norm.weight.detach().double()).pow(2).sum(0)
-    return w
-
-
 def main():
     model, tok = load_model()
-    energy, weight = residual_energy(model, tok), reading_weight(model)
+    energy, weight = residual_energy(model, tok), rotation.reading_weight(model)
     keys = {"place": -torch.arange(D, dtype=torch.float64), "energy": energy, "weight": weight,
             "product": energy * weight, "sqrt": energy * weight.sqrt(), "ratio": energy / weight}
     t = rotation.random_orthogonal(1536, 1).float()
