@@ -57,12 +57,13 @@ class Build:
         """Weights in every layout this build's kernels for the problem read (usually exactly one), packed on
         the weight's GPU by the library's apex4gen_pack_weight (what other engines call); ``act_bits``: the
         layer's activation precision (the plan's), which ``linear`` quantizes to. ``layouts`` names the layouts
-        instead, for kernels called by index (``linear(..., kernel=)``) whose layout no route reads."""
+        instead, for kernels called by index (``linear(..., kernel=)``) whose layout no route reads; the problem
+        then need not be one the plan routes."""
         n, k = w.shape
         dtype = w.scales.dtype
         if not w.q.is_cuda:
             raise ShapeError(f"the weight to pack is on {w.q.device}: move it to the GPU first (.cuda())")
-        if act_bits not in self.act_bits_of(n, k, w.group, dtype):
+        if layouts is None and act_bits not in self.act_bits_of(n, k, w.group, dtype):
             self.select(1, n, k, w.group, dtype, act_bits)  # raises the one-line error
         canonical, scales = reference.pack_int4(w.q).contiguous(), w.scales.contiguous()
         packed = {}
