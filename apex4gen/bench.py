@@ -8,6 +8,11 @@ come from the same run (a measured device-to-device copy) and the GPU spec (tens
 With ``breakdown`` the two halves of a two-kernel op are timed alone as well, the same way: the activation
 quantizer, and the GEMM on activations quantized beforehand (ops whose kernel quantizes its own input have no
 halves to time).
+With ``fused_producer`` each point also gets the op's cost with its quantizer fused into the op that makes its
+activation (RMSNorm before qkv/gate_up, SiLU(gate) * up before down_proj; o_proj's input has no such op): the
+time of the fused producer op plus the GEMM on its output, minus the time of the plain producer in PyTorch
+(F.rms_norm with a random weight, F.silu(g) * u), i.e. what the projection adds to a decoder whose producer runs
+anyway, comparable with the cuBLAS baselines (which read the producer's output).
 """
 from __future__ import annotations
 
@@ -24,6 +29,8 @@ from .granularity import Granularity
 
 DEFAULT_MS = (1, 4, 16, 64, 256, 1024, 4096)
 BASELINES = ("fp16", "int8", "fp8_tensor", "fp8_row", "int4_weight_only")
+PRODUCERS = ("rms_norm", "silu_mul")  # the ops a decoder's projections read from (graph.py: rmsnorm, silu_mul)
+RMS_EPS = 1e-5
 
 
 @dataclass(frozen=True)
@@ -42,6 +49,8 @@ class Point:
     quantize_us: float | None = None  # the halves of the op, timed alone (``breakdown``)
     gemm_us: float | None = None
     stream_us: float | None = None    # the bound: a kernel that only reads this GEMM's 4-bit weights and scales
+    fused_us: float | None = None     # (fused producer + GEMM) - plain producer (``fused_producer``); None: no
+                                      # producer to fuse (o_proj), or the kernel quantizes its own input
 
     @property
     def stream_fraction(self) -> float | None:
@@ -50,12 +59,19 @@ class Point:
 
     def speedup(self, baseline: str) -> float | None:
         """Baseline time over ours; ``fp8`` is the faster of cuBLAS FP8 per-tensor and row-wise."""
+        t = self._baseline_us(baseline)
+        return None if t is None else t / self.w4a4_us
+
+    def fused_speedup(self, baseline: str) -> float | None:
+        """Baseline time over the op's with its quantizer fused into the producer (``fused_us``)."""
+        t = self._baseline_us(baseline)
+        return None if t is None or not self.fused_us or self.fused_us <= 0 else t / self.fused_us
+
+    def _baseline_us(self, baseline: str) -> float | None:
         if baseline == "fp8":
             times = [self.baselines_us[b] for b in ("fp8_tensor", "fp8_row") if b in self.baselines_us]
-            t = min(times) if times else None
-        else:
-            t = self.baselines_us.get(baseline)
-        return None if t is None else t / self.w4a4_us
+            return min(times) if times else None
+        return self.baselines_us.get(baseline)
 
 
 def time_graph(fn: Callable[[int], None], copies: int, reps: int = 20, samples: int = 15) -> float:
@@ -183,12 +199,47 @@ def _halves(build, info, x: list, weights: list, group: int) -> tuple[float | No
     return quantize, gemm
 
 
+def _producer_ops(build, info, producer: str, k: int, group: int, dtype) -> tuple[Callable, Callable]:
+    """(fused op, plain PyTorch op) of a producer, each on one input of it: x [M, K] for RMSNorm (a random
+    weight), gate_up [M, 2K] for SiLU(gate) * up."""
+    if producer == "rms_norm":
+        norm = torch.rand(k, device="cuda", dtype=dtype) + 0.5
+
+        def fused(x):
+            return build.rmsnorm_quantize_act(x, norm, RMS_EPS, group, info.act_format, info.act_bits)
+
+        def plain(x):
+            return torch.nn.functional.rms_norm(x, (k,), norm, RMS_EPS)
+    else:
+        def fused(gate_up):
+            return build.silu_mul_quantize_act(gate_up, group, info.act_format, info.act_bits)
+
+        def plain(gate_up):
+            gate, up = gate_up.chunk(2, dim=-1)
+            return torch.nn.functional.silu(gate) * up
+    return fused, plain
+
+
+def _fused_producer(build, info, producer: str, x: list, weights: list, group: int) -> float | None:
+    """µs of (fused producer op + GEMM on its output) minus µs of the plain producer in PyTorch; None where the
+    kernel quantizes its own input (nothing to fuse)."""
+    if info.act_format == "raw":
+        return None
+    copies, (m, k), dtype = len(x), x[0].shape, x[0].dtype
+    inputs = x if producer == "rms_norm" else [torch.randn(m, 2 * k, device="cuda", dtype=dtype) for _ in x]
+    fused, plain = _producer_ops(build, info, producer, k, group, dtype)
+    out = torch.empty(m, weights[0].n, dtype=dtype, device="cuda")
+    both = time_graph(lambda i: build.gemm(*fused(inputs[i % copies]), weights[i % copies], info, out=out), copies)
+    return both - time_graph(lambda i: plain(inputs[i % copies]), copies)
+
+
 def bench_gemm(build, name: str, n: int, k: int, group: int, ms, dtype=torch.float16, want=BASELINES,
                tc_peak_tops: float = 0.0, bandwidth: float = 0.0, breakdown: bool = False,
-               act_bits: int = 4, stream_us: float | None = None) -> list[Point]:
+               act_bits: int = 4, stream_us: float | None = None, producer: str | None = None) -> list[Point]:
     """Time one GEMM of a build at each M (skipping buckets the build does not serve), with the plan's
     activation precision; ``stream_us``, the weight-stream bound of this GEMM measured in the same run, is
-    recorded with every point."""
+    recorded with every point. ``producer`` (one of PRODUCERS, or None for no fusable producer) times the op
+    with its quantizer fused into that producer (Point.fused_us)."""
     gen = torch.Generator(device="cuda").manual_seed(0)
     wbytes = n * k // 2
     copies = copies_for(wbytes)
@@ -200,13 +251,14 @@ def bench_gemm(build, name: str, n: int, k: int, group: int, ms, dtype=torch.flo
         x = [torch.randn(m, k, device="cuda", dtype=dtype, generator=gen) for _ in range(copies)]
         ours = time_graph(lambda i: build.linear(x[i % copies], weights[i % copies]), copies)
         halves = _halves(build, info, x, weights, group) if breakdown else (None, None)
+        fused = _fused_producer(build, info, producer, x, weights, group) if producer else None
         base = _baselines(m, n, k, x, set(want))
         moved = w4a4_bytes(m, n, k, group)
         flops = 2.0 * m * n * k
         points.append(Point(
             name, n, k, m, Granularity.of_size(group, k).name, info.name, ours, base, moved,
             moved / (ours * 1e-6) / bandwidth if bandwidth else 0.0,
-            flops / (ours * 1e-6) / (tc_peak_tops * 1e12) if tc_peak_tops else 0.0, *halves, stream_us))
+            flops / (ours * 1e-6) / (tc_peak_tops * 1e12) if tc_peak_tops else 0.0, *halves, stream_us, fused))
     return points
 
 
@@ -216,6 +268,15 @@ def geomean(values) -> float:
 
 
 def write_json(path, points: list[Point], meta: dict) -> None:
+    """Every point's fields; where the fused-producer time was measured, also its ratios (``fused_speedups``:
+    baseline µs over ``fused_us``, ``fp8`` the faster FP8)."""
     with open(path, "w") as f:
-        json.dump({"meta": meta, "points": [asdict(p) for p in points]}, f, indent=2, sort_keys=True)
+        json.dump({"meta": meta, "points": [_point_record(p) for p in points]}, f, indent=2, sort_keys=True)
         f.write("\n")
+
+
+def _point_record(p: Point) -> dict:
+    record = asdict(p)
+    if p.fused_us is not None:
+        record["fused_speedups"] = {b: p.fused_speedup(b) for b in (*p.baselines_us, "fp8")}
+    return record

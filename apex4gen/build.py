@@ -45,9 +45,9 @@ from . import toolchain
 
 _LIBRARY_FILE = re.compile(r"libapex4gen.*\.(so|a)(\.[0-9.]+)?")
 INT_MAX = 2**31 - 1
-RUNTIME_SOURCES = ("quantize.cu", "pack.cu")
+RUNTIME_SOURCES = ("quantize.cu", "fused_quantize.cu", "pack.cu")
 # The C ABI and the headers the sources include (paths under runtime/); the object cache key hashes them all.
-RUNTIME_HEADERS = ("apex4gen.h", "pack.cuh",
+RUNTIME_HEADERS = ("apex4gen.h", "pack.cuh", "quantize.cuh",
                    *sorted(f"kernels/{p.name}" for p in (runtime_dir() / "kernels").glob("*.cuh")))
 
 

@@ -206,3 +206,29 @@ def reference_linear(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | N
     dtype."""
     out_dtype = x.dtype if x.dtype in _OUT_DTYPES else torch.float16
     return gemm(quantize_activation(x, w.group, act_bits), w, bias, out_dtype)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dimension, rounded once to x's dtype: ``ms = RN32(sum(x^2) / K)`` (the sum exact up to
+    float64 rounding), ``r = RN32(1 / sqrt(RN32(ms + eps)))``, ``y = RN(RN32(RN32(x * r) * w))``, every step an
+    IEEE float32 operation but the sum. A kernel's own summation order may move ``ms`` by one float32 ulp where
+    ``sum / K`` lies within its error of a rounding boundary; ``y`` then differs by at most one ulp of the dtype
+    at the few values that sit that close to one of its boundaries."""
+    if x.shape[-1:] != weight.shape:
+        raise ValueError(f"rms_norm weight of shape {tuple(weight.shape)} for activations [..., {x.shape[-1]}]")
+    xf = x.float()
+    ms = (xf.double().square().sum(-1, keepdim=True) / x.shape[-1]).float()
+    r = torch.rsqrt((ms + torch.tensor(eps, dtype=torch.float32)).double()).float()
+    return (xf * r * weight.float()).to(x.dtype)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's ``silu(gate) * up`` for gate_up [..., 2I] split as ``chunk(2, -1)`` (gate first), in the engine's
+    order: ``s = RN(silu(gate))`` (silu evaluated in float64, rounded to float32, then to the dtype, as
+    ``F.silu`` rounds), then ``y = RN(RN32(s * up))`` (the product of two 16-bit values is exact in float32)."""
+    if gate_up.shape[-1] % 2:
+        raise ValueError(f"gate_up must have an even last dimension (gate and up halves), got {gate_up.shape[-1]}")
+    gate, up = gate_up.chunk(2, dim=-1)
+    g = gate.double()
+    s = (g / (1 + torch.exp(-g))).float().to(gate_up.dtype)
+    return (s.float() * up.float()).to(gate_up.dtype)

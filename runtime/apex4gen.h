@@ -20,7 +20,9 @@
 
 // The ABI's version: changes whenever a declaration below changes meaning. A caller compares
 // apex4gen_<prefix>_abi_version() with the APEX4GEN_ABI_VERSION it was compiled against.
-#define APEX4GEN_ABI_VERSION 2  // 2: activation precision (act_bits) in problems, routes, kernels, quantize_act
+// 2: activation precision (act_bits) in problems, routes, kernels, quantize_act; 3: rmsnorm_quantize_act and
+// silu_mul_quantize_act (the quantizer fused into the op that produces the activation)
+#define APEX4GEN_ABI_VERSION 3
 
 #ifdef __cplusplus
 extern "C" {
@@ -93,6 +95,11 @@ typedef size_t (*apex4gen_workspace_fn)(int m, int n, int k);
 // Kernels:   select_kernel() (the plan's kernel for M and act_bits; -1: none), kernel_act_format(),
 //            kernel_act_bits(), kernel_workspace(), run_kernel(). quantize_act() quantizes activations to
 //            act_bits in a kernel's act format (not for RAW).
+// Producers: the op that makes an activation, with quantize_act's output (same qx, sx, formats and numerics,
+//            quantizing the op's result rounded to the dtype) instead of the activation itself:
+//            rmsnorm_quantize_act(): y = rms_norm(x [M, K], weight [K], eps), the input of qkv/gate_up;
+//            silu_mul_quantize_act(): y = silu(gate) * up from gate_up [M, 2K] (gate: the first K values of a row,
+//            up: the next K; row stride ld), the input of down_proj. Numerics: reference.py rms_norm, silu_mul.
 #define APEX4GEN_FUNCTIONS(X)                                                                                   \
   X(int, abi_version, (void))                                                                                   \
   X(const char*, version, (void))                                                                               \
@@ -115,6 +122,12 @@ typedef size_t (*apex4gen_workspace_fn)(int m, int n, int k);
                              apex4gen_dtype out_dtype, const void** qw, const void** sw))                       \
   X(int, quantize_act, (const void* x, int ldx, apex4gen_dtype x_dtype, int m, int k, int group, int act_bits,  \
                         apex4gen_act_format format, void* qx, float* sx, cudaStream_t stream))                  \
+  X(int, rmsnorm_quantize_act, (const void* x, int ldx, const void* weight, float eps, apex4gen_dtype x_dtype,   \
+                                int m, int k, int group, int act_bits, apex4gen_act_format format, void* qx,    \
+                                float* sx, cudaStream_t stream))                                                \
+  X(int, silu_mul_quantize_act, (const void* gate_up, int ld, apex4gen_dtype dtype, int m, int k, int group,     \
+                                 int act_bits, apex4gen_act_format format, void* qx, float* sx,                 \
+                                 cudaStream_t stream))                                                          \
   X(int, select_kernel, (int m, int n, int k, int group, int act_bits, apex4gen_dtype out_dtype))               \
   X(size_t, kernel_workspace, (int index, int m, int n, int k))                                                 \
   X(int, run_kernel, (int index, const apex4gen_gemm_args* args, cudaStream_t stream))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import ctypes
 import re
 import sys
 from pathlib import Path
@@ -62,6 +63,29 @@ def test_every_exported_function_has_a_ctypes_signature():
         params = functions[name]
         count = 0 if params in ("", "void") else params.count(",") + 1
         assert len(argtypes) == count, name
+
+
+# ctypes types of the header's scalar parameter types; every other scalar (int, the enums) travels as int
+SCALAR_CTYPES = {"float": ctypes.c_float, "size_t": ctypes.c_size_t, "cudaStream_t": ctypes.c_void_p}
+
+
+def _is_pointer(argtype) -> bool:
+    return argtype is ctypes.c_void_p or argtype is ctypes.c_char_p or issubclass(argtype, ctypes._Pointer)
+
+
+def test_every_parameter_has_its_ctypes_type():
+    """A float passed as int (or a pointer as int) is garbage on the C side with no error: each parameter's ctypes
+    type follows its C type."""
+    from apex4gen.loader.binding import SIGNATURES
+    for name, params in header_functions().items():
+        if params in ("", "void"):
+            continue
+        for param, argtype in zip(params.split(","), SIGNATURES[name][1]):
+            c_type = param.strip().rsplit(None, 1)[0]
+            if "*" in param:
+                assert _is_pointer(argtype), (name, param)
+            else:
+                assert argtype is SCALAR_CTYPES.get(c_type, ctypes.c_int), (name, param)
 
 
 def test_gemm_args_mirror_the_header_struct():

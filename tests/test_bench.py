@@ -69,3 +69,59 @@ def test_breakdown_columns_show_the_halves_or_a_dash(capsys):
     assert "41.0" in out and "407.5" in out
     row = next(line for line in out.splitlines() if " 17.7 " in line)
     assert row.count(" - ") == 2 and " 85 " in row  # the halves; 15.0 / 17.7 of the stream bound
+
+
+def _fused_points():
+    """llama2-70b's four GEMMs at M = 4096 per-channel: the plain ops, and the fused-producer times where fusable."""
+    points = []
+    for name, plain, fused, fp8 in (("qkv_proj", 300.0, 250.0, 300.0), ("o_proj", 200.0, None, 190.0),
+                                     ("gate_up_proj", 1000.0, 880.0, 1050.0), ("down_proj", 500.0, 440.0, 520.0)):
+        points.append(bench.Point(name, 8192, 8192, 4096, "channel", "k", plain,
+                                  {"fp8_tensor": fp8, "fp8_row": fp8 * 1.1, "fp16": 3 * fp8}, 1, 0.1, 0.7,
+                                  fused_us=fused))
+    return points
+
+
+def test_fused_producer_ratios_columns_json_and_target(tmp_path, capsys):
+    """fused_us against the faster FP8 in the table and the JSON; the item-3 target on the fused times (o_proj, with
+    no producer to fuse, at its plain op), printed only when they were measured."""
+    import json
+
+    points = _fused_points()
+    assert points[0].fused_speedup("fp8") == 300.0 / 250.0 and points[1].fused_speedup("fp8") is None
+    bench_cli._print_table(points, ("fp8_tensor",), "H100", 3e12, fused_producer=True)
+    out = capsys.readouterr().out
+    assert "fused µs" in out and "fused xfp8" in out
+    row = next(line for line in out.splitlines() if "qkv_proj" in line)
+    assert " 250.0 " in row and " 1.20 " in row
+    assert next(line for line in out.splitlines() if "o_proj" in line).rstrip(" │").endswith("-")
+    bench_cli._print_targets(points, (*bench_cli.TARGETS, bench_cli.FUSED_TARGET))
+    out = capsys.readouterr().out
+    # geomean(300/250, 190/200, 1050/880, 520/440) = 1.126; the plain ops: geomean(1, 0.95, 1.05, 1.04) = 1.009
+    assert ("M=4096 channel vs cuBLAS FP8, quantizer fused into its producer (o_proj unfused): 1.13x "
+            "(>= 1.1x: met)") in out
+    assert "M=4096 channel vs cuBLAS FP8: 1.01x (>= 1.1x: NOT met)" in out
+    bench_cli._print_targets(points)
+    assert "quantizer fused" not in capsys.readouterr().out
+    bench.write_json(tmp_path / "b.json", points, {})
+    records = json.loads((tmp_path / "b.json").read_text())["points"]
+    assert records[0]["fused_us"] == 250.0 and records[0]["fused_speedups"]["fp8"] == 1.2
+    assert "fused_speedups" not in records[1] and records[1]["fused_us"] is None
+
+
+def test_producers_come_from_the_model_graph():
+    """qkv and gate_up read RMSNorm's output, down_proj SiLU * up's, o_proj attention's (nothing to fuse); the
+    unfused plan's q/k/v and gate/up likewise."""
+    from types import SimpleNamespace
+
+    from apex4gen.graph import layer_graph, linear_layers
+    from apex4gen.specs import load_model
+
+    for fused in (True, False):
+        layers = [SimpleNamespace(name=lin.name, activation=lin.activation)
+                  for lin in linear_layers(layer_graph(load_model("llama2-70b"), fused))]
+        plan = SimpleNamespace(model="llama2-70b", fused=fused, layers=layers)
+        producers = bench_cli._producers(plan)
+        assert producers["down_proj"] == "silu_mul" and "o_proj" not in producers
+        norm_fed = {"qkv_proj", "gate_up_proj"} if fused else {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"}
+        assert {name for name, op in producers.items() if op == "rms_norm"} == norm_fed

@@ -194,7 +194,14 @@ def test_bad_input_is_one_line(args, message):
 
 
 class _ReferenceBuild:
-    """The Build API (pack, linear on [..., K]) computed by the reference: the kernel path's plumbing on the CPU."""
+    """The Build API (pack, linear on [..., K]; select, gemm and the fused producers for the engine's fused path)
+    computed by the reference: the kernel path's plumbing on the CPU. ``calls`` counts the ops run. The GEMM's
+    output dtype is that of the activations its producer quantized (a checkpoint's scales may be another)."""
+
+    def __init__(self):
+        from collections import Counter
+        self.calls = Counter()
+        self.act_dtype = None
 
     def pack(self, w, act_bits=4):
         from apex4gen.loader import PackedWeight
@@ -203,10 +210,40 @@ class _ReferenceBuild:
 
     def linear(self, x, packed, bias=None):
         from apex4gen import reference
+        self.calls["linear"] += 1
         q, scales = packed.layouts["canonical"]
         w = reference.QuantizedTensor(q, scales, packed.group)
         y = reference.reference_linear(x.reshape(-1, packed.k), w, bias, packed.act_bits)
         return y.reshape(*x.shape[:-1], packed.n)
+
+    def select(self, m, n, k, group, dtype, act_bits=4):
+        """A kernel reading int8 activations, as the Hopper prefill kernels do."""
+        from apex4gen.manifest import KernelEntry
+        return KernelEntry(0, "reference", {}, "s8", act_bits, "canonical", "")
+
+    def gemm(self, qx, sx, packed, kernel, bias=None):
+        from apex4gen import reference
+        self.calls["gemm"] += 1
+        q, scales = packed.layouts["canonical"]
+        x = reference.QuantizedTensor(qx.reshape(-1, packed.k), sx.reshape(-1, packed.k // packed.group), packed.group)
+        y = reference.gemm(x, reference.QuantizedTensor(q, scales, packed.group), bias, self.act_dtype)
+        return y.reshape(*qx.shape[:-1], packed.n)
+
+    def rmsnorm_quantize_act(self, x, weight, eps, group, fmt="s4", act_bits=4):
+        from apex4gen import reference
+        self.calls["rmsnorm_quantize_act"] += 1
+        return self._quantized(reference.rms_norm(x, weight, eps), group, act_bits)
+
+    def silu_mul_quantize_act(self, gate_up, group, fmt="s4", act_bits=4):
+        from apex4gen import reference
+        self.calls["silu_mul_quantize_act"] += 1
+        return self._quantized(reference.silu_mul(gate_up), group, act_bits)
+
+    def _quantized(self, y, group, act_bits):
+        from apex4gen import reference
+        self.act_dtype = y.dtype
+        q = reference.quantize_activation(y.reshape(-1, y.shape[-1]), group, act_bits)
+        return q.q.view(y.shape), q.scales.view(*y.shape[:-1], -1)
 
 
 @torch.no_grad()
@@ -225,6 +262,30 @@ def test_kernel_path_plumbing_on_reference_ops(checkpoint):
     ids = token_batch(2, 9)
     got, want = kernel(ids, all_logits=True).float(), Decoder(weights)(ids, all_logits=True).float()
     assert (got - want).norm() < 0.05 * want.norm(), float((got - want).norm() / want.norm())
+
+
+@pytest.mark.parametrize("online", [True, False])
+@torch.no_grad()
+def test_kernel_path_fuses_the_producers_on_reference_ops(checkpoint, online):
+    """On the kernels, qkv_proj and gate_up_proj read their inputs from the fused RMSNorm op, and down_proj from the
+    fused SiLU(gate) * up op unless an online Hadamard stands between (the checkpoint's rotation; without it, the
+    same weights with the Hadamard left out, which both paths then compute alike)."""
+    from collections import Counter
+    from dataclasses import replace
+
+    path, _, _ = checkpoint
+    weights = load_checkpoint(path, dtype=torch.bfloat16)
+    if not online:
+        weights = replace(weights, make_layer=lambda i, layer=weights.make_layer: replace(layer(i), online=None))
+    build = _ReferenceBuild()
+    kernel = Decoder(weights, build)
+    ids = token_batch(2, 9)
+    got, want = kernel(ids, all_logits=True).float(), Decoder(weights)(ids, all_logits=True).float()
+    assert (got - want).norm() < 0.05 * want.norm(), float((got - want).norm() / want.norm())
+    layers = kernel.config.num_layers
+    fused_down = 0 if online else layers
+    assert build.calls == Counter(rmsnorm_quantize_act=2 * layers, silu_mul_quantize_act=fused_down,
+                                  gemm=2 * layers + fused_down, linear=2 * layers - fused_down)
 
 
 def test_e2e_report_targets_json_and_summary(tmp_path, capsys):

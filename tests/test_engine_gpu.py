@@ -22,7 +22,7 @@ from apex4gen import reference as ref
 from apex4gen.errors import ShapeError
 from apex4gen.nn import W4A4Linear
 from _helpers import relative_error, rounding_floor
-from test_kernels_gpu import _build_dirs, assert_matches_reference, problems
+from test_kernels_gpu import _build_dirs, _load_activations, assert_matches_reference, problems
 
 pytestmark = pytest.mark.gpu
 
@@ -91,6 +91,15 @@ def models(request):
     """(build, kernel model, fake-quant model, 16-bit model), same weights, two layers."""
     if request.param is None or not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU and a fused LLaMA build in APEX4GEN_TEST_BUILDS (scripts/e2e_device.sh)")
+    build = _load(request.param)
+    seed = torch.seed() % 2**31
+    print(f"seed={seed}")
+    return (build, *_decoders(build, seed))
+
+
+def _decoders(build, seed: int, online: bool = True):
+    """The kernel, fake-quant and 16-bit models of the build's model (random weights, LAYERS layers); without
+    ``online`` the W4A4 ones leave out the online Hadamard before down_proj (both compute the same function)."""
     from dataclasses import replace
 
     from apex4gen.engine import Decoder, random_weights
@@ -98,15 +107,17 @@ def models(request):
     from apex4gen.engine.config import from_spec
     from apex4gen.specs import load_model
 
-    build = _load(request.param)
     config = replace(from_spec(load_model(build.manifest.model)), dtype=build_dtype(build)).with_layers(LAYERS)
-    seed = torch.seed() % 2**31
-    print(f"seed={seed}")
     groups, bits = plan_groups(build), plan_act_bits(build)
-    kernel = Decoder(random_weights(config, groups, "cuda", seed, bits), build, max_positions=512)
-    fake = Decoder(random_weights(config, groups, "cuda", seed, bits), None, max_positions=512)
-    fp = Decoder(random_weights(config, None, "cuda", seed), None, max_positions=512)
-    return build, kernel, fake, fp
+
+    def quantized():
+        weights = random_weights(config, groups, "cuda", seed, bits)
+        if online:
+            return weights
+        return replace(weights, make_layer=lambda i, layer=weights.make_layer: replace(layer(i), online=None))
+
+    return (Decoder(quantized(), build, max_positions=512), Decoder(quantized(), None, max_positions=512),
+            Decoder(random_weights(config, None, "cuda", seed), None, max_positions=512))
 
 
 def _skip_unless_served(build, m: int) -> None:
@@ -119,26 +130,80 @@ def _skip_unless_served(build, m: int) -> None:
         pytest.skip(f"{build.build_dir.name} is a partial build: no kernel for {', '.join(holes)} at M={m}")
 
 
-@torch.no_grad()
-def test_every_projection_on_its_real_inputs(models):
+def _record_projections(build, monkeypatch) -> list:
+    """Every projection's call from now on, as (its activations quantized, packed weight, output): the op's
+    input quantized by the reference where ``linear`` quantizes it, the fused producer's output where ``gemm``
+    reads activations a producer quantized."""
+    seen = []
+    linear, gemm = build.linear, build.gemm
+
+    def record_linear(x, w, bias=None, out=None, kernel=None):
+        y = linear(x, w, bias, out, kernel)
+        seen.append((ref.quantize_activation(x.reshape(-1, w.k), w.group, w.act_bits), w, y))
+        return y
+
+    def record_gemm(qx, sx, w, info, bias=None, out=None):
+        y = gemm(qx, sx, w, info, bias, out)
+        q = _load_activations(qx.reshape(-1, qx.shape[-1]), info.act_format)
+        seen.append((ref.QuantizedTensor(q, sx.reshape(-1, sx.shape[-1]), w.group), w, y))
+        return y
+
+    monkeypatch.setattr(build, "linear", record_linear)
+    monkeypatch.setattr(build, "gemm", record_gemm)
+    return seen
+
+
+def _check_projections(kernel, fake, seen) -> None:
+    """Each recorded GEMM within the GEMM tolerance of the reference on the activations it read."""
     from apex4gen.engine.model import KernelLinear
 
-    build, kernel, fake, _ = models
-    seen = {}
-    hooks = [m.register_forward_hook(lambda mod, args, out: seen.__setitem__(mod, (args[0], out)))
-             for m in kernel.modules() if isinstance(m, KernelLinear)]
-    try:
-        kernel(torch.randint(0, kernel.config.vocab_size, (1, 17), device="cuda"))
-    finally:
-        for h in hooks:
-            h.remove()
-    assert len(seen) == 4 * LAYERS
+    linears = [m for m in kernel.modules() if isinstance(m, KernelLinear)]
     fakes = [m for m in fake.modules() if isinstance(m, W4A4Linear)]
-    for (mod, (x, y)), ref_layer in zip(seen.items(), fakes):
-        x2 = x.reshape(-1, mod.packed.k)
-        assert_matches_reference(y.reshape(x2.shape[0], -1),
-                                 ref.quantize_activation(x2, mod.packed.group, mod.packed.act_bits),
-                                 ref_layer.quantized_weight(), None)
+    weights = {id(m.packed): f.quantized_weight() for m, f in zip(linears, fakes)}
+    assert len(seen) == 4 * LAYERS
+    for xq, w, y in seen:
+        assert_matches_reference(y.reshape(xq.q.shape[0], -1), xq, weights[id(w)], None)
+
+
+@torch.no_grad()
+def test_every_projection_on_its_real_inputs(models, monkeypatch):
+    build, kernel, fake, _ = models
+    seen = _record_projections(build, monkeypatch)
+    kernel(torch.randint(0, kernel.config.vocab_size, (1, 17), device="cuda"))
+    _check_projections(kernel, fake, seen)
+
+
+@pytest.mark.parametrize("online", [True, False])
+@torch.no_grad()
+def test_fused_producers_are_taken_and_match_fake_quant(models, monkeypatch, online):
+    """A 600-token prefill: where the routed kernels read quantized activations, qkv_proj and gate_up_proj get
+    them from the fused RMSNorm op and down_proj from the fused SiLU(gate) * up op (not with the online Hadamard
+    between), every GEMM on them within its tolerance, and the logits as close to fake-quant as the unfused
+    path's must be (test_logits_kernel_path_matches_fake_quant)."""
+    build, *_ = models
+    _skip_unless_served(build, 600)
+    kernel, fake, fp = _decoders(build, torch.seed() % 2**31, online)
+    calls = []
+    for name in ("rmsnorm_quantize_act", "silu_mul_quantize_act"):
+        op = getattr(build, name)
+        monkeypatch.setattr(build, name, lambda *a, _op=op, _name=name, **kw: calls.append(_name) or _op(*a, **kw))
+    seen = _record_projections(build, monkeypatch)
+    ids = torch.randint(0, kernel.config.vocab_size, (2, 300), device="cuda")
+    got = kernel(ids, all_logits=True)
+    expected = []
+    for proj in (kernel.layers[0].attn.qkv.linear, kernel.layers[0].mlp.gate_up.linear):
+        if proj.prequantized_kernel(600) is not None:
+            expected.append("rmsnorm_quantize_act")
+    if not online and kernel.layers[0].mlp.down.linear.prequantized_kernel(600) is not None:
+        expected.append("silu_mul_quantize_act")
+    if not expected:
+        pytest.skip(f"{build.build_dir.name}'s kernels at M=600 quantize their own input: nothing to fuse")
+    assert sorted(calls) == sorted(expected * LAYERS)
+    _check_projections(kernel, fake, seen)
+    want, want_fp = fake(ids, all_logits=True), fp(ids, all_logits=True)
+    floor = rounding_floor(lambda: fake(ids, all_logits=True), want)
+    quant_error, path_error = relative_error(want, want_fp), relative_error(got, want)
+    assert path_error < 2 * floor + 0.01 and path_error < 0.5 * quant_error, (path_error, floor, quant_error)
 
 
 @pytest.mark.parametrize("tokens", [1, 17, 300])

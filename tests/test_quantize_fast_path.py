@@ -1,6 +1,7 @@
-"""runtime/quantize.cu rounds y = x * RN(1/s) and divides only for values near a rounding boundary
-(quantize_value). Its fast path must give the reference's clamp(rint(x / s)) wherever it is taken: emulated
-here in IEEE float32 on the CPU, on values aimed at the boundaries (k + 1/2) * s within a few ulps."""
+"""runtime/quantize.cuh (the quantizers of quantize.cu and fused_quantize.cu) rounds y = x * RN(1/s) and
+divides only for values near a rounding boundary (quantize_value). Its fast path must give the reference's
+clamp(rint(x / s)) wherever it is taken: emulated here in IEEE float32 on the CPU, on values aimed at the
+boundaries (k + 1/2) * s within a few ulps."""
 from __future__ import annotations
 
 import re
@@ -12,7 +13,7 @@ from apex4gen import reference as ref
 
 from _helpers import boundary_values
 
-SOURCE = Path(__file__).resolve().parents[1] / "runtime" / "quantize.cu"
+SOURCE = Path(__file__).resolve().parents[1] / "runtime" / "quantize.cuh"
 MAGIC = 12582912.0  # 1.5 * 2**23, as kRoundMagic
 MAGIC_BITS = 0x4B400000
 

@@ -6,6 +6,13 @@ The projections are what :func:`make_linear` makes of the weights: the build's W
 :class:`apex4gen.nn.W4A4Linear` (fake-quant path: the reference numerics, any device), or ``F.linear`` on
 16-bit weights (the FP baseline). Everything else is the same code for all three, so the speed ratio of two
 models comes from their linear layers (and the W4A4 model's online Hadamard, which it needs).
+
+On the kernel path a projection whose input is straight the output of RMSNorm (qkv_proj, gate_up_proj) or of
+SiLU(gate) * up (down_proj without an online Hadamard) has that op and its activation quantization run as one
+fused op (``rmsnorm_quantize_act``, ``silu_mul_quantize_act``), then the GEMM on its output, wherever the
+kernel routed for the token count reads quantized activations and the layer clips none (:class:`NormLinear`,
+:class:`SiluMulLinear`): the activation is never written, and the quantizer's read of it and its launch are
+gone. The result is what the unfused ops give up to their float32 order (reference.rms_norm, silu_mul).
 """
 from __future__ import annotations
 
@@ -51,6 +58,19 @@ class KernelLinear(nn.Module):
             x = clip_activation(x.reshape(-1, self.packed.k), self.packed.group, self.act_clip).reshape(x.shape)
         return self.build.linear(x, self.packed, self.bias)
 
+    def prequantized_kernel(self, m: int):
+        """The kernel routed for ``m`` tokens if it reads activations quantized beforehand, which a producer then
+        quantizes as it makes them; None where the layer clips its input or the kernel quantizes its own."""
+        if self.act_clip < 1.0:
+            return None
+        packed = self.packed
+        kernel = self.build.select(m, packed.n, packed.k, packed.group, packed.dtype, packed.act_bits)
+        return None if kernel.act_format == "raw" else kernel
+
+    def gemm(self, qx: torch.Tensor, sx: torch.Tensor, kernel) -> torch.Tensor:
+        """The GEMM on activations a producer quantized for ``kernel`` (:meth:`prequantized_kernel`)."""
+        return self.build.gemm(qx, sx, self.packed, kernel, self.bias)
+
     def weight_tensors(self, one_layout: bool = False) -> list:
         """Every layout held (a Hopper GEMM's decode and prefill kernels read different ones), or the smallest."""
         pairs = list(self.packed.layouts.values())
@@ -86,6 +106,56 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
+def _prequantized_kernel(linear: nn.Module, x: torch.Tensor):
+    """The kernel that ``linear`` runs on activations quantized by x's fused producer (one row of x a token), or
+    None: the projection is not on the kernels, or its kernel takes no quantized input (:class:`KernelLinear`)."""
+    if not isinstance(linear, KernelLinear):
+        return None
+    return linear.prequantized_kernel(x.numel() // x.shape[-1])
+
+
+class NormLinear(nn.Module):
+    """RMSNorm, then a projection of its output (qkv_proj, gate_up_proj). On the kernel path, where the routed
+    kernel reads quantized activations, the norm quantizes its output itself (``rmsnorm_quantize_act``) and the
+    GEMM reads that."""
+
+    def __init__(self, norm: RMSNorm, linear: nn.Module) -> None:
+        super().__init__()
+        self.norm, self.linear = norm, linear
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        kernel = _prequantized_kernel(self.linear, h)
+        if kernel is None:
+            return self.linear(self.norm(h))
+        lin = self.linear
+        qx, sx = lin.build.rmsnorm_quantize_act(h, self.norm.weight, self.norm.eps, lin.packed.group,
+                                                kernel.act_format, kernel.act_bits)
+        return lin.gemm(qx, sx, kernel)
+
+
+class SiluMulLinear(nn.Module):
+    """SwiGLU's ``silu(gate) * up`` of gate_up [..., 2I] (``chunk(2, -1)``: gate first; F.silu rounded to the
+    dtype, then the product), the online Hadamard if the checkpoint has one, then down_proj. On the kernel path
+    without an online Hadamard, where the routed kernel reads quantized activations, one fused op
+    (``silu_mul_quantize_act``) makes and quantizes the activation and the GEMM reads that."""
+
+    def __init__(self, linear: nn.Module, online: OnlineHadamard | None) -> None:
+        super().__init__()
+        self.linear, self.online = linear, online
+
+    def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
+        kernel = None if self.online is not None else _prequantized_kernel(self.linear, gate_up)
+        if kernel is None:
+            gate, up = gate_up.chunk(2, dim=-1)
+            act = F.silu(gate) * up
+            if self.online is not None:
+                act = self.online(act)
+            return self.linear(act)
+        lin = self.linear
+        qx, sx = lin.build.silu_mul_quantize_act(gate_up, lin.packed.group, kernel.act_format, kernel.act_bits)
+        return lin.gemm(qx, sx, kernel)
+
+
 class Rope(nn.Module):
     """Rotary embeddings in the rotate-half convention of transformers' LLaMA, as cos and signed-sin tables:
     ``x·cos + roll(x, D/2)·sin±`` with ``sin± = [-sin, sin]`` is ``x·cos + rotate_half(x)·sin``."""
@@ -111,16 +181,18 @@ class Rope(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, config: DecoderConfig, qkv: nn.Module, o: nn.Module) -> None:
+    """Self-attention of the residual stream h: ``qkv`` (a :class:`NormLinear`) normalises and projects it."""
+
+    def __init__(self, config: DecoderConfig, qkv: NormLinear, o: nn.Module) -> None:
         super().__init__()
         self.config, self.qkv, self.o = config, qkv, o
 
-    def forward(self, x: torch.Tensor, rope: tuple, cache: tuple | None, pos: torch.Tensor | None,
+    def forward(self, h: torch.Tensor, rope: tuple, cache: tuple | None, pos: torch.Tensor | None,
                 mask: torch.Tensor | None) -> torch.Tensor:
         c = self.config
-        b, t, _ = x.shape
+        b, t, _ = h.shape
         heads, kv_heads, d = c.num_heads, c.num_kv_heads, c.head_dim
-        qkv = self.qkv(x)
+        qkv = self.qkv(h)
         qk = Rope.apply(qkv[..., :c.q_dim + c.kv_dim].view(b, t, heads + kv_heads, d), *rope)
         q, k = qk[:, :, :heads], qk[:, :, heads:]
         v = qkv[..., c.q_dim + c.kv_dim:].view(b, t, kv_heads, d)
@@ -158,16 +230,19 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, gate_up: nn.Module, down: nn.Module, online: OnlineHadamard | None) -> None:
-        super().__init__()
-        self.gate_up, self.down, self.online = gate_up, down, online
+    """SwiGLU of the residual stream h: ``gate_up`` (a :class:`NormLinear`) normalises and projects it, ``down``
+    (a :class:`SiluMulLinear`) makes the activation and projects it."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        act = F.silu(gate) * up
-        if self.online is not None:
-            act = self.online(act)
-        return self.down(act)
+    def __init__(self, gate_up: NormLinear, down: SiluMulLinear) -> None:
+        super().__init__()
+        self.gate_up, self.down = gate_up, down
+
+    @property
+    def online(self) -> OnlineHadamard | None:
+        return self.down.online
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.down(self.gate_up(h))
 
 
 class DecoderLayer(nn.Module):
@@ -175,21 +250,21 @@ class DecoderLayer(nn.Module):
         super().__init__()
         p = weights.projections
         lin = {kind: make_linear(p[kind], build) for kind in KINDS}
-        self.input_norm = RMSNorm(weights.input_norm, config.rms_norm_eps)
-        self.post_norm = RMSNorm(weights.post_norm, config.rms_norm_eps)
-        self.attn = Attention(config, lin["qkv_proj"], lin["o_proj"])
+        input_norm = RMSNorm(weights.input_norm, config.rms_norm_eps)
+        post_norm = RMSNorm(weights.post_norm, config.rms_norm_eps)
+        self.attn = Attention(config, NormLinear(input_norm, lin["qkv_proj"]), lin["o_proj"])
         online = None if weights.online is None else weights.online.to(config.dtype)  # in place: shared by layers
-        self.mlp = MLP(lin["gate_up_proj"], lin["down_proj"], online)
+        self.mlp = MLP(NormLinear(post_norm, lin["gate_up_proj"]), SiluMulLinear(lin["down_proj"], online))
 
     def forward(self, h, rope, cache, pos, mask):
-        h = h + self.attn(self.input_norm(h), rope, cache, pos, mask)
-        return h + self.mlp(self.post_norm(h))
+        h = h + self.attn(h, rope, cache, pos, mask)
+        return h + self.mlp(h)
 
     def weight_tensors(self, one_layout: bool = False) -> list:
-        linears = (self.attn.qkv, self.attn.o, self.mlp.gate_up, self.mlp.down)
+        linears = (self.attn.qkv.linear, self.attn.o, self.mlp.gate_up.linear, self.mlp.down.linear)
         online = [] if self.mlp.online is None else list(self.mlp.online.buffers())
-        return [t for m in linears for t in m.weight_tensors(one_layout)] \
-            + [self.input_norm.weight, self.post_norm.weight] + online
+        norms = [self.attn.qkv.norm.weight, self.mlp.gate_up.norm.weight]
+        return [t for m in linears for t in m.weight_tensors(one_layout)] + norms + online
 
 
 class Decoder(nn.Module):

@@ -1,5 +1,7 @@
 """The user's side of a loaded build: :func:`load` and :class:`Build` (``pack`` a layer's weights once, then
-``linear``; ``gemm`` and ``quantize_act`` for callers that quantize one activation for several GEMMs)."""
+``linear``; ``gemm`` and ``quantize_act`` for callers that quantize one activation for several GEMMs;
+``rmsnorm_quantize_act`` and ``silu_mul_quantize_act`` for callers that quantize an activation in the op that
+makes it, then ``gemm``)."""
 from __future__ import annotations
 
 import warnings
@@ -104,6 +106,19 @@ class Build:
     def quantize_act(self, x: torch.Tensor, group: int, fmt: str = "s4",
                      act_bits: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.ops.apex4gen.quantize_act(x, group, abi.ACT_FORMAT[fmt], self.handle, act_bits)
+
+    def rmsnorm_quantize_act(self, x: torch.Tensor, weight: torch.Tensor, eps: float, group: int, fmt: str = "s4",
+                             act_bits: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+        """``quantize_act(rms_norm(x, weight, eps), ...)`` in one kernel, the normalised x never written
+        (numerics: :func:`apex4gen.reference.rms_norm`); x [..., K], weight [K] of x's dtype."""
+        return torch.ops.apex4gen.rmsnorm_quantize_act(x, weight, eps, group, abi.ACT_FORMAT[fmt], self.handle,
+                                                       act_bits)
+
+    def silu_mul_quantize_act(self, gate_up: torch.Tensor, group: int, fmt: str = "s4",
+                              act_bits: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+        """``quantize_act(silu(gate) * up, ...)`` in one kernel for gate_up [..., 2I] (``gate, up =
+        gate_up.chunk(2, -1)``; numerics: :func:`apex4gen.reference.silu_mul`); outputs cover I values a row."""
+        return torch.ops.apex4gen.silu_mul_quantize_act(gate_up, group, abi.ACT_FORMAT[fmt], self.handle, act_bits)
 
 
 @dataclass(frozen=True)

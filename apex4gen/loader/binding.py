@@ -23,6 +23,7 @@ class GemmArgs(ctypes.Structure):
 
 
 _c_int, _c_void_p, _c_size_t, _c_char_p = ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p
+_c_float = ctypes.c_float
 _c_int_p, _c_void_pp = ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_void_p)
 # name -> (return type, argument types); enums travel as int; the order of APEX4GEN_FUNCTIONS
 SIGNATURES = {
@@ -47,6 +48,10 @@ SIGNATURES = {
                                             _c_void_pp]),
     "apex4gen_quantize_act": (_c_int, [_c_void_p, _c_int, _c_int, _c_int, _c_int, _c_int, _c_int, _c_int,
                                        _c_void_p, _c_void_p, _c_void_p]),
+    "apex4gen_rmsnorm_quantize_act": (_c_int, [_c_void_p, _c_int, _c_void_p, _c_float, _c_int, _c_int, _c_int, _c_int,
+                                               _c_int, _c_int, _c_void_p, _c_void_p, _c_void_p]),
+    "apex4gen_silu_mul_quantize_act": (_c_int, [_c_void_p, _c_int, _c_int, _c_int, _c_int, _c_int, _c_int, _c_int,
+                                                _c_void_p, _c_void_p, _c_void_p]),
     "apex4gen_select_kernel": (_c_int, [_c_int, _c_int, _c_int, _c_int, _c_int, _c_int]),
     "apex4gen_kernel_workspace": (_c_size_t, [_c_int, _c_int, _c_int, _c_int]),
     "apex4gen_run_kernel": (_c_int, [_c_int, ctypes.POINTER(GemmArgs), _c_void_p]),

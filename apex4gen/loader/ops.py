@@ -1,7 +1,10 @@
-"""The PyTorch ops ``torch.ops.apex4gen.{quantize_act, linear, linear_out, gemm_out}``: ``torch.library`` custom
-ops with fake implementations (torch.compile), on the current CUDA stream, allocating only through PyTorch and
-never synchronising the host, so they can be captured in CUDA graphs. Activations may have any leading shape
-``[..., K]`` (outputs ``[..., N]``), as ``torch.nn.functional.linear``; the C ABI sees them as [M, K].
+"""The PyTorch ops ``torch.ops.apex4gen.{quantize_act, rmsnorm_quantize_act, silu_mul_quantize_act, linear,
+linear_out, gemm_out}``: ``torch.library`` custom ops with fake implementations (torch.compile), on the current
+CUDA stream, allocating only through PyTorch and never synchronising the host, so they can be captured in CUDA
+graphs. Activations may have any leading shape ``[..., K]`` (outputs ``[..., N]``), as
+``torch.nn.functional.linear``; the C ABI sees them as [M, K]. The two producer ops return what ``quantize_act``
+returns for the activation they make (RMSNorm's output; SiLU(gate) * up of a [..., 2K] gate_up), without
+writing that activation.
 
 An op names its build by ``handle`` (what :func:`register` returned) and its kernel by the manifest's index.
 """
@@ -60,16 +63,42 @@ def quantized_act_shape(m: int, k: int, group: int, fmt: int) -> tuple[tuple[int
     return (m, k), torch.float8_e4m3fn
 
 
+def _quantized_outputs(x: torch.Tensor, m: int, k: int, group: int, fmt: int) -> tuple[torch.Tensor, torch.Tensor]:
+    shape, dtype = quantized_act_shape(m, k, group, fmt)
+    return (torch.empty(shape, dtype=dtype, device=x.device),
+            torch.empty((m, k // group), dtype=torch.float32, device=x.device))
+
+
 def _quantize_act_impl(x: torch.Tensor, group: int, fmt: int, handle: int,
                        act_bits: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     lib = _LIBRARIES[handle].lib
     m, k = x.shape
-    shape, dtype = quantized_act_shape(m, k, group, fmt)
-    qx = torch.empty(shape, dtype=dtype, device=x.device)
-    sx = torch.empty((m, k // group), dtype=torch.float32, device=x.device)
+    qx, sx = _quantized_outputs(x, m, k, group, fmt)
     status = lib.apex4gen_quantize_act(x.data_ptr(), x.stride(0), _DTYPE[x.dtype], m, k, group, act_bits, fmt,
                                        qx.data_ptr(), sx.data_ptr(), _stream())
     check_status(lib, status, "activation quantization")
+    return qx, sx
+
+
+def _rmsnorm_quantize_act_impl(x: torch.Tensor, weight: torch.Tensor, eps: float, group: int, fmt: int, handle: int,
+                               act_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    lib = _LIBRARIES[handle].lib
+    m, k = x.shape
+    qx, sx = _quantized_outputs(x, m, k, group, fmt)
+    status = lib.apex4gen_rmsnorm_quantize_act(x.data_ptr(), x.stride(0), weight.data_ptr(), eps, _DTYPE[x.dtype],
+                                               m, k, group, act_bits, fmt, qx.data_ptr(), sx.data_ptr(), _stream())
+    check_status(lib, status, "RMSNorm with activation quantization")
+    return qx, sx
+
+
+def _silu_mul_quantize_act_impl(gate_up: torch.Tensor, group: int, fmt: int, handle: int,
+                                act_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    lib = _LIBRARIES[handle].lib
+    m, k = gate_up.shape[0], gate_up.shape[1] // 2
+    qx, sx = _quantized_outputs(gate_up, m, k, group, fmt)
+    status = lib.apex4gen_silu_mul_quantize_act(gate_up.data_ptr(), gate_up.stride(0), _DTYPE[gate_up.dtype], m, k,
+                                                group, act_bits, fmt, qx.data_ptr(), sx.data_ptr(), _stream())
+    check_status(lib, status, "SiLU(gate) * up with activation quantization")
     return qx, sx
 
 
@@ -122,7 +151,8 @@ _REGISTERED = False
 
 
 def _register_ops() -> None:
-    """Define torch.ops.apex4gen.{quantize_act, linear, linear_out, gemm_out} once per process."""
+    """Define torch.ops.apex4gen.{quantize_act, rmsnorm_quantize_act, silu_mul_quantize_act, linear, linear_out,
+    gemm_out} once per process."""
     global _REGISTERED
     if _REGISTERED:
         return
@@ -136,10 +166,30 @@ def _register_ops() -> None:
 
     @quantize_act.register_fake
     def _(x, group, fmt, handle, act_bits=4):
-        k = x.shape[-1]
-        shape, dtype = quantized_act_shape(1, k, group, fmt)
-        return (x.new_empty((*x.shape[:-1], shape[1]), dtype=dtype),
-                x.new_empty((*x.shape[:-1], k // group), dtype=torch.float32))
+        return _fake_quantized(x, x.shape[-1], group, fmt)
+
+    @torch.library.custom_op("apex4gen::rmsnorm_quantize_act", mutates_args=())
+    def rmsnorm_quantize_act(x: torch.Tensor, weight: torch.Tensor, eps: float, group: int, fmt: int, handle: int,
+                             act_bits: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+        _check_input(x, group)
+        _check_norm_weight(weight, x)
+        qx, sx = _rmsnorm_quantize_act_impl(_flat(x), weight, eps, group, fmt, handle, act_bits)
+        return qx.view(*x.shape[:-1], qx.shape[-1]), sx.view(*x.shape[:-1], sx.shape[-1])
+
+    @rmsnorm_quantize_act.register_fake
+    def _(x, weight, eps, group, fmt, handle, act_bits=4):
+        return _fake_quantized(x, x.shape[-1], group, fmt)
+
+    @torch.library.custom_op("apex4gen::silu_mul_quantize_act", mutates_args=())
+    def silu_mul_quantize_act(gate_up: torch.Tensor, group: int, fmt: int, handle: int,
+                              act_bits: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+        _check_gate_up(gate_up, group)
+        qx, sx = _silu_mul_quantize_act_impl(_flat(gate_up), group, fmt, handle, act_bits)
+        return qx.view(*gate_up.shape[:-1], qx.shape[-1]), sx.view(*gate_up.shape[:-1], sx.shape[-1])
+
+    @silu_mul_quantize_act.register_fake
+    def _(gate_up, group, fmt, handle, act_bits=4):
+        return _fake_quantized(gate_up, gate_up.shape[-1] // 2, group, fmt)
 
     @torch.library.custom_op("apex4gen::linear", mutates_args=())
     def linear(x: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor, bias: torch.Tensor | None, n: int,
@@ -182,3 +232,26 @@ def _check_input(x: torch.Tensor, group: int) -> None:
                          f"{x.dtype} on {x.device}")
     if x.shape[-1] % group:
         raise ShapeError(f"K={x.shape[-1]} is not a multiple of the group size {group}")
+
+
+def _fake_quantized(x: torch.Tensor, k: int, group: int, fmt: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The shapes and dtypes of quantized activations [..., K] made from ``x``'s leading dimensions."""
+    shape, dtype = quantized_act_shape(1, k, group, fmt)
+    return (x.new_empty((*x.shape[:-1], shape[1]), dtype=dtype),
+            x.new_empty((*x.shape[:-1], k // group), dtype=torch.float32))
+
+
+def _check_norm_weight(weight: torch.Tensor, x: torch.Tensor) -> None:
+    if weight.shape != x.shape[-1:] or weight.dtype != x.dtype or weight.device != x.device \
+            or not weight.is_contiguous():
+        raise ShapeError(f"the RMSNorm weight must be a contiguous [{x.shape[-1]}] {x.dtype} tensor on {x.device}, "
+                         f"got {tuple(weight.shape)} {weight.dtype} on {weight.device}")
+
+
+def _check_gate_up(gate_up: torch.Tensor, group: int) -> None:
+    if gate_up.dim() < 1 or gate_up.dtype not in _DTYPE or not gate_up.is_cuda:
+        raise ShapeError(f"gate_up must be a [..., 2I] float16/bfloat16 CUDA tensor, got {tuple(gate_up.shape)} "
+                         f"{gate_up.dtype} on {gate_up.device}")
+    if gate_up.shape[-1] % 2 or (gate_up.shape[-1] // 2) % group:
+        raise ShapeError(f"gate_up's last dimension {gate_up.shape[-1]} must be 2I with I a multiple of the group "
+                         f"size {group}")
