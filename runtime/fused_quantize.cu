@@ -257,6 +257,16 @@ int prepare_smem(Kernel kernel, size_t bytes) {
   return APEX4GEN_OK;
 }
 
+// One block a row of `kernel` (vectors of kVec values), with the row's staged shared memory.
+template <typename T, int kVec, typename Kernel, typename... Args>
+int launch_rows(Kernel kernel, const RowLaunch& l, Args... args) {
+  const size_t smem = staged_bytes<T>(l);
+  const int status = prepare_smem(kernel, smem);
+  if (status != APEX4GEN_OK) return status;
+  kernel<<<static_cast<unsigned>(l.m), threads_for(l.k / kVec), smem, l.stream>>>(args...);
+  return cudaGetLastError() == cudaSuccess ? APEX4GEN_OK : APEX4GEN_CUDA_ERROR;
+}
+
 // One launch of each producer, the kernel instantiation given as template arguments by dispatch().
 struct RmsNormLaunch {
   const void* x;
@@ -267,13 +277,8 @@ struct RmsNormLaunch {
 
   template <typename T, int kVec, apex4gen_act_format kFormat>
   int run() const {
-    const auto kernel = rmsnorm_quantize_kernel<T, kVec, kFormat>;
-    const size_t smem = staged_bytes<T>(l);
-    const int status = prepare_smem(kernel, smem);
-    if (status != APEX4GEN_OK) return status;
-    kernel<<<static_cast<unsigned>(l.m), threads_for(l.k / kVec), smem, l.stream>>>(
-        static_cast<const T*>(x), ldx, static_cast<const T*>(weight), eps, l.k, l.group, l.lv, l.qx, l.sx);
-    return cudaGetLastError() == cudaSuccess ? APEX4GEN_OK : APEX4GEN_CUDA_ERROR;
+    return launch_rows<T, kVec>(rmsnorm_quantize_kernel<T, kVec, kFormat>, l, static_cast<const T*>(x), ldx,
+                                static_cast<const T*>(weight), eps, l.k, l.group, l.lv, l.qx, l.sx);
   }
 };
 
@@ -284,13 +289,8 @@ struct SiluMulLaunch {
 
   template <typename T, int kVec, apex4gen_act_format kFormat>
   int run() const {
-    const auto kernel = silu_mul_quantize_kernel<T, kVec, kFormat>;
-    const size_t smem = staged_bytes<T>(l);
-    const int status = prepare_smem(kernel, smem);
-    if (status != APEX4GEN_OK) return status;
-    kernel<<<static_cast<unsigned>(l.m), threads_for(l.k / kVec), smem, l.stream>>>(
-        static_cast<const T*>(gate_up), ld, l.k, l.group, l.lv, l.qx, l.sx);
-    return cudaGetLastError() == cudaSuccess ? APEX4GEN_OK : APEX4GEN_CUDA_ERROR;
+    return launch_rows<T, kVec>(silu_mul_quantize_kernel<T, kVec, kFormat>, l, static_cast<const T*>(gate_up), ld,
+                                l.k, l.group, l.lv, l.qx, l.sx);
   }
 };
 

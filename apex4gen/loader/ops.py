@@ -147,6 +147,11 @@ def _gemm_impl(qx, sx, qw, sw, bias, y: torch.Tensor, k: int, group: int, handle
                  f"kernel {library.kernels[kernel].name} (M={m} N={n} K={k})")
 
 
+def _rows_like(x: torch.Tensor, qx: torch.Tensor, sx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantized rows of a flattened x given x's leading dimensions back."""
+    return qx.view(*x.shape[:-1], qx.shape[-1]), sx.view(*x.shape[:-1], sx.shape[-1])
+
+
 _REGISTERED = False
 
 
@@ -162,7 +167,7 @@ def _register_ops() -> None:
                      act_bits: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
         _check_input(x, group)
         qx, sx = _quantize_act_impl(_flat(x), group, fmt, handle, act_bits)
-        return qx.view(*x.shape[:-1], qx.shape[-1]), sx.view(*x.shape[:-1], sx.shape[-1])
+        return _rows_like(x, qx, sx)
 
     @quantize_act.register_fake
     def _(x, group, fmt, handle, act_bits=4):
@@ -174,7 +179,7 @@ def _register_ops() -> None:
         _check_input(x, group)
         _check_norm_weight(weight, x)
         qx, sx = _rmsnorm_quantize_act_impl(_flat(x), weight, eps, group, fmt, handle, act_bits)
-        return qx.view(*x.shape[:-1], qx.shape[-1]), sx.view(*x.shape[:-1], sx.shape[-1])
+        return _rows_like(x, qx, sx)
 
     @rmsnorm_quantize_act.register_fake
     def _(x, weight, eps, group, fmt, handle, act_bits=4):
@@ -185,7 +190,7 @@ def _register_ops() -> None:
                               act_bits: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
         _check_gate_up(gate_up, group)
         qx, sx = _silu_mul_quantize_act_impl(_flat(gate_up), group, fmt, handle, act_bits)
-        return qx.view(*gate_up.shape[:-1], qx.shape[-1]), sx.view(*gate_up.shape[:-1], sx.shape[-1])
+        return _rows_like(gate_up, qx, sx)
 
     @silu_mul_quantize_act.register_fake
     def _(gate_up, group, fmt, handle, act_bits=4):
