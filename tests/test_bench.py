@@ -78,7 +78,7 @@ def _fused_points():
                                      ("gate_up_proj", 1000.0, 880.0, 1050.0), ("down_proj", 500.0, 440.0, 520.0)):
         points.append(bench.Point(name, 8192, 8192, 4096, "channel", "k", plain,
                                   {"fp8_tensor": fp8, "fp8_row": fp8 * 1.1, "fp16": 3 * fp8}, 1, 0.1, 0.7,
-                                  fused_us=fused))
+                                  gemm_us=0.8 * plain, fused_us=fused))
     return points
 
 
@@ -88,6 +88,9 @@ def test_fused_producer_ratios_columns_json_and_target(tmp_path, capsys):
     import json
 
     points = _fused_points()
+    under_gemm = bench.Point("down_proj", 8192, 28672, 4096, "channel", "k", 1500.0, {"fp8_tensor": 1400.0}, 1, 0.1,
+                             0.7, gemm_us=1350.0, fused_us=970.0)  # PyTorch's two-kernel silu*mul subtracted
+    assert under_gemm.fused_cost_us == 1350.0 and under_gemm.fused_speedup("fp8_tensor") == 1400.0 / 1350.0
     assert points[0].fused_speedup("fp8") == 300.0 / 250.0 and points[1].fused_speedup("fp8") is None
     bench_cli._print_table(points, ("fp8_tensor",), "H100", 3e12, fused_producer=True)
     out = capsys.readouterr().out
@@ -106,6 +109,7 @@ def test_fused_producer_ratios_columns_json_and_target(tmp_path, capsys):
     bench.write_json(tmp_path / "b.json", points, {})
     records = json.loads((tmp_path / "b.json").read_text())["points"]
     assert records[0]["fused_us"] == 250.0 and records[0]["fused_speedups"]["fp8"] == 1.2
+    assert records[0]["fused_cost_us"] == 250.0
     assert "fused_speedups" not in records[1] and records[1]["fused_us"] is None
 
 

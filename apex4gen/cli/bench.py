@@ -149,7 +149,7 @@ def _print_table(points, want, device: str, bandwidth: float, breakdown: bool = 
     for p in points:
         ratios = [_fmt(p.speedup(b)) for b in want]
         times = (_fmt(p.quantize_us, ".1f"), _fmt(p.gemm_us, ".1f")) if breakdown else ()
-        fused_cells = (_fmt(p.fused_us, ".1f"), _fmt(p.fused_speedup("fp8"))) if fused_producer else ()
+        fused_cells = (_fmt(p.fused_cost_us, ".1f"), _fmt(p.fused_speedup("fp8"))) if fused_producer else ()
         table.add_row(p.gemm, f"{p.n}x{p.k}", str(p.m), p.granularity, f"{p.w4a4_us:.1f}", *times, *ratios,
                       f"{100 * p.bw_fraction:.0f}", _fmt(p.stream_fraction and 100 * p.stream_fraction, ".0f"),
                       f"{100 * p.tc_fraction:.0f}", *fused_cells)
