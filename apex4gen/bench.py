@@ -30,7 +30,7 @@ from .granularity import Granularity
 
 DEFAULT_MS = (1, 4, 16, 64, 256, 1024, 4096)
 BASELINES = ("fp16", "int8", "fp8_tensor", "fp8_row", "int4_weight_only")
-PRODUCERS = ("rms_norm", "silu_mul")  # the ops a decoder's projections read from (graph.py: rmsnorm, silu_mul)
+PRODUCERS = ("rmsnorm", "silu_mul")  # graph.py's ops that make a decoder projection's input
 RMS_EPS = 1e-5
 
 
@@ -212,7 +212,7 @@ def _halves(build, info, x: list, weights: list, group: int) -> tuple[float | No
 def _producer_ops(build, info, producer: str, k: int, group: int, dtype) -> tuple[Callable, Callable]:
     """(fused op, plain PyTorch op) of a producer, each on one input of it: x [M, K] for RMSNorm (a random
     weight), gate_up [M, 2K] for SiLU(gate) * up."""
-    if producer == "rms_norm":
+    if producer == "rmsnorm":
         norm = torch.rand(k, device="cuda", dtype=dtype) + 0.5
 
         def fused(x):
@@ -236,7 +236,7 @@ def _fused_producer(build, info, producer: str, x: list, weights: list, group: i
     if info.act_format == "raw":
         return None
     copies, (m, k), dtype = len(x), x[0].shape, x[0].dtype
-    inputs = x if producer == "rms_norm" else [torch.randn(m, 2 * k, device="cuda", dtype=dtype) for _ in x]
+    inputs = x if producer == "rmsnorm" else [torch.randn(m, 2 * k, device="cuda", dtype=dtype) for _ in x]
     fused, plain = _producer_ops(build, info, producer, k, group, dtype)
     out = torch.empty(m, weights[0].n, dtype=dtype, device="cuda")
     both = time_graph(lambda i: build.gemm(*fused(inputs[i % copies]), weights[i % copies], info, out=out), copies)

@@ -128,4 +128,4 @@ def test_producers_come_from_the_model_graph():
         producers = bench_cli._producers(plan)
         assert producers["down_proj"] == "silu_mul" and "o_proj" not in producers
         norm_fed = {"qkv_proj", "gate_up_proj"} if fused else {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"}
-        assert {name for name, op in producers.items() if op == "rms_norm"} == norm_fed
+        assert {name for name, op in producers.items() if op == "rmsnorm"} == norm_fed

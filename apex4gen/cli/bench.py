@@ -49,8 +49,6 @@ TARGETS = (
 FUSED_TARGET = Target("M=4096 channel vs cuBLAS FP8, quantizer fused into its producer (o_proj unfused)",
                       lambda p: p.m == 4096 and p.granularity == "channel",
                       lambda p: p.fused_speedup("fp8") or p.speedup("fp8"), 1.1)
-# graph.py's producing op of a projection's input -> the producer bench.py fuses the quantizer into
-_PRODUCER_OPS = {"rmsnorm": "rms_norm", "silu_mul": "silu_mul"}
 
 
 @click.command("bench")
@@ -111,8 +109,8 @@ def _producers(plan: Plan) -> dict[str, str]:
     out = {}
     for layer in plan.layers:
         (op,) = graph.predecessors(layer.activation)
-        if graph.nodes[op]["op"] in _PRODUCER_OPS:
-            out[layer.name] = _PRODUCER_OPS[graph.nodes[op]["op"]]
+        if graph.nodes[op]["op"] in bench_stage.PRODUCERS:
+            out[layer.name] = graph.nodes[op]["op"]
     return out
 
 
