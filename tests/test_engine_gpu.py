@@ -165,6 +165,15 @@ def _check_projections(kernel, fake, seen) -> None:
         assert_matches_reference(y.reshape(xq.q.shape[0], -1), xq, weights[id(w)], None)
 
 
+def _assert_logits_near_fake_quant(got, fake, fp, ids) -> None:
+    """The kernel path's logits ``got`` within twice fake-quant's own rounding floor (+0.01) of fake-quant's, and
+    under half of fake-quant's distance from the 16-bit model."""
+    want, want_fp = fake(ids, all_logits=True), fp(ids, all_logits=True)
+    floor = rounding_floor(lambda: fake(ids, all_logits=True), want)
+    quant_error, path_error = relative_error(want, want_fp), relative_error(got, want)
+    assert path_error < 2 * floor + 0.01 and path_error < 0.5 * quant_error, (path_error, floor, quant_error)
+
+
 @torch.no_grad()
 def test_every_projection_on_its_real_inputs(models, monkeypatch):
     build, kernel, fake, _ = models
@@ -200,10 +209,7 @@ def test_fused_producers_are_taken_and_match_fake_quant(models, monkeypatch, onl
         pytest.skip(f"{build.build_dir.name}'s kernels at M=600 quantize their own input: nothing to fuse")
     assert sorted(calls) == sorted(expected * LAYERS)
     _check_projections(kernel, fake, seen)
-    want, want_fp = fake(ids, all_logits=True), fp(ids, all_logits=True)
-    floor = rounding_floor(lambda: fake(ids, all_logits=True), want)
-    quant_error, path_error = relative_error(want, want_fp), relative_error(got, want)
-    assert path_error < 2 * floor + 0.01 and path_error < 0.5 * quant_error, (path_error, floor, quant_error)
+    _assert_logits_near_fake_quant(got, fake, fp, ids)
 
 
 @pytest.mark.parametrize("tokens", [1, 17, 300])
@@ -212,13 +218,9 @@ def test_logits_kernel_path_matches_fake_quant(models, tokens):
     build, kernel, fake, fp = models
     _skip_unless_served(build, 2 * tokens)
     ids = torch.randint(0, kernel.config.vocab_size, (2, tokens), device="cuda")
-    want_fp = fp(ids, all_logits=True)
-    want = fake(ids, all_logits=True)
-    floor = rounding_floor(lambda: fake(ids, all_logits=True), want)
     got = kernel(ids, all_logits=True)
     assert torch.isfinite(got).all()
-    quant_error, path_error = relative_error(want, want_fp), relative_error(got, want)
-    assert path_error < 2 * floor + 0.01 and path_error < 0.5 * quant_error, (path_error, floor, quant_error)
+    _assert_logits_near_fake_quant(got, fake, fp, ids)
 
 
 @torch.no_grad()
