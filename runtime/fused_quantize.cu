@@ -112,8 +112,7 @@ __device__ __forceinline__ void stage(const Staged<T, kVec>& staged, int v, bool
   float absmax = 0.f;
   if (valid) {
     staged.y[v] = y;
-#pragma unroll
-    for (int i = 0; i < kVec; ++i) absmax = fmaxf(absmax, fabsf(to_float(y.v[i])));
+    absmax = fold_absmax(absmax, y);
   }
   for (int offset = lanes / 2; offset > 0; offset /= 2) absmax = fmaxf(absmax, __shfl_xor_sync(0xFFFFFFFFu, absmax, offset));
   if (valid && (threadIdx.x & (lanes - 1)) == 0) atomicMax(staged.group_max + v / vectors_per_group, __float_as_uint(absmax));
@@ -134,12 +133,8 @@ __device__ void quantize_staged(const Staged<T, kVec>& staged, int64_t row, int 
   __syncthreads();
   for (int v = threadIdx.x; v < vectors; v += blockDim.x) {
     const float scale = __uint_as_float(staged.group_max[v / vectors_per_group]);
-    const float inv_scale = inverse_scale(scale);
-    const Vector<T, kVec> y = staged.y[v];
-    QuantizedVector<kVec> q;
-#pragma unroll
-    for (int i = 0; i < kVec; ++i) q.q[i] = quantize_value(to_float(y.v[i]), scale, inv_scale, lv);
-    store_quantized<kFormat, kVec>(qx, row, k, v * kVec, q);
+    store_quantized<kFormat, kVec>(qx, row, k, v * kVec, quantize_vector(staged.y[v], scale, inverse_scale(scale),
+                                                                          lv));
   }
 }
 

@@ -79,9 +79,7 @@ quantize_kernel(const T* __restrict__ x, int ldx, int m, int k, int group, int l
 
   float absmax = 0.f;
   for (int v = lane_in_chunk; v < vectors; v += lanes_per_chunk) {
-    const Vec in = *reinterpret_cast<const Vec*>(row + k0 + v * kVec);
-#pragma unroll
-    for (int i = 0; i < kVec; ++i) absmax = fmaxf(absmax, fabsf(to_float(in.v[i])));
+    absmax = fold_absmax(absmax, *reinterpret_cast<const Vec*>(row + k0 + v * kVec));
   }
   // every lane takes part: shuffles need the whole warp, and xor offsets < lanes_per_chunk stay in the run
   for (int offset = lanes_per_chunk / 2; offset > 0; offset /= 2) {
@@ -94,10 +92,7 @@ quantize_kernel(const T* __restrict__ x, int ldx, int m, int k, int group, int l
 
   for (int v = lane_in_chunk; v < vectors; v += lanes_per_chunk) {
     const int kk = k0 + v * kVec;
-    const Vec in = *reinterpret_cast<const Vec*>(row + kk);
-    QuantizedVector<kVec> q;
-#pragma unroll
-    for (int i = 0; i < kVec; ++i) q.q[i] = quantize_value(to_float(in.v[i]), scale, inv_scale, lv);
+    const auto q = quantize_vector(*reinterpret_cast<const Vec*>(row + kk), scale, inv_scale, lv);
     store_quantized<kFormat, kVec>(qx, row_index, k, kk, q);
   }
 }
@@ -114,6 +109,24 @@ __device__ float block_absmax(float absmax, float* warp_absmax) {
   return absmax;
 }
 
+// The chunk of a kernel that gives each chunk a block: block b is group b % groups of row b / groups.
+struct BlockChunk {
+  int64_t row_index;
+  int k0, groups;
+
+  __device__ static BlockChunk of_block(int k, int group) {
+    const int groups = k / group;
+    return {blockIdx.x / groups, static_cast<int>(blockIdx.x % groups) * group, groups};
+  }
+};
+
+// The chunk's scale from every thread's absmax (the block's maximum); one thread writes it to sx.
+__device__ float chunk_scale(float absmax, float* warp_absmax, Levels lv, const BlockChunk& c, int group, float* sx) {
+  const float scale = scale_of(block_absmax(absmax, warp_absmax), lv);
+  if (threadIdx.x == 0) sx[c.row_index * c.groups + c.k0 / group] = scale;
+  return scale;
+}
+
 // One block per chunk of 16-byte vectors staged in shared memory; thread t copies and later reads back its own
 // vectors t, t + blockDim.x, ... (coalesced), so cp.async's wait makes them visible without a block barrier.
 template <typename T, apex4gen_act_format kFormat>
@@ -125,10 +138,8 @@ quantize_chunk_staged_kernel(const T* __restrict__ x, int ldx, int k, int group,
   extern __shared__ __align__(16) unsigned char staged_bytes[];
   Vec* staged = reinterpret_cast<Vec*>(staged_bytes);
   __shared__ float warp_absmax[kStagedThreads / 32];
-  const int groups = k / group;
-  const int64_t row_index = blockIdx.x / groups;
-  const int k0 = static_cast<int>(blockIdx.x % groups) * group;
-  const T* row = x + row_index * ldx + k0;
+  const BlockChunk chunk = BlockChunk::of_block(k, group);
+  const T* row = x + chunk.row_index * ldx + chunk.k0;
   const int vectors = group / 8;
 
   for (int v = threadIdx.x; v < vectors; v += blockDim.x) {
@@ -137,21 +148,13 @@ quantize_chunk_staged_kernel(const T* __restrict__ x, int ldx, int k, int group,
   __pipeline_commit();
   __pipeline_wait_prior(0);
   float absmax = 0.f;
-  for (int v = threadIdx.x; v < vectors; v += blockDim.x) {
-    const Vec in = staged[v];
-#pragma unroll
-    for (int j = 0; j < 8; ++j) absmax = fmaxf(absmax, fabsf(to_float(in.v[j])));
-  }
-  const float scale = scale_of(block_absmax(absmax, warp_absmax), lv);
+  for (int v = threadIdx.x; v < vectors; v += blockDim.x) absmax = fold_absmax(absmax, staged[v]);
+  const float scale = chunk_scale(absmax, warp_absmax, lv, chunk, group, sx);
   const float inv_scale = inverse_scale(scale);
-  if (threadIdx.x == 0) sx[row_index * groups + k0 / group] = scale;
 
   for (int v = threadIdx.x; v < vectors; v += blockDim.x) {
-    const Vec in = staged[v];
-    QuantizedVector<8> q;
-#pragma unroll
-    for (int j = 0; j < 8; ++j) q.q[j] = quantize_value(to_float(in.v[j]), scale, inv_scale, lv);
-    store_quantized<kFormat, 8>(qx, row_index, k, k0 + v * 8, q);
+    store_quantized<kFormat, 8>(qx, chunk.row_index, k, chunk.k0 + v * 8,
+                                quantize_vector(staged[v], scale, inv_scale, lv));
   }
 }
 
@@ -162,10 +165,8 @@ quantize_chunk_per_block_kernel(const T* __restrict__ x, int ldx, int k, int gro
                                 void* __restrict__ qx, float* __restrict__ sx) {
   allow_dependents();
   __shared__ float warp_absmax[kMaxBlockThreads / 32];
-  const int groups = k / group;
-  const int64_t row_index = blockIdx.x / groups;
-  const int k0 = static_cast<int>(blockIdx.x % groups) * group;
-  const T* row = x + row_index * ldx + k0;
+  const BlockChunk chunk = BlockChunk::of_block(k, group);
+  const T* row = x + chunk.row_index * ldx + chunk.k0;
   const int vectors = group / kVec;
   using Vec = Vector<T, kVec>;
 
@@ -176,22 +177,18 @@ quantize_chunk_per_block_kernel(const T* __restrict__ x, int ldx, int k, int gro
     const int v = threadIdx.x + i * blockDim.x;
     if (v < vectors) {
       held[i] = *reinterpret_cast<const Vec*>(row + v * kVec);
-#pragma unroll
-      for (int j = 0; j < kVec; ++j) absmax = fmaxf(absmax, fabsf(to_float(held[i].v[j])));
+      absmax = fold_absmax(absmax, held[i]);
     }
   }
-  const float scale = scale_of(block_absmax(absmax, warp_absmax), lv);
+  const float scale = chunk_scale(absmax, warp_absmax, lv, chunk, group, sx);
   const float inv_scale = inverse_scale(scale);
-  if (threadIdx.x == 0) sx[row_index * groups + k0 / group] = scale;
 
 #pragma unroll
   for (int i = 0; i < kHeld; ++i) {
     const int v = threadIdx.x + i * blockDim.x;
     if (v < vectors) {
-      QuantizedVector<kVec> q;
-#pragma unroll
-      for (int j = 0; j < kVec; ++j) q.q[j] = quantize_value(to_float(held[i].v[j]), scale, inv_scale, lv);
-      store_quantized<kFormat, kVec>(qx, row_index, k, k0 + v * kVec, q);
+      store_quantized<kFormat, kVec>(qx, chunk.row_index, k, chunk.k0 + v * kVec,
+                                     quantize_vector(held[i], scale, inv_scale, lv));
     }
   }
 }

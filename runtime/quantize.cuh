@@ -75,6 +75,15 @@ __device__ __forceinline__ int quantize_value(float x, float scale, float inv_sc
   return min(max(q, -lv.qmax - 1), lv.qmax);
 }
 
+// absmax with one vector's values folded in. The vector comes by value, already loaded: a reference into global or
+// shared memory made ptxas split its 16-byte loads into 2-byte ones.
+template <typename T, int kVec>
+__device__ __forceinline__ float fold_absmax(float absmax, const Vector<T, kVec> v) {
+#pragma unroll
+  for (int i = 0; i < kVec; ++i) absmax = fmaxf(absmax, fabsf(to_float(v.v[i])));
+  return absmax;
+}
+
 // absmax / qmax, the reference's IEEE division.
 __device__ __forceinline__ float scale_of(float absmax, Levels lv) {
   return __fdiv_rn(absmax, static_cast<float>(lv.qmax));
@@ -83,6 +92,16 @@ __device__ __forceinline__ float scale_of(float absmax, Levels lv) {
 // RN(1/s), the multiplier quantize_value's error bound assumes (inf for s == 0, never used: quantize_value returns
 // 0 first).
 __device__ __forceinline__ float inverse_scale(float scale) { return __frcp_rn(scale); }
+
+// One vector quantized against its group's scale (by value, as fold_absmax).
+template <typename T, int kVec>
+__device__ __forceinline__ QuantizedVector<kVec> quantize_vector(const Vector<T, kVec> v, float scale, float inv_scale,
+                                                                 Levels lv) {
+  QuantizedVector<kVec> q;
+#pragma unroll
+  for (int i = 0; i < kVec; ++i) q.q[i] = quantize_value(to_float(v.v[i]), scale, inv_scale, lv);
+  return q;
+}
 
 // -8..7 as float with an integer add and an FP32 add (no int -> float conversion).
 __device__ __forceinline__ float small_int_to_float(int q) { return __int_as_float(q + kRoundBits) - kRoundMagic; }
