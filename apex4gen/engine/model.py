@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..loader.ops import rows
 from ..nn import W4A4Linear, clip_activation
 from .cache import ALIGN, KVCache
 from .config import DecoderConfig
@@ -111,7 +112,7 @@ def _prequantized_kernel(linear: nn.Module, x: torch.Tensor):
     None: the projection is not on the kernels, or its kernel takes no quantized input (:class:`KernelLinear`)."""
     if not isinstance(linear, KernelLinear):
         return None
-    return linear.prequantized_kernel(x.numel() // x.shape[-1])
+    return linear.prequantized_kernel(rows(x))
 
 
 class NormLinear(nn.Module):

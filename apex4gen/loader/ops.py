@@ -231,10 +231,16 @@ def _register_ops() -> None:
     _REGISTERED = True
 
 
+def _check_16bit_cuda(t: torch.Tensor, name: str, shape: str) -> None:
+    """``t`` (called ``name``, of the ``shape`` the message names) is a float16/bfloat16 CUDA tensor of at least one
+    dimension."""
+    if t.dim() < 1 or t.dtype not in _DTYPE or not t.is_cuda:
+        raise ShapeError(f"{name} must be a {shape} float16/bfloat16 CUDA tensor, got {tuple(t.shape)} {t.dtype} "
+                         f"on {t.device}")
+
+
 def _check_input(x: torch.Tensor, group: int) -> None:
-    if x.dim() < 1 or x.dtype not in _DTYPE or not x.is_cuda:
-        raise ShapeError(f"activations must be a [..., K] float16/bfloat16 CUDA tensor, got {tuple(x.shape)} "
-                         f"{x.dtype} on {x.device}")
+    _check_16bit_cuda(x, "activations", "[..., K]")
     if x.shape[-1] % group:
         raise ShapeError(f"K={x.shape[-1]} is not a multiple of the group size {group}")
 
@@ -254,9 +260,7 @@ def _check_norm_weight(weight: torch.Tensor, x: torch.Tensor) -> None:
 
 
 def _check_gate_up(gate_up: torch.Tensor, group: int) -> None:
-    if gate_up.dim() < 1 or gate_up.dtype not in _DTYPE or not gate_up.is_cuda:
-        raise ShapeError(f"gate_up must be a [..., 2I] float16/bfloat16 CUDA tensor, got {tuple(gate_up.shape)} "
-                         f"{gate_up.dtype} on {gate_up.device}")
+    _check_16bit_cuda(gate_up, "gate_up", "[..., 2I]")
     if gate_up.shape[-1] % 2 or (gate_up.shape[-1] // 2) % group:
         raise ShapeError(f"gate_up's last dimension {gate_up.shape[-1]} must be 2I with I a multiple of the group "
                          f"size {group}")
