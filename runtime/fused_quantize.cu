@@ -54,16 +54,9 @@ __device__ __forceinline__ void two_sum_add(float& hi, float& lo, float v) {
   lo = __fadd_rn(lo, error);
 }
 
-// The block's sum of every thread's value (fp64; every thread gets it). partial: shared, one double per warp.
-__device__ double block_sum(double value, double* partial) {
-  for (int offset = 16; offset > 0; offset /= 2) value += __shfl_xor_sync(0xFFFFFFFFu, value, offset);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
-  if (lane == 0) partial[warp] = value;
-  __syncthreads();
-  value = lane < warps ? partial[lane] : 0.0;
-  for (int offset = 16; offset > 0; offset /= 2) value += __shfl_xor_sync(0xFFFFFFFFu, value, offset);
-  return value;
-}
+struct SumOp {
+  __device__ double operator()(double a, double b) const { return a + b; }
+};
 
 // RN_dtype(silu(g)): fp32 where its error interval rounds to one dtype value, else fp64 (see the file's head).
 template <typename T>
@@ -162,7 +155,8 @@ rmsnorm_quantize_kernel(const T* __restrict__ x, int ldx, const T* __restrict__ 
       two_sum_add(hi, lo, __fmul_rn(f, f));  // exact square
     }
   }
-  const double sum = block_sum(static_cast<double>(hi) + static_cast<double>(lo), partial);  // syncs the block
+  // fp64 over the block (syncs it)
+  const double sum = block_reduce(static_cast<double>(hi) + static_cast<double>(lo), partial, SumOp{});
   const float ms = static_cast<float>(sum / k);
   const float r = __frsqrt_rn(__fadd_rn(ms, eps));
 

@@ -97,18 +97,6 @@ quantize_kernel(const T* __restrict__ x, int ldx, int m, int k, int group, int l
   }
 }
 
-// The block's absmax from each thread's: warp shuffles, then one warp over the per-warp maxima (every thread
-// gets it). warp_absmax: shared, one float per warp.
-__device__ float block_absmax(float absmax, float* warp_absmax) {
-  for (int offset = 16; offset > 0; offset /= 2) absmax = fmaxf(absmax, __shfl_xor_sync(0xFFFFFFFFu, absmax, offset));
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
-  if (lane == 0) warp_absmax[warp] = absmax;
-  __syncthreads();
-  absmax = lane < warps ? warp_absmax[lane] : 0.f;
-  for (int offset = 16; offset > 0; offset /= 2) absmax = fmaxf(absmax, __shfl_xor_sync(0xFFFFFFFFu, absmax, offset));
-  return absmax;
-}
-
 // The chunk of a kernel that gives each chunk a block: block b is group b % groups of row b / groups.
 struct BlockChunk {
   int64_t row_index;
@@ -122,7 +110,7 @@ struct BlockChunk {
 
 // The chunk's scale from every thread's absmax (the block's maximum); one thread writes it to sx.
 __device__ float chunk_scale(float absmax, float* warp_absmax, Levels lv, const BlockChunk& c, int group, float* sx) {
-  const float scale = scale_of(block_absmax(absmax, warp_absmax), lv);
+  const float scale = scale_of(block_reduce(absmax, warp_absmax, MaxOp{}), lv);
   if (threadIdx.x == 0) sx[c.row_index * c.groups + c.k0 / group] = scale;
   return scale;
 }

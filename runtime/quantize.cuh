@@ -75,6 +75,24 @@ __device__ __forceinline__ int quantize_value(float x, float scale, float inv_sc
   return min(max(q, -lv.qmax - 1), lv.qmax);
 }
 
+// The block's reduction of every thread's value by op (warp shuffles, then one warp over the per-warp results;
+// every thread gets it). partial: shared, one value per warp. Lanes past the block's warps contribute zero: the
+// identity of both reductions here (a sum, and a maximum of absolute values).
+template <typename V, typename Op>
+__device__ __forceinline__ V block_reduce(V value, V* partial, Op op) {
+  for (int offset = 16; offset > 0; offset /= 2) value = op(value, __shfl_xor_sync(0xFFFFFFFFu, value, offset));
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  if (lane == 0) partial[warp] = value;
+  __syncthreads();
+  value = lane < warps ? partial[lane] : V(0);
+  for (int offset = 16; offset > 0; offset /= 2) value = op(value, __shfl_xor_sync(0xFFFFFFFFu, value, offset));
+  return value;
+}
+
+struct MaxOp {
+  __device__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+
 // absmax with one vector's values folded in. The vector comes by value, already loaded: a reference into global or
 // shared memory made ptxas split its 16-byte loads into 2-byte ones.
 template <typename T, int kVec>
