@@ -144,3 +144,10 @@ def rounding_floor(run, want: torch.Tensor) -> float:
         with mock.patch.object(W4A4Linear, "_fake_quant_linear", order):
             floors.append(relative_error(run(), want))
     return max(floors)
+
+
+def without_online_hadamard(weights):
+    """Model weights whose layers leave out the online Hadamard before down_proj: W4A4 models then compute the same
+    function without it, and down_proj's input is SiLU(gate) * up itself."""
+    from dataclasses import replace
+    return replace(weights, make_layer=lambda i, layer=weights.make_layer: replace(layer(i), online=None))

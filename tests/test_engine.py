@@ -11,6 +11,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from _helpers import without_online_hadamard
 from apex4gen.cli import cli
 from apex4gen.engine import Decoder, DecodeStep, KVCache, generate, load_checkpoint, random_weights
 from apex4gen.engine import hadamard
@@ -271,12 +272,11 @@ def test_kernel_path_fuses_the_producers_on_reference_ops(checkpoint, online):
     fused SiLU(gate) * up op unless an online Hadamard stands between (the checkpoint's rotation; without it, the
     same weights with the Hadamard left out, which both paths then compute alike)."""
     from collections import Counter
-    from dataclasses import replace
 
     path, _, _ = checkpoint
     weights = load_checkpoint(path, dtype=torch.bfloat16)
     if not online:
-        weights = replace(weights, make_layer=lambda i, layer=weights.make_layer: replace(layer(i), online=None))
+        weights = without_online_hadamard(weights)
     build = _ReferenceBuild()
     kernel = Decoder(weights, build)
     ids = token_batch(2, 9)

@@ -21,7 +21,7 @@ import torch
 from apex4gen import reference as ref
 from apex4gen.errors import ShapeError
 from apex4gen.nn import W4A4Linear
-from _helpers import relative_error, rounding_floor
+from _helpers import relative_error, rounding_floor, without_online_hadamard
 from test_kernels_gpu import _build_dirs, _load_activations, assert_matches_reference, problems
 
 pytestmark = pytest.mark.gpu
@@ -112,9 +112,7 @@ def _decoders(build, seed: int, online: bool = True):
 
     def quantized():
         weights = random_weights(config, groups, "cuda", seed, bits)
-        if online:
-            return weights
-        return replace(weights, make_layer=lambda i, layer=weights.make_layer: replace(layer(i), online=None))
+        return weights if online else without_online_hadamard(weights)
 
     return (Decoder(quantized(), build, max_positions=512), Decoder(quantized(), None, max_positions=512),
             Decoder(random_weights(config, None, "cuda", seed), None, max_positions=512))
