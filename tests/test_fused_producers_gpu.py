@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from apex4gen import abi
 from apex4gen import reference as ref
 from apex4gen.errors import ShapeError
+from apex4gen.loader.ops import dtype_enum, quantized_act_shape
 
 from test_kernels_gpu import _load_activations, build, gen  # noqa: F401 (fixtures)
 
@@ -39,10 +40,8 @@ EPS = 1e-5
 
 def _outputs(m: int, k: int, group: int, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantized outputs filled with values no kernel writes (0x55 bytes, NaN scales)."""
-    width, dtype = (k // 2, torch.uint8) if fmt == "s4" else (k, torch.int8)
-    qx = torch.full((m, width), 0x55, dtype=torch.uint8, device="cuda").view(dtype)
-    if fmt == "e4m3":
-        qx = qx.view(torch.float8_e4m3fn)
+    shape, dtype = quantized_act_shape(m, k, group, abi.ACT_FORMAT[fmt])
+    qx = torch.full(shape, 0x55, dtype=torch.uint8, device="cuda").view(dtype)
     return qx, torch.full((m, k // group), float("nan"), device="cuda")
 
 
@@ -54,7 +53,7 @@ def rmsnorm_quantize(build, x, w, group, act_bits, fmt):
     m, k = x.shape
     qx, sx = _outputs(m, k, group, fmt)
     _check(build, build.lib.apex4gen_rmsnorm_quantize_act(
-        x.data_ptr(), x.stride(0), w.data_ptr(), EPS, abi.DTYPE[_name(x.dtype)], m, k, group, act_bits,
+        x.data_ptr(), x.stride(0), w.data_ptr(), EPS, dtype_enum(x.dtype), m, k, group, act_bits,
         abi.ACT_FORMAT[fmt], qx.data_ptr(), sx.data_ptr(), torch.cuda.current_stream().cuda_stream))
     return qx, sx
 
@@ -63,13 +62,9 @@ def silu_mul_quantize(build, gate_up, group, act_bits, fmt):
     m, k = gate_up.shape[0], gate_up.shape[1] // 2
     qx, sx = _outputs(m, k, group, fmt)
     _check(build, build.lib.apex4gen_silu_mul_quantize_act(
-        gate_up.data_ptr(), gate_up.stride(0), abi.DTYPE[_name(gate_up.dtype)], m, k, group, act_bits,
+        gate_up.data_ptr(), gate_up.stride(0), dtype_enum(gate_up.dtype), m, k, group, act_bits,
         abi.ACT_FORMAT[fmt], qx.data_ptr(), sx.data_ptr(), torch.cuda.current_stream().cuda_stream))
     return qx, sx
-
-
-def _name(dtype: torch.dtype) -> str:
-    return {torch.float16: "f16", torch.bfloat16: "bf16"}[dtype]
 
 
 def assert_matches(qx, sx, fmt: str, want: ref.QuantizedTensor, dtype, where: str, rows_allowed: int = 1,

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from apex4gen import abi
 from apex4gen import reference as ref
 from apex4gen.errors import ShapeError
+from apex4gen.loader.ops import dtype_enum
 
 from _helpers import boundary_values
 
@@ -268,11 +268,7 @@ def _problems8(build) -> list[tuple[int, int, int, str]]:
 
 def _routed_ms(build, n, k, group, dtype, ms) -> list[int]:
     """The Ms of ``ms`` that an 8-bit route serves (a group-wise 8-bit layer has decode kernels only on Hopper)."""
-    return [m for m in ms if build.lib.apex4gen_select_kernel(m, n, k, group, 8, abi.DTYPE[_dtype_name(dtype)]) >= 0]
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return {torch.float16: "f16", torch.bfloat16: "bf16"}[dtype]
+    return [m for m in ms if build.lib.apex4gen_select_kernel(m, n, k, group, 8, dtype_enum(dtype)) >= 0]
 
 
 @requires_builds
