@@ -55,7 +55,7 @@ typedef enum {
 typedef enum {
   APEX4GEN_LAYOUT_CANONICAL = 0,    // values [N, K/2] packed int4 (reference.pack_int4), scales [N, K/group]
   APEX4GEN_LAYOUT_SM90_DECODE = 1,  // m16n8k32 mma fragment order; scales [N/16][K/group][16]; N%16, K%64
-  APEX4GEN_LAYOUT_SM90_GROUP = 2    // CUTLASS's wgmma reordering of 16x32 atoms; scales [K/group, N]; N%16, K%32
+  APEX4GEN_LAYOUT_SM90_PREFILL = 2  // CUTLASS's wgmma reordering of 16x32 atoms; scales [K/group, N]; N%16, K%32
 } apex4gen_weight_layout;
 #define APEX4GEN_NUM_WEIGHT_LAYOUTS 3
 // A prepared weight holds each layout the build reads for its problem, values then scales, each part starting

@@ -25,10 +25,10 @@ struct Sm90Decode {
 
 struct Sm90Group {
   __device__ static uint8_t byte(const uint8_t* qw, int64_t n, int64_t k, int64_t out) {
-    return apex4gen_pack::sm90_group_byte(qw, n, k, out);
+    return apex4gen_pack::sm90_prefill_byte(qw, n, k, out);
   }
   __device__ static int64_t scale_source(int64_t n, int64_t groups, int64_t out) {
-    return apex4gen_pack::sm90_group_scale_source(n, groups, out);
+    return apex4gen_pack::sm90_prefill_scale_source(n, groups, out);
   }
 };
 
@@ -82,7 +82,7 @@ int check_layout_shape(int layout, int n, int k) {
   switch (layout) {
     case APEX4GEN_LAYOUT_CANONICAL: return APEX4GEN_OK;
     case APEX4GEN_LAYOUT_SM90_DECODE: return n % 16 == 0 && k % 64 == 0 ? APEX4GEN_OK : APEX4GEN_BAD_SHAPE;
-    case APEX4GEN_LAYOUT_SM90_GROUP: return n % 16 == 0 && k % 32 == 0 ? APEX4GEN_OK : APEX4GEN_BAD_SHAPE;
+    case APEX4GEN_LAYOUT_SM90_PREFILL: return n % 16 == 0 && k % 32 == 0 ? APEX4GEN_OK : APEX4GEN_BAD_SHAPE;
     default: return APEX4GEN_BAD_ARGUMENT;
   }
 }
@@ -126,7 +126,7 @@ extern "C" APEX4GEN_EXPORT int apex4gen_pack_weight(apex4gen_weight_layout layou
   const int64_t groups = k / group;
   switch (layout) {
     case APEX4GEN_LAYOUT_SM90_DECODE: return launch<Sm90Decode>(qw, sw, n, k, groups, qw_out, sw_out, stream);
-    case APEX4GEN_LAYOUT_SM90_GROUP: return launch<Sm90Group>(qw, sw, n, k, groups, qw_out, sw_out, stream);
+    case APEX4GEN_LAYOUT_SM90_PREFILL: return launch<Sm90Group>(qw, sw, n, k, groups, qw_out, sw_out, stream);
     default: return copy(qw, sw, values, scales, qw_out, sw_out, stream);
   }
 }

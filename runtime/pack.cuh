@@ -32,11 +32,11 @@ __host__ __device__ inline int64_t sm90_decode_scale_source(int64_t groups, int6
   return (16 * tile + row) * groups + group;
 }
 
-// sm90_group: the values in atom order, packed two a byte (low nibble first). Atoms of 16 rows x 32 k tile N
-// first, then K: atom (r, c) holds elements [512 (c N/16 + r), +512). Within an atom, SM90_GROUP_ATOM maps
+// sm90_prefill: the values in atom order, packed two a byte (low nibble first). Atoms of 16 rows x 32 k tile N
+// first, then K: atom (r, c) holds elements [512 (c N/16 + r), +512). Within an atom, SM90_PREFILL_ATOM maps
 // (row, k) to the element offset e = 64 r0 + 4 r1 + k0 + 16 k1 + 8 k2 (row = r0 + 8 r1: (8,2):(64,4);
 // k = k0 + 4 k1 + 16 k2: (4,4,2):(1,16,8)); here e is read back digit by digit.
-__host__ __device__ inline uint32_t sm90_group_value(const uint8_t* qw, int64_t n, int64_t k, int64_t element) {
+__host__ __device__ inline uint32_t sm90_prefill_value(const uint8_t* qw, int64_t n, int64_t k, int64_t element) {
   const int64_t atom = element >> 9;
   const int e = static_cast<int>(element & 511);
   const int64_t row_tiles = n / 16;
@@ -46,13 +46,13 @@ __host__ __device__ inline uint32_t sm90_group_value(const uint8_t* qw, int64_t 
   return canonical_nibble(qw, k, 16 * tile + row, 32 * chunk + col);
 }
 
-__host__ __device__ inline uint8_t sm90_group_byte(const uint8_t* qw, int64_t n, int64_t k, int64_t out) {
-  const uint32_t low = sm90_group_value(qw, n, k, 2 * out), high = sm90_group_value(qw, n, k, 2 * out + 1);
+__host__ __device__ inline uint8_t sm90_prefill_byte(const uint8_t* qw, int64_t n, int64_t k, int64_t out) {
+  const uint32_t low = sm90_prefill_value(qw, n, k, 2 * out), high = sm90_prefill_value(qw, n, k, 2 * out + 1);
   return static_cast<uint8_t>(low | (high << 4));
 }
 
-// sm90_group scales [G][N] <- canonical [N][G] (transposed).
-__host__ __device__ inline int64_t sm90_group_scale_source(int64_t n, int64_t groups, int64_t out) {
+// sm90_prefill scales [G][N] <- canonical [N][G] (transposed).
+__host__ __device__ inline int64_t sm90_prefill_scale_source(int64_t n, int64_t groups, int64_t out) {
   return (out % n) * groups + out / n;
 }
 

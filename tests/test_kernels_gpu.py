@@ -6,6 +6,7 @@ each run (the seed is printed on failure), outputs poisoned with NaN before the 
 """
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 
@@ -127,8 +128,9 @@ def test_every_kernel_at_any_m(build, gen):
 
 
 # Three 128-channel tiles, the last one partial: with two CTAs a cluster along N (the per-channel prefill kernel),
-# the last cluster has a CTA past N that still takes part in the multicast of the token tile.
-ODD_TILES_N, ODD_TILES_K = 2 * 128 + 16, 256
+# the last cluster has a CTA past N that still takes part in the multicast of the token tile. K of one and of three
+# 128-deep K tiles: the group kernel runs its K tiles in pairs, with a single tile at the end of an odd count.
+ODD_TILES_N, ODD_TILES_KS = 2 * 128 + 16, (128, 384)
 
 
 @requires_builds
@@ -140,9 +142,9 @@ def test_hopper_prefill_kernels_at_an_odd_channel_tile_count(build, gen):
     for index in indices:
         info = build.kernels[index]
         dtype = _dtype(info.config["out_dtype"])
-        group = ODD_TILES_K if info.config["granularity"] == "channel" else 128
-        for m in (1, 100, 300):
-            x, wq, bias = _random_problem(ODD_TILES_N, ODD_TILES_K, group, dtype, m, gen)
+        for k, m in itertools.product(ODD_TILES_KS, (1, 100, 300)):
+            group = k if info.config["granularity"] == "channel" else 128
+            x, wq, bias = _random_problem(ODD_TILES_N, k, group, dtype, m, gen)
             xq = ref.quantize_activation(x, group, info.act_bits)
             y = torch.full((m, ODD_TILES_N), float("nan"), device="cuda", dtype=dtype)
             packed = build.pack(wq, info.act_bits, layouts=(info.weight_layout,))  # a shape no route plans

@@ -25,17 +25,17 @@ HOST_SHIM = r"""
 using namespace apex4gen_pack;
 extern "C" void pack_values(int layout, const uint8_t* qw, int64_t n, int64_t k, uint8_t* out) {
   for (int64_t i = 0; i < n * k / 2; ++i)
-    out[i] = layout == 1 ? sm90_decode_byte(qw, k, i) : sm90_group_byte(qw, n, k, i);
+    out[i] = layout == 1 ? sm90_decode_byte(qw, k, i) : sm90_prefill_byte(qw, n, k, i);
 }
 extern "C" void pack_scales(int layout, const uint16_t* sw, int64_t n, int64_t groups, uint16_t* out) {
   for (int64_t i = 0; i < n * groups; ++i)
-    out[i] = sw[layout == 1 ? sm90_decode_scale_source(groups, i) : sm90_group_scale_source(n, groups, i)];
+    out[i] = sw[layout == 1 ? sm90_decode_scale_source(groups, i) : sm90_prefill_scale_source(n, groups, i)];
 }
 """
 
 # (N, K, group): several row tiles and K chunks, per-channel and group-wise, scales of one and many groups
 SHAPES = ((16, 64, 64), (48, 256, 128), (32, 192, 64), (64, 128, 128), (16, 512, 32))
-PACKED_LAYOUTS = ("sm90_decode", "sm90_group")
+PACKED_LAYOUTS = ("sm90_decode", "sm90_prefill")
 
 
 def test_every_python_layout_has_a_c_number():
@@ -110,7 +110,7 @@ def test_gpu_packing_refuses_bad_shapes_and_overlap(build):
     assert status == abi.STATUS["bad_shape"]  # N % 16
     w = random_weight(16, 64, 64, device="cuda")
     canonical = ref.pack_int4(w.q).contiguous()
-    status = build.lib.apex4gen_pack_weight(WEIGHT_LAYOUT["sm90_group"], canonical.data_ptr(),
+    status = build.lib.apex4gen_pack_weight(WEIGHT_LAYOUT["sm90_prefill"], canonical.data_ptr(),
                                                 w.scales.data_ptr(), 16, 64, 64, canonical.data_ptr(),
                                                 w.scales.clone().data_ptr(), torch.cuda.current_stream().cuda_stream)
     assert status == abi.STATUS["bad_argument"]  # packing in place

@@ -70,24 +70,24 @@ def test_streamk_only_where_the_template_implements_it():
     assert streamk.procedural_name().endswith("_k1_streamk_f16")
 
 
-def test_sm90_group_layout_round_trips_and_transposes_scales():
+def test_sm90_prefill_layout_round_trips_and_transposes_scales():
     gen = torch.Generator().manual_seed(torch.seed() % 2**31)
     w = ref.quantize_weight(torch.randn(48, 512, generator=gen).half(), GROUP)
-    qw, sw = layouts.pack("sm90_group", w)
+    qw, sw = layouts.pack("sm90_prefill", w)
     assert qw.shape == (48, 256) and qw.dtype == torch.uint8
-    assert torch.equal(layouts.unpack_sm90_group(qw, 48, 512), w.q)
+    assert torch.equal(layouts.unpack_sm90_prefill(qw, 48, 512), w.q)
     assert sw.shape == (512 // GROUP, 48) and sw.is_contiguous() and torch.equal(sw, w.scales.t())
 
 
-def test_sm90_group_layout_gives_each_lane_its_wgmma_fragment_contiguously():
+def test_sm90_prefill_layout_gives_each_lane_its_wgmma_fragment_contiguously():
     """The e4m3 wgmma A fragment (PTX ISA, wgmma .m64nNk32 A for 8-bit types): in a warp's 16 x 32 slice,
-    lane l holds rows l/4 and l/4 + 8, k = 4*(l%4) + {0..3} and the same + 16. In the sm90_group layout those
+    lane l holds rows l/4 and l/4 + 8, k = 4*(l%4) + {0..3} and the same + 16. In the sm90_prefill layout those
     16 values are elements 16*l .. 16*l + 15 of the atom, row-major over (k half, row half, 4 k); atoms are
     ordered [K/32][N/16]."""
     n, k = 32, GROUP
     q = torch.randint(-8, 8, (n, k), generator=torch.Generator().manual_seed(7))
     w = ref.QuantizedTensor(q.to(torch.int8), torch.ones(n, k // GROUP), GROUP)
-    flat = ref.unpack_int4(layouts.pack_sm90_group(w)[0]).reshape(-1)
+    flat = ref.unpack_int4(layouts.pack_sm90_prefill(w)[0]).reshape(-1)
     index = torch.arange(n * k).reshape(n, k)
     ordered = torch.full((n * k,), -1, dtype=torch.long)
     for c in range(k // 32):

@@ -11,7 +11,7 @@ DTYPE_ENUM = {"f16": "APEX4GEN_F16", "bf16": "APEX4GEN_BF16"}
 ACT_FORMAT_ENUM = {"s4": "APEX4GEN_ACT_S4", "s8": "APEX4GEN_ACT_S8", "e4m3": "APEX4GEN_ACT_E4M3",
                    "raw": "APEX4GEN_ACT_RAW"}
 WEIGHT_LAYOUT_ENUM = {"canonical": "APEX4GEN_LAYOUT_CANONICAL", "sm90_decode": "APEX4GEN_LAYOUT_SM90_DECODE",
-                      "sm90_group": "APEX4GEN_LAYOUT_SM90_GROUP"}
+                      "sm90_prefill": "APEX4GEN_LAYOUT_SM90_PREFILL"}
 ELEMENT_OPERAND = {"int4": "cutlass::int4b_t", "int8": "int8_t", "fp8": "cutlass::float_e4m3_t"}
 ELEMENT_ACCUMULATOR = {"int4": "int32_t", "int8": "int32_t", "fp8": "float"}
 ARCH_TAG = {"sm_80": "cutlass::arch::Sm80", "sm_86": "cutlass::arch::Sm86",

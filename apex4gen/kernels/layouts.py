@@ -81,17 +81,18 @@ def unpack_sm90_decode(qw: torch.Tensor, n: int, k: int) -> torch.Tensor:
     return vals.reshape(n, k).contiguous()
 
 
-# --- sm90_group (sm90_prefill_group, g128 prefill): reordered int4 weights, scales transposed ---------------
+# --- sm90_prefill (sm90_prefill_group and sm90_prefill_channel): reordered int4 weights, scales transposed -----
 # qw: byte tensor [N, K/2] (same size as canonical) in CUTLASS's offline reordering for mixed-input wgmma:
-# cutlass::compute_memory_reordering_atom<e4m3>() (default arguments) tiled over (N, K) by tile_to_shape. An
-# atom is one warp's 16 x 32 wgmma A fragment, laid out so that each lane's 16 values (8 bytes) are contiguous;
-# SM90_GROUP_ATOM is that cute layout, (row, k) -> element offset, as (shape, stride) of (row modes, k modes)
+# cutlass::compute_memory_reordering_atom<e4m3>() (default arguments; int8 gives the same) tiled over (N, K) by
+# tile_to_shape. An atom is one warp's 16 x 32 wgmma A fragment, laid out so that each lane's 16 values (8 bytes) are
+# contiguous;
+# SM90_PREFILL_ATOM is that cute layout, (row, k) -> element offset, as (shape, stride) of (row modes, k modes)
 # (the template static_asserts that CUTLASS computes exactly this). Atoms tile N first, then K: atom (N/16
 # index r, K/32 index c) starts at element 512 * (c * N/16 + r). Two int4 values a byte, low nibble first
 # (int4b_t). sw: [K/group, N] contiguous, in the stored dtype, so that one K tile's channel scales are
-# contiguous and copy 16 bytes at a time.
-SM90_GROUP_ATOM = (((8, 2), (4, 4, 2)), ((64, 4), (1, 16, 8)))
-SM90_GROUP_ATOM_ROWS, SM90_GROUP_ATOM_K = 16, 32
+# contiguous and copy 16 bytes at a time (per-channel: [1, N], the canonical [N] order).
+SM90_PREFILL_ATOM = (((8, 2), (4, 4, 2)), ((64, 4), (1, 16, 8)))
+SM90_PREFILL_ATOM_ROWS, SM90_PREFILL_ATOM_K = 16, 32
 
 
 def _cute_offset(index: int, shape: tuple[int, ...], stride: tuple[int, ...]) -> int:
@@ -103,32 +104,32 @@ def _cute_offset(index: int, shape: tuple[int, ...], stride: tuple[int, ...]) ->
     return offset
 
 
-def _sm90_group_atom_order() -> torch.Tensor:
+def _sm90_prefill_atom_order() -> torch.Tensor:
     """order[e] = row * 32 + k of the value at element offset e of an atom."""
-    (row_shape, k_shape), (row_stride, k_stride) = SM90_GROUP_ATOM
-    order = torch.empty(SM90_GROUP_ATOM_ROWS * SM90_GROUP_ATOM_K, dtype=torch.long)
-    for row in range(SM90_GROUP_ATOM_ROWS):
-        for k in range(SM90_GROUP_ATOM_K):
+    (row_shape, k_shape), (row_stride, k_stride) = SM90_PREFILL_ATOM
+    order = torch.empty(SM90_PREFILL_ATOM_ROWS * SM90_PREFILL_ATOM_K, dtype=torch.long)
+    for row in range(SM90_PREFILL_ATOM_ROWS):
+        for k in range(SM90_PREFILL_ATOM_K):
             e = _cute_offset(row, row_shape, row_stride) + _cute_offset(k, k_shape, k_stride)
-            order[e] = row * SM90_GROUP_ATOM_K + k
+            order[e] = row * SM90_PREFILL_ATOM_K + k
     return order
 
 
-@layout("sm90_group")
-def pack_sm90_group(w: reference.QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor]:
+@layout("sm90_prefill")
+def pack_sm90_prefill(w: reference.QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor]:
     n, k = w.shape
-    rows, kk = SM90_GROUP_ATOM_ROWS, SM90_GROUP_ATOM_K
+    rows, kk = SM90_PREFILL_ATOM_ROWS, SM90_PREFILL_ATOM_K
     if n % rows or k % kk:
-        raise ValueError(f"sm90_group layout needs N % {rows} == 0 and K % {kk} == 0; got N={n} K={k}")
+        raise ValueError(f"sm90_prefill layout needs N % {rows} == 0 and K % {kk} == 0; got N={n} K={k}")
     atoms = w.q.reshape(n // rows, rows, k // kk, kk).permute(2, 0, 1, 3).reshape(k // kk, n // rows, rows * kk)
-    ordered = atoms[..., _sm90_group_atom_order().to(w.q.device)]
+    ordered = atoms[..., _sm90_prefill_atom_order().to(w.q.device)]
     return reference.pack_int4(ordered.reshape(n, k)).contiguous(), w.scales.t().contiguous()
 
 
-def unpack_sm90_group(qw: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    """Inverse of :func:`pack_sm90_group`'s weight part: int8 values [N, K] (tests and debugging)."""
-    rows, kk = SM90_GROUP_ATOM_ROWS, SM90_GROUP_ATOM_K
+def unpack_sm90_prefill(qw: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """Inverse of :func:`pack_sm90_prefill`'s weight part: int8 values [N, K] (tests and debugging)."""
+    rows, kk = SM90_PREFILL_ATOM_ROWS, SM90_PREFILL_ATOM_K
     ordered = reference.unpack_int4(qw.reshape(n, k // 2)).reshape(k // kk, n // rows, rows * kk)
     atoms = torch.empty_like(ordered)
-    atoms[..., _sm90_group_atom_order().to(qw.device)] = ordered
+    atoms[..., _sm90_prefill_atom_order().to(qw.device)] = ordered
     return atoms.reshape(k // kk, n // rows, rows, kk).permute(1, 2, 0, 3).reshape(n, k).contiguous()

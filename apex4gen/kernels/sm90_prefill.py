@@ -1,8 +1,9 @@
 """W4A4 prefill (large-M, compute-bound) kernel families for Hopper (sm_90a): 4-bit weights, 8-bit tensor cores.
 
-Hopper has no INT4 tensor cores, so both families keep the weights packed int4 in memory (channel: the canonical
-layout, CUTLASS's ``int4b_t`` K-major; group: reordered, see below) and widen them to 8 bits in registers, right
-before a register-sourced wgmma (CUTLASS 3's mixed-input mainloop). The GEMM is run transposed,
+Hopper has no INT4 tensor cores, so both families keep the weights packed int4 in memory (layout ``sm90_prefill``,
+below) and widen them to 8 bits in registers, right before a register-sourced wgmma (CUTLASS 3's mixed-input
+mainloop). The layout is CUTLASS's offline reordering for mixed-input wgmma: each thread's A fragment is contiguous,
+one 64-bit shared-memory load a wgmma instead of 16-bit ones (N % 16 == 0). The GEMM is run transposed,
 ``Y^T[N, M] = W[N, K] . X[M, K]^T``, because wgmma can read only its A operand from registers: CUTLASS's M is our
 N, its N is our M. A ``KernelConfig`` keeps apex4gen's names: ``tile_m`` is the token tile (CUTLASS's N),
 ``tile_n`` the output-channel tile. Both are CUTLASS's warp-specialized cooperative kernel: one producer
@@ -27,10 +28,8 @@ plans for those GPUs stay 4-bit).
 (|P| <= 8192, integers) is exact; each group is promoted on the CUDA cores, ``acc += P * (sw[n,g] sx[m,g])``
 (DeepGEMM's scheme), while the other consumer warpgroup keeps the tensor cores busy. An auxiliary producer warp
 copies each K tile's scales into shared memory with cp.async, next to the TMA-loaded operands. Activations:
-``e4m3``. Layout ``sm90_group``: weights in CUTLASS's offline reordering for mixed-input wgmma (each thread's A
-fragment contiguous: 64-bit shared-memory loads instead of 16-bit ones; N % 16 == 0), weight scales transposed,
-[K/g, N], so that one K tile's scales are contiguous for 16-byte copies. Token tiles of 64, 128 or 256: a wgmma
-covers at most 128 tokens, and a 256-token tile runs its two blocks one after the other through one fp32 partial
+``e4m3``. Weight scales transposed, [K/g, N] (layout ``sm90_prefill``), so that one K tile's scales are contiguous
+for 16-byte copies. Token tiles of 64, 128 or 256: a wgmma covers at most 128 tokens, and a 256-token tile runs its two blocks one after the other through one fp32 partial
 buffer, so that each widened weight fragment serves 256 tokens (the widening is the promotion's main overhead; the
 GEMM ran 10-15% faster than with 128-token tiles at M = 1024 and 4096). With one block, the next K tile's weights
 are widened while the current tile's wgmmas run (two register buffers). Its scheduler is stream-K (CUTLASS's
@@ -53,7 +52,7 @@ TILE_K = 128                 # K elements per pipeline stage (one group)
 CONSUMER_WARPS = (1, 8)      # two consumer warpgroups (warps_m, warps_n), see the module docstring
 ALIGN_K = 128                # K: whole K tiles (also keeps every TMA row a multiple of 16 bytes)
 ALIGN_N = 8                  # N: the transposed output is stored 16 bytes (8 values) at a time
-GROUP_ALIGN_N = 16           # group family: also whole 16-row atoms of its reordered weights (layout sm90_group)
+WEIGHT_ALIGN_N = 16          # N: also whole 16-row atoms of the reordered weights (layout sm90_prefill)
 MAX_CHANNEL_K = 1 << 18      # per-channel partials stay exact in int32 and in fp32 up to here
 
 # (tile_m tokens, tile_n channels). The group kernel holds an fp32 sum (64 x tile_m a warpgroup) and one group's
@@ -134,6 +133,7 @@ def _common_values(cfg: KernelConfig) -> dict:
         "tile_m": cfg.tile_m, "tile_n": cfg.tile_n, "tile_k": cfg.tile_k,
         "stages": cfg.stages,
         "align_k": ALIGN_K, "align_n": ALIGN_N,
+        "weight_atom": cpp_names.cute_static_layout(*layouts.SM90_PREFILL_ATOM),
     }
 
 
@@ -164,7 +164,6 @@ def render_group(cfg: KernelConfig) -> dict:
             "wgmma_tokens": min(cfg.tile_m, GROUP_WGMMA_TOKENS),
             # a second widened-weight buffer fits beside a sum of at most one wgmma block (64 x 128 registers)
             "widen_ahead": cfg.tile_m <= GROUP_WGMMA_TOKENS,
-            "weight_atom": cpp_names.cute_static_layout(*layouts.SM90_GROUP_ATOM),
             "scheduler": cpp_names.TILE_SCHEDULER[cfg.scheduler]}
 
 
@@ -175,9 +174,9 @@ SM90_PREFILL_CHANNEL = register(Family(
     granularity="channel",
     template="sm90_prefill_channel.cu.jinja",
     act_format="s8",
-    weight_layout="canonical",
+    weight_layout="sm90_prefill",
     align_k=ALIGN_K,
-    align_n=ALIGN_N,
+    align_n=WEIGHT_ALIGN_N,
     tiles=CHANNEL_TILES,
     stages=CHANNEL_STAGES,
     split_k=(1,),
@@ -194,9 +193,9 @@ SM90_PREFILL_GROUP = register(Family(
     granularity="group",
     template="sm90_prefill_group.cu.jinja",
     act_format="e4m3",
-    weight_layout="sm90_group",
+    weight_layout="sm90_prefill",
     align_k=ALIGN_K,
-    align_n=GROUP_ALIGN_N,
+    align_n=WEIGHT_ALIGN_N,
     tiles=GROUP_TILES,
     stages=GROUP_STAGES,
     split_k=(1,),

@@ -28,8 +28,30 @@ struct WithStages<Stages, cutlass::gemm::collective::CollectiveMma<
   using type = cutlass::gemm::collective::CollectiveMma<Policy, Rest...>;
 };
 
-// Config gives ElementW, ElementX, ElementAcc, ElementCompute, ElementOut, ArchTag, kTileM, kTileN, kTileK,
-// kStages and kClusterN (CTAs a cluster holds along N: they compute neighbouring channel tiles of one token tile,
+// W's memory order for both prefill families (layout `sm90_prefill`, apex4gen/kernels/layouts.py): CUTLASS's
+// offline reordering for mixed-input wgmma (cutlass::compute_memory_reordering_atom in util/mixed_dtype_utils.hpp,
+// defaults; that header needs curand, so its few lines are restated here). One atom is a warp's 16 x 32 A fragment
+// of an 8-bit wgmma (int8 and e4m3 alike) with each thread's 16 values contiguous (one 64-bit shared-memory load per
+// thread per wgmma instead of 16-bit ones); atoms tile N first, then K. The pack function's formula is checked
+// against this layout by tests.
+template <class ElementMma, class ElementAccumulator>
+constexpr auto weight_reorder_atom() {
+  using namespace cute;
+  using MmaAtom = decltype(SM90::GMMA::rs_op_selector<ElementMma, ElementMma, ElementAccumulator, Shape<_64, _16, _32>>());
+  using MmaTraits = MMA_Traits<MmaAtom>;
+  auto mk_shape_mma = select<0, 2>(typename MmaTraits::Shape_MNK{});
+  auto tv_layout_mma = typename MmaTraits::ALayout{};
+  auto tv_tiler_warp = make_shape(Int<32>{}, size<1>(tv_layout_mma));
+  auto mk_shape_warp = shape_div(mk_shape_mma, size(typename MmaTraits::ThrID{}) / Int<32>{});
+  auto tv_layout_mma_warp = make_layout_like(composition(tv_layout_mma, tv_tiler_warp));
+  auto mk_layout_mma_warp = right_inverse(tv_layout_mma_warp).with_shape(mk_shape_warp);
+  auto tv_to_offset = select<1, 0>(logical_product(make_layout(size<1>(tv_layout_mma)),
+                                                   make_layout(size<0>(tv_layout_mma_warp))));
+  return composition(tv_to_offset, mk_layout_mma_warp);
+}
+
+// Config gives ElementW, ElementX, ElementAcc, ElementCompute, ElementOut, ArchTag, WeightAtom, kTileM, kTileN,
+// kTileK, kStages and kClusterN (CTAs a cluster holds along N: they compute neighbouring channel tiles of one token tile,
 // which TMA multicasts to them). CUTLASS's (M, N, K) is apex4gen's (N, M, K): channels x tokens; W [N, K] is
 // operand A, X [M, K] is B [K, M] and Y [M, N] is D [N, M].
 template <class Config>
@@ -48,6 +70,14 @@ struct Sm90Prefill {
   static constexpr int kAlignX = 128 / cutlass::sizeof_bits<ElementX>::value;
   static constexpr int kAlignY = 128 / cutlass::sizeof_bits<ElementOut>::value;
   static constexpr auto kRound = cutlass::FloatRoundStyle::round_to_nearest;
+
+  // W [N, K] in the reordered layout (weight_reorder_atom), as apex4gen/kernels/layouts.py packs it.
+  using WeightAtom = decltype(weight_reorder_atom<ElementX, ElementAcc>());
+  static_assert(cute::is_same_v<WeightAtom, typename Config::WeightAtom>,
+                "apex4gen/kernels/layouts.py SM90_PREFILL_ATOM (what pack_sm90_prefill writes) is not CUTLASS's atom");
+  using LayoutW = decltype(cute::tile_to_shape(
+      WeightAtom{}, cute::Layout<cute::Shape<int, int, int>, cute::Stride<int64_t, cute::_1, int64_t>>{}));
+  static LayoutW weight_layout(int n, int k) { return cute::tile_to_shape(WeightAtom{}, cute::make_shape(n, k, 1)); }
 
   // Per-channel values (sw[n], bias[n]) are column vectors of D: one value per row n.
   using ChannelVector = cutlass::epilogue::fusion::Sm90ColBroadcast<0, TileShape, ElementOut, ElementCompute,

@@ -1,9 +1,10 @@
 // W4A4 per-channel prefill GEMM for Hopper (sm_90a), see apex4gen/kernels/sm90_prefill.py.
-// Runs Y^T[N, M] = W[N, K] . X[M, K]^T: the int4 weights are CUTLASS's operand A (widened to int8 in registers by
-// the mixed-input mainloop), the int8 activations operand B, int32 accumulators (exact), then the EVT epilogue
+// Runs Y^T[N, M] = W[N, K] . X[M, K]^T: the int4 weights are CUTLASS's operand A (pre-reordered so that each thread
+// reads its wgmma fragment with 64-bit loads, widened to int8 in registers by the mixed-input mainloop), the int8
+// activations operand B, int32 accumulators (exact), then the EVT epilogue
 // y = (P * sw[n]) * sx[m] + bias[n] rounded once to the output type.
 // Config (a rendered templates/sm90_prefill_channel.cu.jinja; values from render_channel):
-//   ElementW, ElementX, ElementAcc, ElementCompute, ElementOut, ArchTag, Scheduler; kTileM, kTileN, kTileK,
+//   ElementW, ElementX, ElementAcc, ElementCompute, ElementOut, ArchTag, Scheduler, WeightAtom; kTileM, kTileN, kTileK,
 //   kStages, kClusterN, kAlignN, kAlignK, kMaxK, kSmemBytes; kPdl (launched with programmatic dependent launch:
 //   the source defines CUTLASS_ENABLE_GDC_FOR_SM90 before any CUTLASS header); schedule(SchedulerArguments&).
 #pragma once
@@ -24,7 +25,7 @@ template <class Config>
 struct Gemm : Sm90Prefill<Config>, AdapterLauncher<Gemm<Config>> {
   using Types = Sm90Prefill<Config>;
   using typename Types::ElementW, typename Types::ElementX, typename Types::ElementCompute,
-      typename Types::ElementOut, typename Types::TileShape, typename Types::ChannelVector;
+      typename Types::ElementOut, typename Types::TileShape, typename Types::ChannelVector, typename Types::LayoutW;
   using Types::kAlignY, Types::kRound;
 #ifndef CUTLASS_ENABLE_GDC_FOR_SM90
   static_assert(!Config::kPdl, "define CUTLASS_ENABLE_GDC_FOR_SM90 before the CUTLASS headers to launch with PDL");
@@ -41,7 +42,6 @@ struct Gemm : Sm90Prefill<Config>, AdapterLauncher<Gemm<Config>> {
                          ScaledByChannel, TokenVector, ChannelVector>;
   using CollectiveEpilogue = typename Types::template Epilogue<Fusion>;
 
-  using LayoutW = cutlass::layout::RowMajor;  // W [N, K], K contiguous
   using CollectiveMainloop = typename Types::template Mainloop<
       LayoutW, cutlass::gemm::collective::StageCountAutoCarveout<
                    static_cast<int>(sizeof(typename CollectiveEpilogue::SharedStorage))>>::type;
@@ -58,9 +58,7 @@ struct Gemm : Sm90Prefill<Config>, AdapterLauncher<Gemm<Config>> {
   static int group_of(int k) { return k; }
 
   static typename Adapter::Arguments make_arguments(const apex4gen_gemm_args& a) {
-    using StrideW = typename GemmKernel::StrideA;
-    const auto stride_w = cutlass::make_cute_packed_stride(StrideW{}, cute::make_shape(a.n, a.k, 1));
-    typename CollectiveMainloop::Arguments mainloop{static_cast<const ElementW*>(a.qw), stride_w,
+    typename CollectiveMainloop::Arguments mainloop{static_cast<const ElementW*>(a.qw), Types::weight_layout(a.n, a.k),
                                                     static_cast<const ElementX*>(a.qx),
                                                     Types::template x_stride<Adapter>(a)};
     auto args = Types::template arguments<Adapter>(a, mainloop);

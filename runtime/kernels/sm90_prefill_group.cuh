@@ -38,26 +38,6 @@ namespace apex4gen::kernels::sm90_prefill_group {
 using namespace cute;
 using namespace cutlass::epilogue::fusion;
 
-// W's memory order (layout `sm90_group`, apex4gen/kernels/layouts.py): CUTLASS's offline reordering for
-// mixed-input wgmma (cutlass::compute_memory_reordering_atom in util/mixed_dtype_utils.hpp, defaults; that
-// header needs curand, so its few lines are restated here). One atom is a warp's 16 x 32 A fragment with each
-// thread's 16 values contiguous (one 64-bit shared-memory load per thread per wgmma instead of 16-bit ones);
-// atoms tile N first, then K. The pack function's formula is checked against this layout by tests.
-template <class ElementMma>
-constexpr auto weight_reorder_atom() {
-  using MmaAtom = decltype(SM90::GMMA::rs_op_selector<ElementMma, ElementMma, float, Shape<_64, _16, _32>>());
-  using MmaTraits = MMA_Traits<MmaAtom>;
-  auto mk_shape_mma = select<0, 2>(typename MmaTraits::Shape_MNK{});
-  auto tv_layout_mma = typename MmaTraits::ALayout{};
-  auto tv_tiler_warp = make_shape(Int<32>{}, size<1>(tv_layout_mma));
-  auto mk_shape_warp = shape_div(mk_shape_mma, size(typename MmaTraits::ThrID{}) / Int<32>{});
-  auto tv_layout_mma_warp = make_layout_like(composition(tv_layout_mma, tv_tiler_warp));
-  auto mk_layout_mma_warp = right_inverse(tv_layout_mma_warp).with_shape(mk_shape_warp);
-  auto tv_to_offset = select<1, 0>(logical_product(make_layout(size<1>(tv_layout_mma)),
-                                                   make_layout(size<0>(tv_layout_mma_warp))));
-  return composition(tv_to_offset, mk_layout_mma_warp);
-}
-
 // cp.async of 4 or 16 bytes that writes zeros when `valid` is false (rows past M or N).
 template <int Bytes>
 CUTLASS_DEVICE void copy_async_or_zero(void* smem, const void* gmem, bool valid) {
@@ -75,7 +55,7 @@ struct Gemm : Sm90Prefill<Config>, AdapterLauncher<Gemm<Config>> {
   using Types = Sm90Prefill<Config>;
   using typename Types::ElementW, typename Types::ElementX, typename Types::ElementAcc,
       typename Types::ElementCompute, typename Types::ElementOut, typename Types::TileShape,
-      typename Types::ChannelVector;
+      typename Types::ChannelVector, typename Types::LayoutW;
   using Types::kAlignY, Types::kRound;
   static constexpr bool kPdl = false;
 
@@ -84,11 +64,6 @@ struct Gemm : Sm90Prefill<Config>, AdapterLauncher<Gemm<Config>> {
   static_assert(Config::kTileK == kGroup, "one K tile must be exactly one group");
   static_assert(Config::kClusterN == 1, "the auxiliary producer copies each CTA's own scales: no clusters");
   static_assert(Config::kAlignN % kAlignY == 0, "align_n of the family must allow the output's 16-byte stores");
-
-  using WeightAtom = decltype(weight_reorder_atom<ElementX>());
-  static_assert(cute::is_same_v<WeightAtom, typename Config::WeightAtom>,
-                "apex4gen/kernels/layouts.py SM90_GROUP_ATOM (what pack_sm90_group writes) is not CUTLASS's atom");
-  using LayoutW = decltype(tile_to_shape(WeightAtom{}, Layout<Shape<int, int, int>, Stride<int64_t, _1, int64_t>>{}));
 
   // Epilogue: the mainloop already applied both scales; add bias[n] (a column vector of D; NULL reads 0).
   using Fusion = Sm90EVT<Sm90Compute<cutlass::plus, ElementOut, ElementCompute, kRound>, Sm90AccFetch, ChannelVector>;
@@ -323,7 +298,7 @@ struct Gemm : Sm90Prefill<Config>, AdapterLauncher<Gemm<Config>> {
   static typename Adapter::Arguments make_arguments(const apex4gen_gemm_args& a) {
     typename GroupScaledMainloop::Arguments mainloop{};
     mainloop.ptr_A = static_cast<const ElementW*>(a.qw);
-    mainloop.dA = tile_to_shape(WeightAtom{}, cute::make_shape(a.n, a.k, 1));
+    mainloop.dA = Types::weight_layout(a.n, a.k);
     mainloop.ptr_B = static_cast<const ElementX*>(a.qx);
     mainloop.dB = Types::template x_stride<Adapter>(a);
     mainloop.token_scale = a.sx;
