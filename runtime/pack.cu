@@ -23,7 +23,7 @@ struct Sm90Decode {
   }
 };
 
-struct Sm90Group {
+struct Sm90Prefill {
   __device__ static uint8_t byte(const uint8_t* qw, int64_t n, int64_t k, int64_t out) {
     return apex4gen_pack::sm90_prefill_byte(qw, n, k, out);
   }
@@ -126,7 +126,7 @@ extern "C" APEX4GEN_EXPORT int apex4gen_pack_weight(apex4gen_weight_layout layou
   const int64_t groups = k / group;
   switch (layout) {
     case APEX4GEN_LAYOUT_SM90_DECODE: return launch<Sm90Decode>(qw, sw, n, k, groups, qw_out, sw_out, stream);
-    case APEX4GEN_LAYOUT_SM90_PREFILL: return launch<Sm90Group>(qw, sw, n, k, groups, qw_out, sw_out, stream);
+    case APEX4GEN_LAYOUT_SM90_PREFILL: return launch<Sm90Prefill>(qw, sw, n, k, groups, qw_out, sw_out, stream);
     default: return copy(qw, sw, values, scales, qw_out, sw_out, stream);
   }
 }

@@ -85,9 +85,8 @@ def unpack_sm90_decode(qw: torch.Tensor, n: int, k: int) -> torch.Tensor:
 # qw: byte tensor [N, K/2] (same size as canonical) in CUTLASS's offline reordering for mixed-input wgmma:
 # cutlass::compute_memory_reordering_atom<e4m3>() (default arguments; int8 gives the same) tiled over (N, K) by
 # tile_to_shape. An atom is one warp's 16 x 32 wgmma A fragment, laid out so that each lane's 16 values (8 bytes) are
-# contiguous;
-# SM90_PREFILL_ATOM is that cute layout, (row, k) -> element offset, as (shape, stride) of (row modes, k modes)
-# (the template static_asserts that CUTLASS computes exactly this). Atoms tile N first, then K: atom (N/16
+# contiguous; SM90_PREFILL_ATOM is that cute layout, (row, k) -> element offset, as (shape, stride) of (row modes,
+# k modes) (the template static_asserts that CUTLASS computes exactly this). Atoms tile N first, then K: atom (N/16
 # index r, K/32 index c) starts at element 512 * (c * N/16 + r). Two int4 values a byte, low nibble first
 # (int4b_t). sw: [K/group, N] contiguous, in the stored dtype, so that one K tile's channel scales are
 # contiguous and copy 16 bytes at a time (per-channel: [1, N], the canonical [N] order).

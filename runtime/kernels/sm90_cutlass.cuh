@@ -37,7 +37,8 @@ struct WithStages<Stages, cutlass::gemm::collective::CollectiveMma<
 template <class ElementMma, class ElementAccumulator>
 constexpr auto weight_reorder_atom() {
   using namespace cute;
-  using MmaAtom = decltype(SM90::GMMA::rs_op_selector<ElementMma, ElementMma, ElementAccumulator, Shape<_64, _16, _32>>());
+  using MmaAtom =
+      decltype(SM90::GMMA::rs_op_selector<ElementMma, ElementMma, ElementAccumulator, Shape<_64, _16, _32>>());
   using MmaTraits = MMA_Traits<MmaAtom>;
   auto mk_shape_mma = select<0, 2>(typename MmaTraits::Shape_MNK{});
   auto tv_layout_mma = typename MmaTraits::ALayout{};
@@ -51,8 +52,8 @@ constexpr auto weight_reorder_atom() {
 }
 
 // Config gives ElementW, ElementX, ElementAcc, ElementCompute, ElementOut, ArchTag, WeightAtom, kTileM, kTileN,
-// kTileK, kStages and kClusterN (CTAs a cluster holds along N: they compute neighbouring channel tiles of one token tile,
-// which TMA multicasts to them). CUTLASS's (M, N, K) is apex4gen's (N, M, K): channels x tokens; W [N, K] is
+// kTileK, kStages and kClusterN (CTAs a cluster holds along N: they compute neighbouring channel tiles of one token
+// tile, which TMA multicasts to them). CUTLASS's (M, N, K) is apex4gen's (N, M, K): channels x tokens; W [N, K] is
 // operand A, X [M, K] is B [K, M] and Y [M, N] is D [N, M].
 template <class Config>
 struct Sm90Prefill {
