@@ -42,6 +42,14 @@ def test_every_python_layout_has_a_c_number():
     assert set(WEIGHT_LAYOUT) == set(layouts.LAYOUTS)  # test_abi checks the numbers against the header
 
 
+@pytest.mark.parametrize("layout", sorted(layouts.LAYOUTS))
+def test_the_loader_sizes_each_layouts_scales_as_layouts_py_writes_them(layout):
+    """Build.pack allocates [K/group, N] scales for abi.SCALES_TRANSPOSED layouts and [N, K/group] for the rest."""
+    n, k, group = 48, 256, 64
+    _, scales = layouts.pack(layout, random_weight(n, k, group))
+    assert tuple(scales.shape) == ((k // group, n) if layout in abi.SCALES_TRANSPOSED else (n, k // group))
+
+
 @pytest.fixture(scope="module")
 def host_pack(tmp_path_factory):
     from apex4gen import toolchain

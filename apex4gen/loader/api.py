@@ -71,8 +71,8 @@ class Build:
         packed = {}
         for name in layouts if layouts is not None else self.layouts_for(n, k, w.group, dtype):
             qw = torch.empty_like(canonical)
-            groups = k // w.group  # sm90_prefill reads its scales transposed, [K/group, N] (layouts.py)
-            sw = scales.new_empty((groups, n) if name == "sm90_prefill" else (n, groups))
+            groups = k // w.group
+            sw = scales.new_empty((groups, n) if name in abi.SCALES_TRANSPOSED else (n, groups))
             status = self.lib.apex4gen_pack_weight(abi.WEIGHT_LAYOUT[name], canonical.data_ptr(), scales.data_ptr(),
                                                    n, k, w.group, qw.data_ptr(), sw.data_ptr(),
                                                    torch.cuda.current_stream().cuda_stream)
