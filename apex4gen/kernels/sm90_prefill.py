@@ -31,9 +31,9 @@ copies each K tile's scales into shared memory with cp.async, next to the TMA-lo
 ``e4m3``. Weight scales transposed, [K/g, N] (layout ``sm90_prefill``), so that one K tile's scales are contiguous
 for 16-byte copies. Token tiles of 64, 128 or 256: a wgmma covers at most 128 tokens, and a 256-token tile runs
 its two blocks one after the other through one fp32 partial buffer, so that each widened weight fragment serves 256
-tokens (the widening is the promotion's main overhead; the
-GEMM ran 10-15% faster than with 128-token tiles at M = 1024 and 4096). With one block, the next K tile's weights
-are widened while the current tile's wgmmas run (two register buffers). Its scheduler is stream-K (CUTLASS's
+tokens (the widening is the promotion's main overhead; the GEMM ran 10-15% faster than with 128-token tiles at
+M = 1024 and 4096). With one block, the next K tile's weights are widened while the current tile's wgmmas run (two
+register buffers). Its scheduler is stream-K (CUTLASS's
 heuristic decomposition, deterministic reduction through the workspace): grids of fewer tiles than whole waves
 (qkv/o/down at M <= 256) keep every SM busy.
 
