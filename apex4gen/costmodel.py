@@ -36,8 +36,10 @@ Without a kernel configuration the estimate assumes ideal tiling (M padded to on
 it pads M and N to the tile, counts waves over the SMs (a hybrid stream-K kernel's waves are whole), derates
 small tiles (operand reuse: ``tm*tn/(tm+tn)`` against the arch's ``reuse_tile``) and needs one CTA per SM to
 stream DRAM at full rate. Runtime-tiled families (``m_step``: the sm90 decode kernels) issue warp-level
-``mma.sync`` with the tokens as the 8-wide operand: their reuse follows the sm_80 (mma.sync) entry and they
-promote group partials between their MMAs (compute is tensor + dequant). ``scheduler: hybrid`` counts whole
+``mma.sync`` with the tokens as the 8-wide operand: their reuse follows the sm_80 (mma.sync) entry, and their
+promotion of group partials overlaps the MMAs of the other warps (compute is max(tensor, dequant)). They stream
+the weights at the probe's rate (the probe's load is theirs) and pay ``decode_start_us`` once a call: the wait
+for the quantizer, the first loads and the cluster's reduction and drain. ``scheduler: hybrid`` counts whole
 waves at full speed, except a grid of fewer tiles than SMs: data-parallel on part of the SMs, or every tile
 split with each SM streaming I = tiles x K iterations / SMs and then paying ``hybrid_fixup_iters``: I / (I + f),
 whichever is faster. A wgmma tile of tile_m tokens pays the ``widening_share`` of the slots times 128 / tile_m.
@@ -67,12 +69,12 @@ Constants (kernel properties: a fraction of the microbenchmark peak; or the data
 | ``dram_efficiency`` | 0.754 | W4A4 kernels' share of the pure stream; 0.70 of the 3.35 TB/s datasheet (0.70 / 0.928); the H100 study's memory-bound W4A4 points: predicted/measured 1.07, ±22% (bench/results/h100/study.md) |
 | ``fp16_stream_efficiency`` | 0.94 | cuBLAS FP16's share of the pure stream: 2.65-3.02 TB/s of 3.11 at M <= 64 in the H100 study (bench/results/h100/study.json); with ``dram_efficiency`` it overpredicted FP16 by 1.26x |
 | ``launch_us`` | 2.0 | launch and tail of one kernel |
+| ``decode_start_us`` | 5.0 | the sm90 decode kernels at M <= 4 on the H100 (16 points, both granularities of bench/results/h100/): time = 6.9 us + bytes / (0.98 x the probe's stream), least squares; 6.9 less ``launch_us``, the slope taken as 1 |
 | sm_80 ``dequant_slots`` | 8.0 | APEX4's A100 0.45x FP16 at g128 |
-| sm_80 ``reuse_tile`` | 32 | a 64x64 tile; the sm90 decode kernels (mma.sync) at M=64: 30.5-177.7 us for predictions of 27-177 (bench/notes/sm90-decode.md) |
+| sm_80 ``reuse_tile`` | 32 | a 64x64 tile; the sm90 decode kernels (mma.sync) at M=64: 31.6-45.2 us for predictions of 34-41 (per-channel qkv, o; bench/results/h100/) |
 | sm_90a ``dequant_slots`` | 7.0 | sm90_prefill_group at M=256..4096 (bench/notes/sm90-prefill.md) |
 | sm_90a ``reuse_tile`` | 85 | a 256x128 tile: sm90_prefill_channel ran 1466 TOPS at 256x128, ~990 at 128x128, M=4096 (bench/notes/sm90-prefill.md) |
-| sm_90a ``partial_tile_bandwidth`` | 0.55 | wgmma kernels with M tiles under half full streamed 54-60% of copy bandwidth at M<=16 (bench/results/h100/) |
-| sm_90a ``small_m``, ``small_m_bandwidth`` | 64, 0.70 | sm90_prefill_channel at M=64 end to end: 36.1/33.4/84.1/125.9 us for predictions of 34/29/81/150 (bench/results/h100/) |
+| sm_90a ``partial_tile_bandwidth`` | 0.65 | sm90_prefill_group with 64-token tiles at M <= 16 (the H100 study, bench/results/h100/study.json): 0.55 over-predicted gate_up and down by up to 1.41x, 0.65 brings them within ±25% and leaves qkv at 0.73-0.75x. Full tiles at M <= 64 need no derating: sm90_prefill_channel at M = 64 (gate_up 107.1, down 56.4 us; bench/results/h100/) |
 | sm_90a ``streamk_efficiency`` | 0.90 | stream-K against a >= 97% full data-parallel grid, 256x128 per-channel, M=1024/4096: 0.84-1.0 (bench/notes/sm90-prefill.md) |
 | sm_90a ``widening_share`` | 0.26 | g128 256-token tiles at 0.85-0.90x the 128-token GEMM time, M=1024/4096 (bench/results/h200/); predicts 1.26x for 64 tokens, measured 1.32x |
 | sm_90a ``hybrid_fixup_iters`` | 13 | g128 256-token tile at M=256 against its M=4096 rate: qkv 0.64, o 0.70, down 0.93 (fits 22, 13, 8; geometric mean; bench/results/h200/) |
@@ -117,17 +119,13 @@ class ArchConstants:
     dequant_slots: float            # issue slots around each promotion instruction
     reuse_tile: float               # tm*tn/(tm+tn) of the smallest tile that keeps the tensor cores fed
     partial_tile_bandwidth: float   # weight streaming of a kernel whose M tile is less than half full
-    small_m: int                    # ... or whose M is at most this (full tiles, under a wave of CTAs)
-    small_m_bandwidth: float        # ... the latter
     widening_share: float           # of dequant_slots: the weight widening, paid once per 128-token tile
     streamk_efficiency: float | None = None   # stream-K against a full data-parallel wave (None: no stream-K)
     hybrid_fixup_iters: float | None = None   # a hybrid grid under one wave: each SM's fixup, in K iterations
 
     def bandwidth(self, m: int, tile_m: int) -> float:
-        """Bandwidth derating of a kernel whose M tile is less than half full or whose M is small."""
-        if 2 * m < tile_m:
-            return self.partial_tile_bandwidth
-        return self.small_m_bandwidth if m <= self.small_m else 1.0
+        """Bandwidth derating of a kernel whose M tile is less than half full."""
+        return self.partial_tile_bandwidth if 2 * m < tile_m else 1.0
 
     def dequant_factor(self, tile_m: int) -> float:
         """The widening share of the slots (fitted at 128 tokens) scales with 128 / tile_m."""
@@ -135,14 +133,12 @@ class ArchConstants:
 
 
 _OPTIONAL_ARCH_FIELDS = frozenset({"streamk_efficiency", "hybrid_fixup_iters"})
-_MAY_BE_ZERO = frozenset({"dequant_overlap", "small_m", "widening_share"})
+_MAY_BE_ZERO = frozenset({"dequant_overlap", "widening_share"})
 
 ARCH_CONSTANTS: dict[str, ArchConstants] = {
-    "sm_80": ArchConstants(dequant_slots=8.0, reuse_tile=32.0, partial_tile_bandwidth=1.0, small_m=0,
-                           small_m_bandwidth=1.0, widening_share=0.0),
-    "sm_90a": ArchConstants(dequant_slots=7.0, reuse_tile=85.0, partial_tile_bandwidth=0.55, small_m=64,
-                            small_m_bandwidth=0.70, widening_share=0.26, streamk_efficiency=0.90,
-                            hybrid_fixup_iters=13.0),
+    "sm_80": ArchConstants(dequant_slots=8.0, reuse_tile=32.0, partial_tile_bandwidth=1.0, widening_share=0.0),
+    "sm_90a": ArchConstants(dequant_slots=7.0, reuse_tile=85.0, partial_tile_bandwidth=0.65, widening_share=0.26,
+                            streamk_efficiency=0.90, hybrid_fixup_iters=13.0),
 }
 
 
@@ -160,6 +156,7 @@ class CostConstants:
     dram_efficiency: float = 0.754
     fp16_stream_efficiency: float = 0.94
     launch_us: float = 2.0
+    decode_start_us: float = 5.0
     mma_m: int = 16                 # rows one MMA computes: smaller M still pays for 16
     datasheet_tensor_reach: float = 1.0   # a microbenchmark's fraction of the datasheet, for specs without a probe
     datasheet_fp32_reach: float = 1.0
@@ -270,7 +267,7 @@ class _Tiling:
     reuse_efficiency: float
     bandwidth_share: float
     split_k: int
-    serial_dequant: bool = False  # promotion issued by the MMA warps between their MMAs (no overlap)
+    decode: bool = False          # a runtime-tiled decode kernel (see _runtime_tiling)
     dequant_factor: float = 1.0   # the tile's share of the dequant slots (wgmma: widening amortised over tile_m)
 
 
@@ -314,7 +311,7 @@ def _runtime_tiling(m: int, n: int, gpu: GpuSpec, cfg: KernelConfig, m_step: int
     warp-level mma.sync with the tokens as the narrow operand, group promotion between the MMAs."""
     reuse = m_step * cfg.tile_n / (m_step + cfg.tile_n) / c.arch(MMA_SYNC_ARCH).reuse_tile
     return _Tiling(math.ceil(m / m_step) * m_step, math.ceil(n / cfg.tile_n) * cfg.tile_n, 1.0, min(1.0, reuse),
-                   1.0, 1, serial_dequant=True)
+                   1.0, 1, decode=True)
 
 
 def _tiling(m: int, n: int, k: int, gpu: GpuSpec, cfg: KernelConfig | None, c: CostConstants) -> _Tiling:
@@ -382,10 +379,14 @@ def w4a4_time(gpu: GpuSpec, m: int, n: int, k: int, granularity: Granularity, pa
     partials = t.m * t.n * (k // group)
     slots = r.dequant_ops(path) * c.arch(gpu.kernel_arch).dequant_slots * t.dequant_factor
     dequant_us = partials * slots / (r.fp32_tflops * 1e6 / 2.0 * t.wave_efficiency)
-    memory_us = _memory_us(w4a4_bytes(m, n, k, granularity, path, cfg, gpu.sm_count, bits), r, t.bandwidth_share,
-                           c.dram_efficiency)
-    compute_us = tensor_us + dequant_us if t.serial_dequant else _compute_us(tensor_us, dequant_us, c)
-    us = max(compute_us, memory_us) + c.launch_us * (1 + (t.split_k > 1))
+    nbytes = w4a4_bytes(m, n, k, granularity, path, cfg, gpu.sm_count, bits)
+    if t.decode:
+        memory_us = _memory_us(nbytes, r, t.bandwidth_share, 1.0)
+        compute_us = max(tensor_us, dequant_us)
+    else:
+        memory_us = _memory_us(nbytes, r, t.bandwidth_share, c.dram_efficiency)
+        compute_us = _compute_us(tensor_us, dequant_us, c)
+    us = max(compute_us, memory_us) + c.launch_us * (1 + (t.split_k > 1)) + (c.decode_start_us if t.decode else 0.0)
     return Estimate(us, tensor_us, dequant_us, memory_us)
 
 

@@ -67,7 +67,7 @@ WORST = 5                      # worst points listed per summary
 FORMAT = "apex4gen-study/1"    # the JSON's format tag
 # Constants that set each regime's predictions (costmodel.py's table)
 REGIME_CONSTANTS = {
-    ("w4a4", "memory"): ("dram_efficiency", "partial_tile_bandwidth", "small_m", "small_m_bandwidth", "launch_us"),
+    ("w4a4", "memory"): ("dram_efficiency", "partial_tile_bandwidth", "launch_us", "decode_start_us"),
     ("w4a4", "tensor"): ("<path>_tensor_efficiency", "reuse_tile", "streamk_efficiency", "hybrid_fixup_iters"),
     ("w4a4", "dequant"): ("dequant_ops_int", "dequant_ops_float", "dequant_slots", "widening_share",
                           "dequant_overlap"),

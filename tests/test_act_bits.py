@@ -16,7 +16,7 @@ from apex4gen.kernels import FAMILIES
 from apex4gen.kernels.config import KernelConfig
 from apex4gen.kernels.families import act_bits_served
 from apex4gen.kernels.legality import legal_configs, violations
-from apex4gen.plan import Plan
+from apex4gen.plan import PLAN_VERSION, Plan
 from apex4gen.planner import make_plan
 from apex4gen.specs import load_gpu
 
@@ -147,24 +147,16 @@ def test_no_8_bits_where_no_family_takes_them():
     assert all(b.kernel is None or b.kernel.act_bits == 4 for g in plan.gemms for b in g.buckets)
 
 
-def test_plan_round_trip_with_act_bits_and_version_2_reads_as_4_bit(tmp_path):
+def test_plan_round_trip_with_act_bits_and_older_formats_asked_to_replan(tmp_path):
     plan = make_plan("h100-sxm", "llama2-7b", budget=_budget(0.0))
     path = plan.save(tmp_path / "p.yaml")
     assert Plan.load(path) == plan
     data = yaml.safe_load(path.read_text())
-    assert data["version"] == 3 and [lp["act_bits"] for lp in data["layers"]] == [8, 4, 4, 4]
+    assert data["version"] == PLAN_VERSION and [lp["act_bits"] for lp in data["layers"]] == [8, 4, 4, 4]
     assert [g["act_bits"] for g in data["gemms"] if "qkv_proj" in g["layers"]] == [8]
-    old = yaml.safe_load(make_plan("h100-sxm", "llama2-7b").save(tmp_path / "q.yaml").read_text())
-    old["version"] = 2
-    for lp in old["layers"]:
-        del lp["act_bits"]
-    for g in old["gemms"]:
-        del g["act_bits"]
-        for b in g["buckets"]:
-            if b["kernel"]:
-                del b["kernel"]["act_bits"]
-    (tmp_path / "v2.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
-    assert {lp.act_bits for lp in Plan.load(tmp_path / "v2.yaml").layers} == {4}
+    (tmp_path / "v3.yaml").write_text(yaml.safe_dump({**data, "version": 3}, sort_keys=False))
+    with pytest.raises(SpecError, match=f"'version': plan format 3 is not {PLAN_VERSION}; re-run `apex4gen plan`"):
+        Plan.load(tmp_path / "v3.yaml")
     data["layers"][0]["act_bits"] = 6
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
     with pytest.raises(SpecError, match="'layers\\[0\\].act_bits': 6 is not one of 4, 8"):

@@ -12,7 +12,7 @@ from apex4gen.errors import SpecError
 from apex4gen.granularity import Granularity
 from apex4gen.kernels.families import FAMILIES
 from apex4gen.kernels.legality import legal_configs, violations
-from apex4gen.plan import BUCKET_BOUNDS, Plan
+from apex4gen.plan import BUCKET_BOUNDS, PLAN_VERSION, Plan
 from apex4gen.planner import make_plan
 from apex4gen.specs import load_gpu
 
@@ -72,7 +72,7 @@ def test_a_plan_loads_back_equal(registry, tmp_path):
 
 def test_plan_structure_for_the_build_stage(registry):
     plan = make_plan("a40", "llama2-70b")
-    assert (plan.version, plan.out_dtype, plan.gpu, plan.model) == (3, "f16", "a40", "llama2-70b")
+    assert (plan.version, plan.out_dtype, plan.gpu, plan.model) == (PLAN_VERSION, "f16", "a40", "llama2-70b")
     assert plan.gpu_spec_sha256 == load_gpu("a40").sha256()
     assert make_plan("a40", "llama3-8b").out_dtype == "bf16"
     for lp in plan.layers:
@@ -222,7 +222,7 @@ def _saved(tmp_path):
 
 
 @pytest.mark.parametrize("mutate, problem", [
-    (lambda d: d.update(version=1), "'version': plan format 1 is not 3"),
+    (lambda d: d.update(version=1), f"'version': plan format 1 is not {PLAN_VERSION}"),
     (lambda d: d.pop("gemms"), "'gemms': missing"),
     (lambda d: d.update(extra=1), "'extra': unknown field"),
     (lambda d: d["layers"][0].update(granularity="g100"), "'layers[0].granularity'"),
