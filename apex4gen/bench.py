@@ -52,6 +52,18 @@ class Point:
     stream_us: float | None = None    # the bound: a kernel that only reads this GEMM's 4-bit weights and scales
     fused_us: float | None = None     # (fused producer + GEMM) - plain producer (``fused_producer``); None: no
                                       # producer to fuse (o_proj), or the kernel quantizes its own input
+    predicted_us: float | None = None  # the cost model's time of the point's kernel (the plan's constants)
+
+    @property
+    def modelled_us(self) -> float:
+        """The measured time the cost model predicts: the GEMM alone where it was timed (the model does not count
+        a separate quantizer launch), else the op (the decode kernels quantize inside their call)."""
+        return self.gemm_us or self.w4a4_us
+
+    @property
+    def prediction_ratio(self) -> float | None:
+        """Predicted over measured (``modelled_us``)."""
+        return None if self.predicted_us is None else self.predicted_us / self.modelled_us
 
     @property
     def stream_fraction(self) -> float | None:

@@ -68,7 +68,7 @@ def test_breakdown_columns_show_the_halves_or_a_dash(capsys):
     assert "quant µs" in out and "GEMM µs" in out
     assert "41.0" in out and "407.5" in out
     row = next(line for line in out.splitlines() if " 17.7 " in line)
-    assert row.count(" - ") == 2 and " 85 " in row  # the halves; 15.0 / 17.7 of the stream bound
+    assert row.count(" - ") == 3 and " 85 " in row  # the halves, no prediction; 15.0 / 17.7 of the stream bound
 
 
 def _fused_points():
@@ -129,3 +129,33 @@ def test_producers_come_from_the_model_graph():
         assert producers["down_proj"] == "silu_mul" and "o_proj" not in producers
         norm_fed = {"qkv_proj", "gate_up_proj"} if fused else {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"}
         assert {name for name, op in producers.items() if op == "rmsnorm"} == norm_fed
+
+
+def test_each_point_is_predicted_with_its_kernel_and_the_plan_constants():
+    from apex4gen.costmodel import w4a4_time
+    from apex4gen.planner import make_plan
+    from apex4gen.specs import load_gpu
+
+    plan, gpu = make_plan("h100-sxm", "llama2-70b"), load_gpu("h100-sxm")
+    gemm = next(g for g in plan.gemms if "o_proj" in g.layers)
+    for m in (1, 4096):
+        cfg = gemm.bucket_for(m).kernel
+        point = bench.Point("o_proj", gemm.n, gemm.k, m, gemm.granularity.name, cfg.procedural_name(), 500.0, {},
+                            1, 0.5, 0.1)
+        (predicted,) = bench_cli._with_predictions([point], plan, gpu)
+        expected = w4a4_time(gpu, m, gemm.n, gemm.k, cfg.granularity, cfg.path, cfg, plan.cost_constants).us
+        assert predicted.predicted_us == expected and predicted.prediction_ratio == expected / 500.0
+
+
+def test_prediction_line_counts_points_within_25_percent_against_the_gemm_alone(capsys):
+    # the op (quantizer included) 450 µs, the GEMM alone 400: a prediction of 360 is 0.90x of what it models
+    split = bench.Point("o_proj", 8192, 8192, 4096, "channel", "k", 450.0, {}, 1, 0.1, 0.7, quantize_us=41.0,
+                        gemm_us=400.0, predicted_us=360.0)
+    decode = [bench.Point("down_proj", 8192, 28672, 1, "g128", "k", 50.0, {}, 1, 0.5, 0.1, predicted_us=p)
+              for p in (55.0, 70.0)]
+    assert split.modelled_us == 400.0 and split.prediction_ratio == 0.9
+    bench_cli._print_predictions([split, decode[0]])
+    assert "2 of 2 points (every point: met)" in capsys.readouterr().out
+    bench_cli._print_predictions([split, *decode])
+    assert ("2 of 3 points (every point: NOT met); worst: down_proj g128 at M=1, predicted 70.0 µs for 50.0"
+            in capsys.readouterr().out)

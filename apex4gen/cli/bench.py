@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -50,6 +50,8 @@ FUSED_TARGET = Target("M=4096 channel vs cuBLAS FP8, quantizer fused into its pr
                       lambda p: p.m == 4096 and p.granularity == "channel",
                       lambda p: p.fused_speedup("fp8") or p.speedup("fp8"), 1.1)
 
+PREDICTION_TOLERANCE = 0.25   # the cost model's predictions against each measured point
+
 
 @click.command("bench")
 @click.argument("build_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
@@ -89,14 +91,29 @@ def bench_command(build_dir: Path, ms: str, json_path: Path | None, baselines: s
                                          tc_peak_tops=gpu.tops(layer.path), bandwidth=bandwidth,
                                          breakdown=breakdown, act_bits=layer.act_bits, stream_us=bound,
                                          producer=producers.get(layer.name))
+    points = _with_predictions(points, plan, gpu)
     _print_table(points, want, torch.cuda.get_device_name(), bandwidth, breakdown, fused_producer)
     _print_targets(points, (*TARGETS, FUSED_TARGET) if fused_producer else TARGETS)
+    _print_predictions(points)
     if json_path:
         meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "build": str(build_dir),
                 "copy_bandwidth_gbs": bandwidth / 1e9, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "ms": m_values, "baselines": list(want), "breakdown": breakdown, "fused_producer": fused_producer}
         bench_stage.write_json(json_path, points, meta)
         click.echo(f"wrote {json_path}")
+
+
+def _with_predictions(points: list[Point], plan: Plan, gpu) -> list[Point]:
+    """Each point with the cost model's time of the kernel that ran it (a kernel of the plan, by name)."""
+    from ..costmodel import w4a4_time
+
+    configs = {b.kernel.procedural_name(): b.kernel for g in plan.gemms for b in g.buckets if b.kernel}
+    out = []
+    for p in points:
+        cfg = configs[p.kernel]
+        estimate = w4a4_time(gpu, p.m, p.n, p.k, cfg.granularity, cfg.path, cfg, plan.cost_constants)
+        out.append(replace(p, predicted_us=estimate.us))
+    return out
 
 
 def _producers(plan: Plan) -> dict[str, str]:
@@ -142,7 +159,7 @@ def _print_table(points, want, device: str, bandwidth: float, breakdown: bool = 
     halves = ("quant µs", "GEMM µs") if breakdown else ()
     fused = ("fused µs", "fused xfp8") if fused_producer else ()
     for col in ("gemm", "N x K", "M", "gran", "W4A4 µs", *halves, *[f"x{b}" for b in want], "%BW", "%stream",
-                "%TC", *fused):
+                "%TC", *fused, "pred/meas"):
         table.add_column(col, justify="right")
     for p in points:
         ratios = [_fmt(p.speedup(b)) for b in want]
@@ -150,7 +167,7 @@ def _print_table(points, want, device: str, bandwidth: float, breakdown: bool = 
         fused_cells = (_fmt(p.fused_cost_us, ".1f"), _fmt(p.fused_speedup("fp8"))) if fused_producer else ()
         table.add_row(p.gemm, f"{p.n}x{p.k}", str(p.m), p.granularity, f"{p.w4a4_us:.1f}", *times, *ratios,
                       f"{100 * p.bw_fraction:.0f}", _fmt(p.stream_fraction and 100 * p.stream_fraction, ".0f"),
-                      f"{100 * p.tc_fraction:.0f}", *fused_cells)
+                      f"{100 * p.tc_fraction:.0f}", *fused_cells, _fmt(p.prediction_ratio))
     Console(width=220).print(table)
 
 
@@ -168,6 +185,19 @@ def _print_targets(points, targets: tuple[Target, ...] = TARGETS) -> None:
         value = min(ratios) if target.reduce == "min" else bench_stage.geomean(ratios)
         verdict = "met" if value >= target.minimum else "NOT met"
         click.echo(f"target {target.label}: {value:.2f}x (>= {target.minimum}x: {verdict}); {_beside(target, chosen)}")
+
+
+def _print_predictions(points, tolerance: float = PREDICTION_TOLERANCE) -> None:
+    """The cost model against the measurement: the points predicted within ``tolerance``, and the worst one."""
+    rated = [p for p in points if p.prediction_ratio is not None]
+    if not rated:
+        return
+    within = sum(abs(p.prediction_ratio - 1.0) <= tolerance for p in rated)
+    worst = max(rated, key=lambda p: max(p.prediction_ratio, 1.0 / p.prediction_ratio))
+    verdict = "met" if within == len(rated) else "NOT met"
+    click.echo(f"target cost model within ±{tolerance:.0%} of the measured time (the GEMM alone where timed): "
+               f"{within} of {len(rated)} points (every point: {verdict}); worst: {worst.gemm} {worst.granularity} "
+               f"at M={worst.m}, predicted {worst.predicted_us:.1f} µs for {worst.modelled_us:.1f}")
 
 
 def _beside(target: Target, chosen: list[Point]) -> str:
