@@ -71,7 +71,7 @@ Constants (kernel properties: a fraction of the microbenchmark peak; or the data
 | ``launch_us`` | 2.0 | launch and tail of one kernel |
 | ``decode_start_us`` | 5.0 | the sm90 decode kernels at M <= 4 on the H100 (16 points, both granularities of bench/results/h100/): time = 6.9 us + bytes / (0.98 x the probe's stream), least squares; 6.9 less ``launch_us``, the slope taken as 1 |
 | sm_80 ``dequant_slots`` | 8.0 | APEX4's A100 0.45x FP16 at g128 |
-| sm_80 ``reuse_tile`` | 32 | a 64x64 tile; the sm90 decode kernels (mma.sync) at M=64: 31.6-45.2 us for predictions of 34-41 (per-channel qkv, o; bench/results/h100/) |
+| sm_80 ``reuse_tile`` | 32 | a 64x64 tile; the sm90 decode kernels (mma.sync) at M=64: 31.6 and 45.2 us for predictions of 31.9 and 38.2 (per-channel o, qkv; bench/results/h100/) |
 | sm_90a ``dequant_slots`` | 7.0 | sm90_prefill_group at M=256..4096 (bench/notes/sm90-prefill.md) |
 | sm_90a ``reuse_tile`` | 85 | a 256x128 tile: sm90_prefill_channel ran 1466 TOPS at 256x128, ~990 at 128x128, M=4096 (bench/notes/sm90-prefill.md) |
 | sm_90a ``partial_tile_bandwidth`` | 0.65 | sm90_prefill_group with 64-token tiles at M <= 16 (the H100 study, bench/results/h100/study.json): 0.55 over-predicted gate_up and down by up to 1.41x, 0.65 brings them within ±25% and leaves qkv at 0.73-0.75x. Full tiles at M <= 64 need no derating: sm90_prefill_channel at M = 64 (gate_up 107.1, down 56.4 us; bench/results/h100/) |
