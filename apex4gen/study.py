@@ -41,18 +41,19 @@ import os
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
 from . import build as build_stage
 from . import planner
 from .budget import Budget, parse_budget
-from .costmodel import CostConstants, Estimate, fp16_time, w4a4_time
+from .costmodel import DEFAULT_CONSTANTS, CostConstants, Estimate, fp16_time, w4a4_time
 from .errors import Apex4genError, SpecError
 from .granularity import GRANULARITIES, GRANULARITY_NAMES, Granularity
 from .kernels import family_of
-from .kernels.config import KernelConfig
+from .kernels.config import ACT_BITS, OUT_DTYPES, KernelConfig
+from .kernels.families import FAMILIES
 from .kernels.cpp_names import SM_NUMBER
 from .kernels.legality import legal_configs
 from .paths import user_cache_dir
@@ -557,6 +558,38 @@ def from_json(data: object, source: str) -> StudyResult:
     except (KeyError, TypeError, StopIteration) as err:
         raise SpecError(f"{source}: a point is malformed ({type(err).__name__}: {err}); re-record the study") from None
     return StudyResult(data.get("meta", {}), points, unserved)
+
+
+def repredict(result: StudyResult, gpu: GpuSpec, constants: CostConstants = DEFAULT_CONSTANTS) -> StudyResult:
+    """The recorded times beside this version's predictions (``constants`` on ``gpu``'s spec) of every kernel
+    and of FP16: what a change of the cost model does to a recorded study, without timing anything again."""
+    configs = _configs_by_name(gpu, {p.granularity for p in result.points})
+    points = []
+    for p in result.points:
+        times = tuple(_repredicted(t, configs, gpu, constants, p) for t in p.candidates)
+        fp16 = fp16_time(gpu, p.m, p.n, p.k, constants)
+        chosen = next(t for t in times if t.kernel == p.kernel)
+        points.append(replace(p, predicted_us=chosen.predicted_us, fp16_predicted_us=fp16.us, fp16_bound=fp16.bound,
+                              candidates=times))
+    return replace(result, points=tuple(points))
+
+
+def _configs_by_name(gpu: GpuSpec, granularities: set[str]) -> dict[str, KernelConfig]:
+    """Every configuration the kernel families offer ``gpu`` at these granularities, by procedural name."""
+    return {cfg.procedural_name(): cfg
+            for fam in FAMILIES.values() if gpu.kernel_arch in fam.archs
+            for name in sorted(granularities) for dtype in OUT_DTYPES for bits in ACT_BITS
+            for cfg in fam.configs(gpu.kernel_arch, Granularity.parse(name), dtype, bits)}
+
+
+def _repredicted(time: KernelTime, configs: dict[str, KernelConfig], gpu: GpuSpec, constants: CostConstants,
+                 p: StudyPoint) -> KernelTime:
+    cfg = configs.get(time.kernel)
+    if cfg is None:
+        raise SpecError(f"{time.kernel} (timed for {p.gemm} {p.granularity} at M={p.m}) is no configuration of this "
+                        f"version's kernel families for {gpu.name}; the study can only be replotted as recorded")
+    est = predict(gpu, constants, p.m, p.n, p.k, cfg)
+    return replace(time, predicted_us=est.us, bound=est.bound)
 
 
 def write_atomic(path: Path, data: bytes) -> None:

@@ -16,8 +16,8 @@ from _helpers import needs_nvcc
 from apex4gen import build as build_stage
 from apex4gen import specs, study, studyplot
 from apex4gen.cli import cli
-from apex4gen.costmodel import fp16_time
-from apex4gen.errors import BuildError
+from apex4gen.costmodel import DEFAULT_CONSTANTS, fp16_time
+from apex4gen.errors import BuildError, SpecError
 from apex4gen.granularity import CHANNEL, G128, GRANULARITIES
 from apex4gen.kernels.config import KernelConfig
 
@@ -250,6 +250,32 @@ def test_recorded_study_replots(recorded, tmp_path):
     result = study.from_json(json.loads(recorded.read_text()), str(recorded))
     assert result.points
     assert studyplot.render_png(result.points, result.meta).startswith(PNG_MAGIC)
+
+
+@pytest.mark.parametrize("recorded", RECORDED, ids=lambda p: p.parent.name)
+def test_a_recorded_study_is_repredicted_by_this_cost_model(recorded):
+    """Every candidate and FP16 predicted again from its kernel's configuration; the measurements as recorded."""
+    result = study.from_json(json.loads(recorded.read_text()), str(recorded))
+    gpu = specs.load_gpu(result.meta["gpu"])
+    again = study.repredict(result, gpu)
+    configs = study._configs_by_name(gpu, {p.granularity for p in result.points})
+    for old, new in zip(result.points, again.points):
+        assert [t.measured_us for t in new.candidates] == [t.measured_us for t in old.candidates]
+        assert new.fp16_predicted_us == fp16_time(gpu, new.m, new.n, new.k).us
+        for t in new.candidates:
+            assert t.predicted_us == study.predict(gpu, DEFAULT_CONSTANTS, new.m, new.n, new.k, configs[t.kernel]).us
+        assert new.predicted_us == new.chosen.predicted_us
+
+
+def test_repredicting_a_kernel_no_family_offers_is_one_clear_error(tmp_path):
+    data = json.loads(RECORDED[0].read_text())
+    data["points"][0]["candidates"][0]["kernel"] = data["points"][0]["kernel"] = "apex4gen_sm90_gone_kernel"
+    with pytest.raises(SpecError, match="apex4gen_sm90_gone_kernel .* is no configuration of this version's kernel"):
+        study.repredict(study.from_json(data, "x.json"), specs.load_gpu(data["meta"]["gpu"]))
+    recorded = tmp_path / "recorded.json"
+    recorded.write_text(json.dumps(data))
+    _one_line_error(["--from-json", str(recorded), "--repredict"], "is no configuration of this version's kernel")
+    _one_line_error(["--gpu", "h100-sxm", "--model", "llama2-70b", "--repredict"], "give --from-json FILE")
 
 
 # ---------------------------------------------------------------------------------------------- CLI errors

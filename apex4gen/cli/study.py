@@ -36,10 +36,13 @@ from ..files import check_output_folder
               help="Write the table and the summary as Markdown here.")
 @click.option("--from-json", "from_json", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Re-plot (and re-summarise) a recorded study instead of measuring: no GPU needed.")
+@click.option("--repredict", is_flag=True,
+              help="With --from-json: this version's cost-model predictions beside the recorded times (the GPU "
+                   "spec the study names), instead of the recorded predictions.")
 @click.option("-j", "--jobs", type=int, default=None, help="Parallel compile jobs of each build (default: ninja's).")
 @click.option("--force", is_flag=True, help="Replace existing output files (and build folders of other inputs).")
 def study_command(gpu, model, granularities, ms, gemms, max_candidates, out, json_path, plot_path, markdown_path,
-                  from_json, jobs, force):
+                  from_json, repredict, jobs, force):
     """Measure MODEL's W4A4 GEMMs per granularity and M on this GPU against FP16 and the cost model."""
     outputs = [(json_path, "--json"), (plot_path, "--plot"), (markdown_path, "--markdown")]
     if from_json is not None:
@@ -50,13 +53,26 @@ def study_command(gpu, model, granularities, ms, gemms, max_candidates, out, jso
             raise click.UsageError(f"--from-json re-plots a recorded study: drop {', '.join(given)}")
         _check_outputs(outputs, force)
         result = study_stage.from_json(_read_json(from_json), str(from_json))
+        if repredict:
+            result = _repredicted(result, from_json)
         _report(result, plot_path, markdown_path, None)
         return
+    if repredict:
+        raise click.UsageError("--repredict re-predicts a recorded study: give --from-json FILE")
     if not gpu or not model:
         raise click.UsageError("--gpu and --model are required (or --from-json FILE to re-plot a recorded study)")
     _check_outputs(outputs, force)
     result = _measure(gpu, model, granularities, ms, gemms, max_candidates, out, jobs, force)
     _report(result, plot_path, markdown_path, json_path)
+
+
+def _repredicted(result: study_stage.StudyResult, source: Path) -> study_stage.StudyResult:
+    from .. import specs
+
+    gpu = result.meta.get("gpu")
+    if not gpu:
+        raise Apex4genError(f"--repredict: {source} names no GPU spec (meta.gpu); re-record the study")
+    return study_stage.repredict(result, specs.load_gpu(gpu))
 
 
 def _read_json(path: Path):
