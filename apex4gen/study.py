@@ -52,8 +52,8 @@ from .costmodel import DEFAULT_CONSTANTS, CostConstants, Estimate, fp16_time, w4
 from .errors import Apex4genError, SpecError
 from .granularity import GRANULARITIES, GRANULARITY_NAMES, Granularity
 from .kernels import family_of
-from .kernels.config import ACT_BITS, OUT_DTYPES, KernelConfig
-from .kernels.families import FAMILIES
+from .kernels.config import KernelConfig
+from .kernels.families import configs_by_name
 from .kernels.cpp_names import SM_NUMBER
 from .kernels.legality import legal_configs
 from .paths import user_cache_dir
@@ -563,7 +563,7 @@ def from_json(data: object, source: str) -> StudyResult:
 def repredict(result: StudyResult, gpu: GpuSpec, constants: CostConstants = DEFAULT_CONSTANTS) -> StudyResult:
     """The recorded times beside this version's predictions (``constants`` on ``gpu``'s spec) of every kernel
     and of FP16: what a change of the cost model does to a recorded study, without timing anything again."""
-    configs = _configs_by_name(gpu, {p.granularity for p in result.points})
+    configs = configs_by_name(gpu.kernel_arch, {p.granularity for p in result.points})
     points = []
     for p in result.points:
         times = tuple(_repredicted(t, configs, gpu, constants, p) for t in p.candidates)
@@ -574,22 +574,14 @@ def repredict(result: StudyResult, gpu: GpuSpec, constants: CostConstants = DEFA
     return replace(result, points=tuple(points))
 
 
-def _configs_by_name(gpu: GpuSpec, granularities: set[str]) -> dict[str, KernelConfig]:
-    """Every configuration the kernel families offer ``gpu`` at these granularities, by procedural name."""
-    return {cfg.procedural_name(): cfg
-            for fam in FAMILIES.values() if gpu.kernel_arch in fam.archs
-            for name in sorted(granularities) for dtype in OUT_DTYPES for bits in ACT_BITS
-            for cfg in fam.configs(gpu.kernel_arch, Granularity.parse(name), dtype, bits)}
-
-
-def _repredicted(time: KernelTime, configs: dict[str, KernelConfig], gpu: GpuSpec, constants: CostConstants,
+def _repredicted(timed: KernelTime, configs: dict[str, KernelConfig], gpu: GpuSpec, constants: CostConstants,
                  p: StudyPoint) -> KernelTime:
-    cfg = configs.get(time.kernel)
+    cfg = configs.get(timed.kernel)
     if cfg is None:
-        raise SpecError(f"{time.kernel} (timed for {p.gemm} {p.granularity} at M={p.m}) is no configuration of this "
+        raise SpecError(f"{timed.kernel} (timed for {p.gemm} {p.granularity} at M={p.m}) is no configuration of this "
                         f"version's kernel families for {gpu.name}; the study can only be replotted as recorded")
     est = predict(gpu, constants, p.m, p.n, p.k, cfg)
-    return replace(time, predicted_us=est.us, bound=est.bound)
+    return replace(timed, predicted_us=est.us, bound=est.bound)
 
 
 def write_atomic(path: Path, data: bytes) -> None:

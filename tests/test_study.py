@@ -20,6 +20,7 @@ from apex4gen.costmodel import DEFAULT_CONSTANTS, fp16_time
 from apex4gen.errors import BuildError, SpecError
 from apex4gen.granularity import CHANNEL, G128, GRANULARITIES
 from apex4gen.kernels.config import KernelConfig
+from apex4gen.kernels.families import configs_by_name
 
 REPO = Path(__file__).resolve().parents[1]
 RECORDED = sorted(REPO.glob("bench/results/*/study.json"))
@@ -258,7 +259,7 @@ def test_a_recorded_study_is_repredicted_by_this_cost_model(recorded):
     result = study.from_json(json.loads(recorded.read_text()), str(recorded))
     gpu = specs.load_gpu(result.meta["gpu"])
     again = study.repredict(result, gpu)
-    configs = study._configs_by_name(gpu, {p.granularity for p in result.points})
+    configs = configs_by_name(gpu.kernel_arch, {p.granularity for p in result.points})
     for old, new in zip(result.points, again.points):
         assert [t.measured_us for t in new.candidates] == [t.measured_us for t in old.candidates]
         assert new.fp16_predicted_us == fp16_time(gpu, new.m, new.n, new.k).us

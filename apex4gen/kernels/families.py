@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..granularity import Granularity
-from .config import KernelConfig
+from .config import ACT_BITS, OUT_DTYPES, KernelConfig
 
 ACT_FORMATS = ("s4", "s8", "e4m3", "raw")  # packed int4 / int8 a value / e4m3 a value / fused quantization
 
@@ -88,3 +88,12 @@ def family_of(cfg: KernelConfig) -> Family:
         return FAMILIES[cfg.family]
     except KeyError:
         raise ValueError(f"unknown kernel family {cfg.family!r}; known: {', '.join(sorted(FAMILIES))}") from None
+
+
+def configs_by_name(kernel_arch: str, granularities) -> dict[str, KernelConfig]:
+    """Every configuration the families offer ``kernel_arch`` at these granularities (names, as plans spell
+    them), for any output dtype and activation precision, by procedural name: what a recorded kernel name was."""
+    return {cfg.procedural_name(): cfg
+            for fam in FAMILIES.values() if kernel_arch in fam.archs
+            for name in sorted(granularities) for dtype in OUT_DTYPES for bits in ACT_BITS
+            for cfg in fam.configs(kernel_arch, Granularity.parse(name), dtype, bits)}
