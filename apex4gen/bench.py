@@ -58,7 +58,7 @@ class Point:
     def modelled_us(self) -> float:
         """The measured time the cost model predicts: the GEMM alone where it was timed (the model does not count
         a separate quantizer launch), else the op (the decode kernels quantize inside their call)."""
-        return self.gemm_us or self.w4a4_us
+        return self.gemm_us if self.gemm_us is not None else self.w4a4_us
 
     @property
     def prediction_ratio(self) -> float | None:

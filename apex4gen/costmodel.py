@@ -37,7 +37,7 @@ it pads M and N to the tile, counts waves over the SMs (a hybrid stream-K kernel
 small tiles (operand reuse: ``tm*tn/(tm+tn)`` against the arch's ``reuse_tile``) and needs one CTA per SM to
 stream DRAM at full rate. Runtime-tiled families (``m_step``: the sm90 decode kernels) issue warp-level
 ``mma.sync`` with the tokens as the 8-wide operand: their reuse follows the sm_80 (mma.sync) entry, and their
-promotion of group partials overlaps the MMAs of the other warps (compute is max(tensor, dequant)). They stream
+promotion of group partials overlaps the MMAs of the other warps (``dequant_overlap``, as for every kernel). They stream
 the weights at the probe's rate (the probe's load is theirs) and pay ``decode_start_us`` once a call: the wait
 for the quantizer, the first loads and the cluster's reduction and drain. ``scheduler: hybrid`` counts whole
 waves at full speed, except a grid of fewer tiles than SMs: data-parallel on part of the SMs, or every tile
@@ -66,7 +66,7 @@ Constants (kernel properties: a fraction of the microbenchmark peak; or the data
 | ``int4_tensor_efficiency`` | 0.25 | APEX4's compute-bound W4A4-g128 speedups (RTX 3090 2.0-2.5x, A100 0.43-0.47x), Atom's ~3x on the RTX 4090 |
 | ``int8_tensor_efficiency`` | 0.74 | sm90_prefill_channel, 256x128 tiles, M=4096: 1466 of 1979 TOPS (bench/results/h100/) |
 | ``fp8_tensor_efficiency`` | 0.62 | cuBLAS FP8 at M=4096: 1230 of 1979 TOPS (bench/results/h100/) |
-| ``dram_efficiency`` | 0.754 | W4A4 kernels' share of the pure stream; 0.70 of the 3.35 TB/s datasheet (0.70 / 0.928); the H100 study's memory-bound W4A4 points: predicted/measured 1.07, ±22% (bench/results/h100/study.md) |
+| ``dram_efficiency`` | 0.754 | W4A4 kernels' share of the pure stream (not the decode kernels': theirs is 1, see ``decode_start_us``); 0.70 of the 3.35 TB/s datasheet (0.70 / 0.928); the H100 study's memory-bound W4A4 points: predicted/measured 1.07, ±22% (bench/results/h100/study.md) |
 | ``fp16_stream_efficiency`` | 0.94 | cuBLAS FP16's share of the pure stream: 2.65-3.02 TB/s of 3.11 at M <= 64 in the H100 study (bench/results/h100/study.json); with ``dram_efficiency`` it overpredicted FP16 by 1.26x |
 | ``launch_us`` | 2.0 | launch and tail of one kernel |
 | ``decode_start_us`` | 5.0 | the sm90 decode kernels at M <= 4 on the H100 (16 points, both granularities of bench/results/h100/): time = 6.9 us + bytes / (0.98 x the probe's stream), least squares; 6.9 less ``launch_us``, the slope taken as 1 |
@@ -74,7 +74,7 @@ Constants (kernel properties: a fraction of the microbenchmark peak; or the data
 | sm_80 ``reuse_tile`` | 32 | a 64x64 tile; the sm90 decode kernels (mma.sync) at M=64: 31.6 and 45.2 us for predictions of 31.9 and 38.2 (per-channel o, qkv; bench/results/h100/) |
 | sm_90a ``dequant_slots`` | 7.0 | sm90_prefill_group at M=256..4096 (bench/notes/sm90-prefill.md) |
 | sm_90a ``reuse_tile`` | 85 | a 256x128 tile: sm90_prefill_channel ran 1466 TOPS at 256x128, ~990 at 128x128, M=4096 (bench/notes/sm90-prefill.md) |
-| sm_90a ``partial_tile_bandwidth`` | 0.65 | sm90_prefill_group with 64-token tiles at M <= 16 (the H100 study, bench/results/h100/study.json): 0.55 over-predicted gate_up and down by up to 1.41x, 0.65 brings them within ±25% and leaves qkv at 0.73-0.75x. Full tiles at M <= 64 need no derating: sm90_prefill_channel at M = 64 (gate_up 107.1, down 56.4 us; bench/results/h100/) |
+| sm_90a ``partial_tile_bandwidth`` | 0.65 | sm90_prefill_group with 64-token tiles at M <= 16 (the H100 study, bench/results/h100/study.json): 0.55 over-predicted gate_up and down by up to 1.41x; 0.65 brings them within ±25% and leaves qkv at 0.73-0.76x (0.83-0.86x at 0.55) and o at 0.75-0.81x. Full tiles at M <= 64 need no derating: sm90_prefill_channel at M = 64 (gate_up 107.1, down 56.4 us; bench/results/h100/) |
 | sm_90a ``streamk_efficiency`` | 0.90 | stream-K against a >= 97% full data-parallel grid, 256x128 per-channel, M=1024/4096: 0.84-1.0 (bench/notes/sm90-prefill.md) |
 | sm_90a ``widening_share`` | 0.26 | g128 256-token tiles at 0.85-0.90x the 128-token GEMM time, M=1024/4096 (bench/results/h200/); predicts 1.26x for 64 tokens, measured 1.32x |
 | sm_90a ``hybrid_fixup_iters`` | 13 | g128 256-token tile at M=256 against its M=4096 rate: qkv 0.64, o 0.70, down 0.93 (fits 22, 13, 8; geometric mean; bench/results/h200/) |
@@ -133,7 +133,7 @@ class ArchConstants:
 
 
 _OPTIONAL_ARCH_FIELDS = frozenset({"streamk_efficiency", "hybrid_fixup_iters"})
-_MAY_BE_ZERO = frozenset({"dequant_overlap", "widening_share"})
+_MAY_BE_ZERO = frozenset({"dequant_overlap", "widening_share", "decode_start_us"})
 
 ARCH_CONSTANTS: dict[str, ArchConstants] = {
     "sm_80": ArchConstants(dequant_slots=8.0, reuse_tile=32.0, partial_tile_bandwidth=1.0, widening_share=0.0),
@@ -380,12 +380,9 @@ def w4a4_time(gpu: GpuSpec, m: int, n: int, k: int, granularity: Granularity, pa
     slots = r.dequant_ops(path) * c.arch(gpu.kernel_arch).dequant_slots * t.dequant_factor
     dequant_us = partials * slots / (r.fp32_tflops * 1e6 / 2.0 * t.wave_efficiency)
     nbytes = w4a4_bytes(m, n, k, granularity, path, cfg, gpu.sm_count, bits)
-    if t.decode:
-        memory_us = _memory_us(nbytes, r, t.bandwidth_share, 1.0)
-        compute_us = max(tensor_us, dequant_us)
-    else:
-        memory_us = _memory_us(nbytes, r, t.bandwidth_share, c.dram_efficiency)
-        compute_us = _compute_us(tensor_us, dequant_us, c)
+    # the decode kernels' load is the probe's stream: no efficiency below it (their start-up is decode_start_us)
+    memory_us = _memory_us(nbytes, r, t.bandwidth_share, 1.0 if t.decode else c.dram_efficiency)
+    compute_us = _compute_us(tensor_us, dequant_us, c)
     us = max(compute_us, memory_us) + c.launch_us * (1 + (t.split_k > 1)) + (c.decode_start_us if t.decode else 0.0)
     return Estimate(us, tensor_us, dequant_us, memory_us)
 

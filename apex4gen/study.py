@@ -45,6 +45,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
+from . import __version__
 from . import build as build_stage
 from . import planner
 from .budget import Budget, parse_budget
@@ -571,7 +572,10 @@ def repredict(result: StudyResult, gpu: GpuSpec, constants: CostConstants = DEFA
         chosen = next(t for t in times if t.kernel == p.kernel)
         points.append(replace(p, predicted_us=chosen.predicted_us, fp16_predicted_us=fp16.us, fp16_bound=fp16.bound,
                               candidates=times))
-    return replace(result, points=tuple(points))
+    # the times stay the recording's; the predictions (and what made them) are this version's
+    meta = {**result.meta, "cost_constants": constants.to_dict(), "gpu_spec_sha256": gpu.sha256(),
+            "repredicted_by": f"apex4gen {__version__}"}
+    return replace(result, meta=meta, points=tuple(points))
 
 
 def _repredicted(timed: KernelTime, configs: dict[str, KernelConfig], gpu: GpuSpec, constants: CostConstants,
@@ -614,7 +618,9 @@ def markdown(result: StudyResult) -> str:
     lines = [f"# W4A4 study: {meta.get('model', '?')} on {meta.get('device', '?')}", "",
              f"GPU spec {meta.get('gpu', '?')}, {meta.get('time', '?')}, apex4gen {meta.get('apex4gen', '?')}. "
              "Times in µs, end to end (activation quantization included); speedup = cuBLAS FP16 / W4A4; "
-             "choice/fastest = the planner's kernel over the fastest measured candidate.", ""]
+             "choice/fastest = the planner's kernel over the fastest measured candidate."
+             + (f" Predictions re-made by {meta['repredicted_by']} (`--repredict`)." if "repredicted_by" in meta else ""),
+             ""]
     lines += [f"- {line.strip()}" for line in summary_lines(summarize(result.points))]
     if result.unserved:
         lines.append(f"- not served by any kernel family (no point): {unserved_line(result.unserved)}")

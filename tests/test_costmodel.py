@@ -164,7 +164,7 @@ def test_streamk_fills_an_underfilled_grid_and_loses_to_a_full_wave():
 
 def test_wgmma_bandwidth_derating_only_for_half_empty_tiles():
     """M <= 16 in 64-row tiles: 0.65 (the g128 prefill kernel in the H100 study); full tiles stream at full rate
-    from M = 33 on a 64-row tile (the per-channel kernel at M = 64, bench/results/h100/)."""
+    from M = 32 on a 64-row tile (the per-channel kernel at M = 64, bench/results/h100/)."""
     sm90, sm80 = DEFAULT_CONSTANTS.arch("sm_90a"), DEFAULT_CONSTANTS.arch("sm_80")
     assert sm90.bandwidth(16, 64) == sm90.partial_tile_bandwidth == 0.65
     assert sm90.bandwidth(32, 64) == sm90.bandwidth(64, 64) == 1.0

@@ -266,6 +266,8 @@ def test_a_recorded_study_is_repredicted_by_this_cost_model(recorded):
         for t in new.candidates:
             assert t.predicted_us == study.predict(gpu, DEFAULT_CONSTANTS, new.m, new.n, new.k, configs[t.kernel]).us
         assert new.predicted_us == new.chosen.predicted_us
+    assert again.meta["cost_constants"] == DEFAULT_CONSTANTS.to_dict() and again.meta["time"] == result.meta["time"]
+    assert "Predictions re-made by apex4gen" in study.markdown(again)
 
 
 def test_repredicting_a_kernel_no_family_offers_is_one_clear_error(tmp_path):
