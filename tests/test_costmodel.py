@@ -171,23 +171,25 @@ def test_wgmma_bandwidth_derating_only_for_half_empty_tiles():
     assert sm80.bandwidth(16, 64) == 1.0
 
 
-def _measured_h100_points():
-    """(table, point, kernel config) of every point of the committed H100 tables: each point names its kernel."""
+def _measured_points(results: str):
+    """(table, point, kernel config) of every point of a GPU's committed tables: each point names its kernel."""
     configs = configs_by_name("sm_90a", ("g128", "channel"))
-    for table in sorted((REPO / "bench" / "results" / "h100").glob("llama2-70b-*.json")):
+    for table in sorted((REPO / "bench" / "results" / results).glob("llama2-70b-*.json")):
         for p in json.loads(table.read_text())["points"]:
             yield table.name, p, configs[p["kernel"]]
 
 
-def test_predictions_within_25_percent_of_the_h100_tables():
-    """Every point of the committed H100 tables (llama2-70b's four GEMMs, M = 1..4096, g128 and per-channel, and
-    the g128 fused-producer run) predicted within ±25% of its measured time: the GEMM alone where the table has it (the prediction does not
-    count a separate quantizer), else the op (the decode kernels quantize inside the call)."""
-    gpu, misses, points = load_gpu("h100-sxm"), [], 0
-    for table, p, cfg in _measured_h100_points():
+@pytest.mark.parametrize("results, spec, count", [("h100", "h100-sxm", 68), ("h200", "h200", 28)])
+def test_predictions_within_25_percent_of_the_hopper_tables(results, spec, count):
+    """Every point of the committed tables (llama2-70b's four GEMMs, M = 1..4096; H100: g128, per-channel and the
+    g128 fused-producer run; H200: g128) predicted within ±25% of its measured time: the GEMM alone where the table
+    has it (the prediction does not count a separate quantizer), else the op (the decode kernels quantize inside
+    the call)."""
+    gpu, misses, points = load_gpu(spec), [], 0
+    for table, p, cfg in _measured_points(results):
         measured = p["gemm_us"] or p["w4a4_us"]
         predicted = w4a4_time(gpu, p["m"], p["n"], p["k"], cfg.granularity, cfg.path, cfg).us
         points += 1
         if abs(predicted / measured - 1) > 0.25:
             misses.append(f"{table} {p['gemm']} M={p['m']}: {predicted:.1f} vs {measured:.1f} us")
-    assert points >= 56 and not misses, misses
+    assert points == count and not misses, misses
