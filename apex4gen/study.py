@@ -567,11 +567,10 @@ def repredict(result: StudyResult, gpu: GpuSpec, constants: CostConstants = DEFA
     configs = configs_by_name(gpu.kernel_arch, {p.granularity for p in result.points})
     points = []
     for p in result.points:
-        times = tuple(_repredicted(t, configs, gpu, constants, p) for t in p.candidates)
+        new = replace(p, candidates=tuple(_repredicted(t, configs, gpu, constants, p) for t in p.candidates))
         fp16 = fp16_time(gpu, p.m, p.n, p.k, constants)
-        chosen = next(t for t in times if t.kernel == p.kernel)
-        points.append(replace(p, predicted_us=chosen.predicted_us, fp16_predicted_us=fp16.us, fp16_bound=fp16.bound,
-                              candidates=times))
+        points.append(replace(new, predicted_us=new.chosen.predicted_us, fp16_predicted_us=fp16.us,
+                              fp16_bound=fp16.bound))
     # the times stay the recording's; the predictions (and what made them) are this version's
     meta = {**result.meta, "cost_constants": constants.to_dict(), "gpu_spec_sha256": gpu.sha256(),
             "repredicted_by": f"apex4gen {__version__}"}

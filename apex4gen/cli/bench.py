@@ -107,7 +107,7 @@ def _with_predictions(points: list[Point], plan: Plan, gpu) -> list[Point]:
     """Each point with the cost model's time of the kernel that ran it (a kernel of the plan, by name)."""
     from ..costmodel import w4a4_time
 
-    configs = {b.kernel.procedural_name(): b.kernel for g in plan.gemms for b in g.buckets if b.kernel}
+    configs = {cfg.procedural_name(): cfg for cfg in plan.kernels()}
     out = []
     for p in points:
         cfg = configs[p.kernel]
